@@ -1,0 +1,116 @@
+"""Where converted assets live, and how files are written so that a crash never leaves half of one.
+
+The cache root is ``$SPEECHTRIM_CACHE`` when set, else ``$XDG_CACHE_HOME/speechtrim``, else
+``~/.cache/speechtrim``. Each converted asset gets its own folder keyed by the source package version and a
+checksum of the source files, so an upgraded package is converted again and an old conversion is never reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+CACHE_ENV = "SPEECHTRIM_CACHE"
+
+
+def cache_root() -> Path:
+    """The folder that holds every converted asset (created on first use)."""
+    if os.environ.get(CACHE_ENV):
+        root = Path(os.environ[CACHE_ENV]).expanduser()
+    elif os.environ.get("XDG_CACHE_HOME"):
+        root = Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "speechtrim"
+    else:
+        root = Path.home() / ".cache" / "speechtrim"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def sha256_files(paths: list[Path], chunk_bytes: int = 1 << 22) -> str:
+    """SHA-256 of the concatenated bytes of ``paths`` (in order), as hex."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(chunk_bytes):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_file(distribution: str, relative: str, install_hint: str) -> Path:
+    """Path of a data file inside an installed distribution, without importing the package.
+
+    Raises:
+        FileNotFoundError: the distribution is not installed or lacks the file; the message says how to install it.
+    """
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"the package {distribution!r} is not installed; install it with: {install_hint}"
+        ) from None
+    path = Path(str(dist.locate_file(relative)))
+    if not path.is_file():
+        raise FileNotFoundError(f"{distribution} {dist.version} has no file {relative!r}; reinstall it: {install_hint}")
+    return path
+
+
+def package_version(distribution: str) -> str | None:
+    """Installed version of ``distribution``, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``final``; on success it is renamed to ``final`` in one step.
+
+    On any exception the temporary folder is removed and ``final`` is untouched.
+    """
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield staging
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path, mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file beside ``final`` for writing; it replaces ``final`` only when the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(staging, final)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
+
+
+def write_json_atomic(final: Path, payload: Any) -> None:
+    """Write ``payload`` as indented JSON to ``final`` atomically."""
+    with atomic_file(final) as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+
+
+def folder_bytes(folder: Path) -> int:
+    """Total size of the files under ``folder``."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
