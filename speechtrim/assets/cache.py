@@ -7,6 +7,7 @@ checksum of the source files, so an upgraded package is converted again and an o
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import importlib.metadata
@@ -61,6 +62,19 @@ def package_file(distribution: str, relative: str, install_hint: str) -> Path:
     return path
 
 
+def recorded_sha256(distribution: str, relative: str) -> str:
+    """Hex SHA-256 of a file as the distribution's RECORD lists it (checked by pip at install; no re-hashing).
+
+    Falls back to hashing the installed file when the RECORD has no entry for it.
+    """
+    dist = importlib.metadata.distribution(distribution)
+    for entry in dist.files or []:
+        if str(entry) == relative and entry.hash is not None and entry.hash.mode == "sha256":
+            padded = entry.hash.value + "=" * (-len(entry.hash.value) % 4)
+            return base64.urlsafe_b64decode(padded).hex()
+    return sha256_files([Path(str(dist.locate_file(relative)))])
+
+
 def package_version(distribution: str) -> str | None:
     """Installed version of ``distribution``, or None when it is not installed."""
     try:
@@ -77,6 +91,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    staging.chmod(0o755)
     try:
         yield staging
         if final.exists():

@@ -1,0 +1,142 @@
+"""The ``speechtrim`` command line: one console script, one sub-command per job.
+
+Every command prints tables for people and ends with one JSON line for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+logger = logging.getLogger("speechtrim")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``speechtrim`` console script."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not hasattr(args, "run"):
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"speechtrim {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"speechtrim {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speechtrim",
+        description="Cut the audio tokens a speech LLM processes: length adapters and training-free token reducers.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    assets = commands.add_parser("assets", help="list, prepare or inspect the packaged offline model weights")
+    assets.add_argument("action", choices=["list", "prepare", "status"], help="what to do")
+    assets.add_argument("names", nargs="*", help="asset names (default: all)")
+    assets.set_defaults(run=_run_assets)
+
+    transcribe = commands.add_parser(
+        "transcribe",
+        help="transcribe speech with a Whisper model and score it (default: the real pocketsphinx clips)",
+    )
+    transcribe.add_argument("audio", nargs="*", help="audio files to transcribe (default: the real pocketsphinx clips)")
+    transcribe.add_argument("--model", default="tiny.en", help="packaged Whisper name (tiny.en, base), hub id or folder")
+    transcribe.add_argument("--language", default=None, help="language code for multilingual models, e.g. en")
+    transcribe.add_argument("--batch-size", type=int, default=8, help="clips per forward pass")
+    transcribe.add_argument("--output", type=Path, default=None, help="also write one JSON line per clip to this file")
+    transcribe.set_defaults(run=_run_transcribe)
+    return parser
+
+
+def _run_assets(args: argparse.Namespace) -> int:
+    from speechtrim.assets.catalog import catalog
+
+    known = {asset.name: asset for asset in catalog()}
+    unknown = [name for name in args.names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown asset(s) {unknown}; known: {sorted(known)}")
+    chosen = [known[name] for name in args.names] if args.names else list(known.values())
+    rows = []
+    for asset in chosen:
+        if args.action == "prepare":
+            started = time.perf_counter()
+            folder = asset.prepare()
+            print(f"{asset.name}: ready in {folder} ({time.perf_counter() - started:.1f} s)", file=sys.stderr)
+        rows.append(asset.status())
+    headers = ["name", "kind", "installed", "prepared", "size_mb", "license", "path"]
+    print(_markdown_table(headers, [[row[key] for key in headers] for row in rows]))
+    print(json.dumps({"command": "assets", "action": args.action, "assets": rows}))
+    return 0
+
+
+def _run_transcribe(args: argparse.Namespace) -> int:
+    from speechtrim.assets.whisper import load_whisper, transcribe
+    from speechtrim.audio import duration_seconds, load_audio
+    from speechtrim.eval.text import wer
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.audio:
+        clips = [(Path(path).stem, load_audio(path), None) for path in args.audio]
+        data_name = "files"
+    else:
+        from speechtrim.data.realspeech import load_pocketsphinx_clips
+
+        clips = [(utt.id, utt.load(), utt.text) for utt in load_pocketsphinx_clips()]
+        data_name = "pocketsphinx-testdata (real read speech)"
+    model, processor = load_whisper(args.model)
+    started = time.perf_counter()
+    hypotheses = transcribe(model, processor, [audio for _, audio, _ in clips], language=args.language, batch_size=args.batch_size)
+    seconds = time.perf_counter() - started
+    audio_seconds = sum(duration_seconds(audio) for _, audio, _ in clips)
+    rows = []
+    for (clip_id, audio, reference), hypothesis in zip(clips, hypotheses, strict=True):
+        row = {"id": clip_id, "seconds": round(duration_seconds(audio), 2), "hypothesis": hypothesis}
+        if reference is not None:
+            row["reference"] = reference
+            row["wer"] = round(wer([reference], [hypothesis]), 4)
+        rows.append(row)
+    if args.output is not None:
+        from speechtrim.assets.cache import atomic_file
+
+        with atomic_file(args.output) as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+    headers = ["id", "seconds", "wer", "reference", "hypothesis"] if clips[0][2] is not None else ["id", "seconds", "hypothesis"]
+    print(f"Whisper {args.model} on {data_name}: {len(clips)} clips, {audio_seconds:.1f} s of audio\n")
+    print(_markdown_table(headers, [[row.get(key, "") for key in headers] for row in rows]))
+    summary = {"command": "transcribe", "model": args.model, "data": data_name, "clips": len(clips),
+               "audio_seconds": round(audio_seconds, 2), "rtf": round(seconds / audio_seconds, 4)}
+    if clips[0][2] is not None:
+        references = [reference for _, _, reference in clips]
+        summary["wer"] = round(wer(references, hypotheses), 4)
+        summary["normalizer"] = "whisper-english"
+        print(f"\nWER {summary['wer']:.3f} (Whisper English normalisation of references and hypotheses)")
+    print(f"real-time factor {summary['rtf']:.3f} on this machine ({seconds:.1f} s for {audio_seconds:.1f} s of audio)")
+    print(json.dumps(summary))
+    return 0
+
+
+def _markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    def cell(value: object) -> str:
+        text = f"{value:.3f}" if isinstance(value, float) else str(value)
+        return text.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
