@@ -1,0 +1,269 @@
+"""speechtrim's own speech LLM: Whisper encoder (valid frames) -> linear projector -> length adapter -> frozen LLM.
+
+The audio embeddings are spliced into a chat prompt at an ``<audio>`` marker and the LLM runs on ``inputs_embeds``.
+The model knows where the audio sits in every row (``audio_spans``), which the token reducers need.
+Only the projector and the adapter are trainable; the encoder and the LLM are frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from speechtrim.adapters import LengthAdapter, build
+
+logger = logging.getLogger(__name__)
+
+AUDIO_MARKER = "<audio>"
+FRAMES_PER_SECOND = 50  # Whisper encoder output rate
+WINDOW_SECONDS = 30.0
+
+
+@dataclass
+class PromptBatch:
+    """A left-padded batch of prompts with spliced audio, ready for the LLM."""
+
+    inputs_embeds: torch.Tensor  # (B, T, D_llm)
+    attention_mask: torch.Tensor  # (B, T) long, 0 on left padding
+    position_ids: torch.Tensor  # (B, T) long, counting real tokens only
+    audio_spans: list[list[tuple[int, int]]]  # per row: [(start, end)] of the audio tokens
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class SpeechLM(nn.Module):
+    """A frozen Whisper encoder and frozen causal LLM joined by a trainable projector and length adapter.
+
+    Args:
+        encoder: a Hugging Face Whisper-style encoder (``model.get_encoder()`` of WhisperForConditionalGeneration).
+        feature_extractor: its feature extractor (log-mel, 30 s windows).
+        llm: a Hugging Face causal LM.
+        tokenizer: the LLM's tokenizer (with a chat template, or plain prompts are used).
+        adapter: a length adapter name (``speechtrim.adapters.names()``) or a built module.
+        adapter_params: options for the adapter when built by name.
+        pool: stack this many adjacent encoder frames before the projector (1 = none); the projector's input is
+            ``pool * encoder_width``.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        feature_extractor: Any,
+        llm: nn.Module,
+        tokenizer: Any,
+        adapter: str | LengthAdapter = "none",
+        adapter_params: dict[str, Any] | None = None,
+        pool: int = 1,
+    ) -> None:
+        super().__init__()
+        if not isinstance(pool, int) or pool < 1:
+            raise ValueError(f"pool must be an int >= 1, got {pool!r}")
+        self.encoder = encoder
+        self.feature_extractor = feature_extractor
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.pool = pool
+        encoder_width = int(encoder.config.d_model)
+        llm_width = int(llm.get_input_embeddings().embedding_dim)
+        self.projector = nn.Linear(pool * encoder_width, llm_width)
+        self.adapter = adapter if isinstance(adapter, nn.Module) else build(adapter, dim=llm_width, **(adapter_params or {}))
+        for frozen in (self.encoder, self.llm):
+            frozen.requires_grad_(False)
+            frozen.eval()
+
+    def train(self, mode: bool = True) -> SpeechLM:
+        """Train mode for the projector and adapter only; the frozen parts stay in eval mode."""
+        super().train(mode)
+        self.encoder.eval()
+        self.llm.eval()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.projector.weight.device
+
+    # ---- audio -> embeddings -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, audios: list[np.ndarray], sample_rate: int = 16000) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the frozen encoder and keep the valid frames.
+
+        Args:
+            audios: float32 mono clips at ``sample_rate`` (at most 30 s each).
+        Returns:
+            frames (B, T_max, D_enc) and mask (B, T_max) bool, T_max = the longest clip's ceil(seconds * 50).
+        """
+        if not audios:
+            raise ValueError("encode() needs at least one clip")
+        seconds = [len(audio) / sample_rate for audio in audios]
+        too_long = [f"#{i}: {s:.1f} s" for i, s in enumerate(seconds) if s > WINDOW_SECONDS]
+        if too_long:
+            raise ValueError(
+                f"clips longer than the encoder's {WINDOW_SECONDS:.0f} s window: {too_long}; split them first "
+                "(speechtrim.audio.split_windows) and pass the pieces as separate clips"
+            )
+        features = self.feature_extractor(
+            list(audios), sampling_rate=sample_rate, return_tensors="pt"
+        ).input_features.to(self.device, self.encoder.dtype)  # (B, n_mels, 3000)
+        hidden = self.encoder(input_features=features).last_hidden_state  # (B, 1500, D_enc)
+        lengths = torch.tensor([min(math.ceil(s * FRAMES_PER_SECOND), hidden.shape[1]) for s in seconds])
+        lengths = lengths.clamp(min=1)
+        longest = int(lengths.max())
+        mask = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T_max)
+        return hidden[:, :longest].float(), mask.to(self.device)
+
+    def embed_audio(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Projector (after optional frame pooling) then length adapter: (B, T, D_enc) -> (B, T', D_llm)."""
+        if self.pool > 1:
+            batch, length, width = frames.shape
+            pad = (-length) % self.pool
+            frames = nn.functional.pad(frames * mask.unsqueeze(-1), (0, 0, 0, pad))
+            frames = frames.reshape(batch, (length + pad) // self.pool, self.pool * width)
+            lengths = torch.div(mask.sum(dim=1) + self.pool - 1, self.pool, rounding_mode="floor")
+            mask = torch.arange(frames.shape[1], device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+        projected = self.projector(frames)  # (B, T/pool, D_llm)
+        return self.adapter(projected, mask)
+
+    # ---- prompts -------------------------------------------------------------------------------------------
+    def render_prompt(self, user_text: str) -> str:
+        """The chat-formatted prompt text for one user message containing one ``<audio>`` marker."""
+        if user_text.count(AUDIO_MARKER) != 1:
+            raise ValueError(f"a prompt needs exactly one {AUDIO_MARKER!r} marker, got: {user_text!r}")
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
+            )
+        return user_text + "\n"
+
+    def build_inputs(
+        self,
+        prompts: list[str],
+        audio_embeds: torch.Tensor,
+        audio_mask: torch.Tensor,
+        targets: list[str] | None = None,
+    ) -> PromptBatch:
+        """Splice each row's real audio embeddings into its prompt; left-pad the batch.
+
+        Args:
+            prompts: user messages, each with one ``<audio>`` marker.
+            audio_embeds: (B, T_a, D_llm); audio_mask: (B, T_a) bool.
+            targets: optional answer text per row appended after the prompt (for training); its token positions
+                are returned in ``extra["target_spans"]`` and the token ids in ``extra["target_ids"]``.
+        """
+        if len(prompts) != audio_embeds.shape[0]:
+            raise ValueError(f"{len(prompts)} prompts for {audio_embeds.shape[0]} clips")
+        embedding = self.llm.get_input_embeddings()
+        rows: list[torch.Tensor] = []
+        spans: list[list[tuple[int, int]]] = []
+        target_spans: list[tuple[int, int]] = []
+        target_ids: list[torch.Tensor] = []
+        for row, prompt in enumerate(prompts):
+            before, after = self.render_prompt(prompt).split(AUDIO_MARKER)
+            before_ids = self._ids(before)
+            after_ids = self._ids(after)
+            audio = audio_embeds[row, audio_mask[row]]  # (n_audio, D)
+            pieces = [embedding(before_ids), audio.to(embedding.weight.dtype), embedding(after_ids)]
+            length = len(before_ids) + len(audio) + len(after_ids)
+            if targets is not None:
+                answer_ids = self._ids(targets[row] + (self.tokenizer.eos_token or ""))
+                pieces.append(embedding(answer_ids))
+                target_spans.append((length, length + len(answer_ids)))
+                target_ids.append(answer_ids)
+            spans.append([(len(before_ids), len(before_ids) + len(audio))])
+            rows.append(torch.cat(pieces, dim=0))
+        longest = max(len(r) for r in rows)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_vector = embedding(torch.tensor([pad_id], device=self.device))[0]
+        inputs = pad_vector.expand(len(rows), longest, -1).clone()  # (B, T, D)
+        attention = torch.zeros(len(rows), longest, dtype=torch.long, device=self.device)
+        for row, embeds in enumerate(rows):
+            offset = longest - len(embeds)
+            inputs[row, offset:] = embeds
+            attention[row, offset:] = 1
+            spans[row] = [(start + offset, end + offset) for start, end in spans[row]]
+            if targets is not None:
+                start, end = target_spans[row]
+                target_spans[row] = (start + offset, end + offset)
+        positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
+        extra: dict[str, Any] = {}
+        if targets is not None:
+            extra = {"target_spans": target_spans, "target_ids": target_ids}
+        return PromptBatch(inputs, attention, positions, spans, extra)
+
+    def _ids(self, text: str) -> torch.Tensor:
+        return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long, device=self.device)
+
+    # ---- running -------------------------------------------------------------------------------------------
+    def prepare(self, audios: list[np.ndarray], prompts: list[str], targets: list[str] | None = None) -> PromptBatch:
+        """Encode, project, adapt and splice: the whole way from waveforms to LLM inputs."""
+        frames, mask = self.encode(audios)
+        embeds, embeds_mask = self.embed_audio(frames, mask)
+        return self.build_inputs(prompts, embeds, embeds_mask, targets)
+
+    def loss(self, batch: PromptBatch) -> torch.Tensor:
+        """Mean cross-entropy of the target tokens (``build_inputs(..., targets=...)``) under the frozen LLM."""
+        if "target_spans" not in batch.extra:
+            raise ValueError("loss() needs a batch built with targets=")
+        logits = self.llm(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits  # (B, T, V)
+        losses = []
+        for row, ((start, end), ids) in enumerate(zip(batch.extra["target_spans"], batch.extra["target_ids"])):
+            predicted = logits[row, start - 1 : end - 1]  # token t is predicted at position t-1
+            losses.append(nn.functional.cross_entropy(predicted.float(), ids, reduction="sum"))
+        total_tokens = sum(len(ids) for ids in batch.extra["target_ids"])
+        return torch.stack(losses).sum() / total_tokens
+
+    @torch.no_grad()
+    def score(self, batch: PromptBatch, candidates: list[str]) -> torch.Tensor:
+        """Log-probability of each candidate answer after each prompt: (B, C). Reads a label without parsing text."""
+        if not candidates:
+            raise ValueError("score() needs at least one candidate")
+        out = self.llm(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            position_ids=batch.position_ids,
+            use_cache=True,
+        )
+        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
+        candidate_ids = [self._ids(text) for text in candidates]
+        scores = torch.zeros(batch.inputs_embeds.shape[0], len(candidates), device=self.device)
+        for index, ids in enumerate(candidate_ids):
+            scores[:, index] = first[:, ids[0]]
+            if len(ids) > 1:  # continue from the prompt's cache; copy it so each candidate starts fresh
+                cache = _copy_cache(out.past_key_values)
+                attention = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(scores), len(ids) - 1)], 1)
+                positions = batch.position_ids[:, -1:] + torch.arange(1, len(ids), device=self.device)
+                rest = self.llm(
+                    input_ids=ids[:-1].unsqueeze(0).expand(len(scores), -1),
+                    attention_mask=attention,
+                    position_ids=positions,
+                    past_key_values=cache,
+                ).logits.float()  # (B, len-1, V)
+                log_probs = torch.log_softmax(rest, dim=-1)
+                scores[:, index] += log_probs.gather(-1, ids[1:].expand(len(scores), -1).unsqueeze(-1)).squeeze(-1).sum(1)
+        return scores
+
+    @torch.no_grad()
+    def generate(self, batch: PromptBatch, max_new_tokens: int = 64, **generate_kwargs: Any) -> list[str]:
+        """Greedy (or any ``generate`` option) continuation of each prompt, decoded to text."""
+        generate_kwargs.setdefault("do_sample", False)
+        if self.tokenizer.pad_token_id is not None:
+            generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        output = self.llm.generate(
+            inputs_embeds=batch.inputs_embeds,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            **generate_kwargs,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+
+def _copy_cache(cache: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(cache)
