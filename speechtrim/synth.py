@@ -1,0 +1,333 @@
+"""Deterministic text-to-speech with the Debian speech tools, for building labelled (synthetic) data sets.
+
+Three engines run as subprocesses in a temporary folder, never through a shell: ``flite`` (voices kal, kal16,
+awb, rms, slt), ``festival`` (``text2wave``; voices kal_diphone, cmu_us_slt_arctic_hts) and ``espeak-ng`` (100+
+variants such as ``f3``, many languages). The text always travels in a file. Prosody is applied natively where the
+engine does it well (speed in flite and espeak-ng), otherwise with ``sox`` (festival's speed, every engine's pitch
+in semitones); gain is a plain multiplication, clipped to [-1, 1]. The result is float32 mono at 16 kHz.
+
+Determinism: all three engines and sox (run with ``-R -D``: repeatable, no dither) were checked to give
+bit-identical output for identical arguments, so the same call always returns the same samples. ``seed`` is
+recorded with the result; seeded variety comes from :func:`random_prosody`.
+
+Everything built from this audio is synthetic: :class:`SyntheticSpeech` carries ``synthetic=True`` so that every
+result computed on it can say so.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from speechtrim.audio import SAMPLE_RATE, load_audio
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("flite", "festival", "espeak-ng")
+# tool -> the Debian packages that provide it (and the voices we use)
+DEBIAN_PACKAGES = {
+    "flite": "flite",
+    "text2wave": "festival festvox-kallpc16k festvox-us-slt-hts",
+    "festival": "festival festvox-kallpc16k festvox-us-slt-hts",
+    "espeak-ng": "espeak-ng",
+    "sox": "sox",
+}
+FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")  # awb_time is a talking clock: left out
+FESTIVAL_VOICE_PACKAGES = {"kal_diphone": "festvox-kallpc16k", "cmu_us_slt_arctic_hts": "festvox-us-slt-hts"}
+DEFAULT_VOICES = {"flite": "slt", "festival": "kal_diphone", "espeak-ng": None}
+ESPEAK_DEFAULT_WPM = 175
+TOOL_TIMEOUT_S = 120
+# random_prosody: the change that jitter=1 allows in each direction
+JITTER_SPEED_OCTAVES, JITTER_PITCH_SEMITONES, JITTER_GAIN_DB = 0.5, 4.0, 6.0
+
+
+@dataclass(frozen=True)
+class Prosody:
+    """How to speak: rate, pitch and loudness, applied on top of a voice.
+
+    Args:
+        speed: rate factor, 1.0 = the voice's normal rate, 1.5 = 50 % faster; in [0.5, 2.5].
+        pitch: pitch shift in semitones (duration unchanged); in [-12, 12].
+        gain_db: loudness change in dB; the result is clipped to [-1, 1]; in [-40, 20].
+    """
+
+    speed: float = 1.0
+    pitch: float = 0.0
+    gain_db: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name, low, high in (("speed", 0.5, 2.5), ("pitch", -12.0, 12.0), ("gain_db", -40.0, 20.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+                raise ValueError(f"Prosody.{name} must be a finite number, got {value!r}")
+            if not low <= value <= high:
+                raise ValueError(f"Prosody.{name} must be in [{low}, {high}], got {value}; pass a value in that range")
+
+
+@dataclass
+class SyntheticSpeech:
+    """One synthesised utterance and how it was made.
+
+    Args:
+        audio: (T,) float32 mono samples at ``sample_rate``.
+        sample_rate: always 16000.
+        text: the text spoken.
+        engine, voice, language, prosody, seed: the arguments that made it (voice None = the language default).
+        synthetic: always True; results computed on this audio must report it.
+    """
+
+    audio: np.ndarray
+    sample_rate: int
+    text: str
+    engine: str
+    voice: str | None
+    language: str
+    prosody: Prosody
+    seed: int
+    synthetic: bool = field(default=True)
+
+    @property
+    def duration_seconds(self) -> float:
+        """Length of the audio in seconds."""
+        return self.audio.shape[0] / float(self.sample_rate)
+
+    def metadata(self) -> dict[str, Any]:
+        """Everything but the samples, JSON-ready (for a manifest row)."""
+        return {
+            "text": self.text,
+            "engine": self.engine,
+            "voice": self.voice,
+            "language": self.language,
+            "prosody": asdict(self.prosody),
+            "seed": self.seed,
+            "sample_rate": self.sample_rate,
+            "duration_seconds": self.duration_seconds,
+            "synthetic": self.synthetic,
+        }
+
+
+def _require_tool(tool: str) -> str:
+    """Absolute path of ``tool``; FileNotFoundError naming the Debian package when it is missing."""
+    found = shutil.which(tool)
+    if found is None:
+        raise FileNotFoundError(
+            f"the speech tool {tool!r} is not installed; install it with: "
+            f"sudo apt-get install {DEBIAN_PACKAGES.get(tool, tool)}"
+        )
+    return found
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    """Run a tool (argument list, no shell) and return its stdout; RuntimeError with its stderr on failure."""
+    env = {**os.environ, "LC_ALL": "C.UTF-8"}
+    done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{Path(args[0]).name} failed (exit {done.returncode}): {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+@functools.cache
+def _espeak_catalogue() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(languages, variants) that the installed espeak-ng knows."""
+    tool = _require_tool("espeak-ng")
+    languages: set[str] = set()
+    for line in _run([tool, "--voices"], Path.cwd()).splitlines()[1:]:
+        match = re.match(r"\s*\d+\s+(\S+)\s+\S+\s+.+?\s+(\S+/\S+)\s*(.*)$", line)
+        if match:
+            languages.add(match.group(1).lower())
+            languages.add(match.group(2).rsplit("/", 1)[-1].lower())
+            languages.update(code.lower() for code in re.findall(r"\(([^\s)]+) \d+\)", match.group(3)))
+    variants = []
+    for line in _run([tool, "--voices=variant"], Path.cwd()).splitlines()[1:]:
+        match = re.search(r"!v/(\S+)", line)
+        if match:
+            variants.append(match.group(1))
+    return tuple(sorted(languages)), tuple(sorted(variants))
+
+
+@functools.cache
+def _festival_voices() -> tuple[str, ...]:
+    """Voices the installed festival can load, from ``(voice.list)``."""
+    tool = _require_tool("festival")
+    listing = _run([tool, "--batch", "(print (voice.list))"], Path.cwd())
+    return tuple(re.findall(r"[A-Za-z0-9_]+", listing))
+
+
+@functools.cache
+def _flite_voices() -> tuple[str, ...]:
+    """Voices compiled into the installed flite, among the ones speechtrim supports."""
+    listing = _run([_require_tool("flite"), "-lv"], Path.cwd())
+    built_in = set(listing.split(":", 1)[-1].split())
+    return tuple(voice for voice in FLITE_VOICES if voice in built_in)
+
+
+def _check_engine(engine: str) -> None:
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; pass one of {list(ENGINES)}")
+
+
+def list_voices(engine: str) -> list[str]:
+    """Voices of ``engine``: flite and festival voice names, espeak-ng variant names (e.g. ``f3``).
+
+    Args:
+        engine: "flite", "festival" or "espeak-ng".
+    """
+    _check_engine(engine)
+    if engine == "flite":
+        return list(_flite_voices())
+    if engine == "festival":
+        return list(_festival_voices())
+    return list(_espeak_catalogue()[1])
+
+
+def list_languages(engine: str) -> list[str]:
+    """Language codes ``engine`` accepts (flite and festival speak English only).
+
+    Args:
+        engine: "flite", "festival" or "espeak-ng".
+    """
+    _check_engine(engine)
+    if engine == "espeak-ng":
+        return list(_espeak_catalogue()[0])
+    return ["en", "en-us"]
+
+
+def available_engines() -> list[str]:
+    """Engines whose tools are installed (sox is needed too, for pitch shifts and festival's speed)."""
+    tools = {"flite": "flite", "festival": "text2wave", "espeak-ng": "espeak-ng"}
+    return [engine for engine in ENGINES if shutil.which(tools[engine]) is not None]
+
+
+def random_prosody(rng: np.random.Generator, base: Prosody, jitter: float) -> Prosody:
+    """A seeded random variation of ``base``: speed x 2^(+-0.5 j), pitch +-4 j semitones, gain +-6 j dB.
+
+    Always draws three uniforms from ``rng`` (so a stream of calls stays aligned), then clips to Prosody's ranges.
+
+    Args:
+        rng: the generator, e.g. ``np.random.default_rng(seed)``.
+        base: the prosody to vary.
+        jitter: strength in [0, 1]; 0 returns ``base`` unchanged.
+    """
+    if not 0.0 <= jitter <= 1.0:
+        raise ValueError(f"jitter must be in [0, 1], got {jitter}")
+    draw = rng.uniform(-1.0, 1.0, size=3) * jitter  # (3,)
+    return Prosody(
+        speed=float(np.clip(base.speed * 2.0 ** (JITTER_SPEED_OCTAVES * draw[0]), 0.5, 2.5)),
+        pitch=float(np.clip(base.pitch + JITTER_PITCH_SEMITONES * draw[1], -12.0, 12.0)),
+        gain_db=float(np.clip(base.gain_db + JITTER_GAIN_DB * draw[2], -40.0, 20.0)),
+    )
+
+
+def _resolve_voice(engine: str, voice: str | None, language: str) -> tuple[str | None, str]:
+    """Validate voice and language for ``engine``; returns (voice, language) as the tool wants them."""
+    if not isinstance(language, str) or not language:
+        raise ValueError(f"language must be a non-empty code such as 'en', got {language!r}")
+    language = language.lower()
+    if engine == "espeak-ng":
+        languages, variants = _espeak_catalogue()
+        if language not in languages:
+            raise ValueError(f"espeak-ng has no language {language!r}; pass one of list_languages('espeak-ng')")
+        if voice is not None:
+            voice = voice.lstrip("+")
+            if voice not in variants:
+                raise ValueError(
+                    f"espeak-ng has no voice variant {voice!r}; pass one of list_voices('espeak-ng') (e.g. 'f3')"
+                )
+        return voice, language
+    if language.split("-")[0] != "en":
+        raise ValueError(f"{engine} speaks English only, got language={language!r}; use engine='espeak-ng'")
+    voice = DEFAULT_VOICES[engine] if voice is None else voice
+    installed = list_voices(engine)
+    if voice not in installed:
+        if engine == "festival" and voice in FESTIVAL_VOICE_PACKAGES:
+            raise FileNotFoundError(
+                f"the festival voice {voice!r} is not installed; install it with: "
+                f"sudo apt-get install {FESTIVAL_VOICE_PACKAGES[voice]}"
+            )
+        raise ValueError(f"{engine} has no voice {voice!r}; pass one of {installed}")
+    return voice, language
+
+
+def synthesize(
+    text: str,
+    engine: str = "flite",
+    voice: str | None = None,
+    language: str = "en",
+    prosody: Prosody = Prosody(),
+    seed: int = 0,
+) -> SyntheticSpeech:
+    """Speak ``text`` with a Debian TTS engine; deterministic: the same arguments give bit-identical audio.
+
+    Args:
+        text: what to say (passed to the tool in a file, never through a shell).
+        engine: "flite", "festival" or "espeak-ng".
+        voice: flite: kal, kal16, awb, rms, slt (default slt); festival: kal_diphone (default),
+            cmu_us_slt_arctic_hts; espeak-ng: a variant such as "f3" or "+f3" (default: the language's own voice).
+        language: "en" for flite and festival; any espeak-ng language, e.g. en, en-us, es, de, fr.
+        prosody: speed, pitch and gain to apply.
+        seed: recorded with the result (the engines are deterministic; draw variety with random_prosody).
+
+    Returns:
+        SyntheticSpeech with (T,) float32 audio at 16 kHz and ``synthetic=True``.
+    """
+    _check_engine(engine)
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"text must be a non-empty string, got {text!r}")
+    if not isinstance(prosody, Prosody):
+        raise ValueError(f"prosody must be a Prosody, got {type(prosody).__name__}; pass Prosody(speed=..., ...)")
+    voice, language = _resolve_voice(engine, voice, language)
+    sox_effects: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="speechtrim-tts-") as folder:
+        work = Path(folder)
+        (work / "text.txt").write_text(text.strip() + "\n", encoding="utf-8")
+        spoken = work / "spoken.wav"
+        if engine == "flite":
+            args = [_require_tool("flite"), "-voice", str(voice), "-f", "text.txt", "-o", spoken.name]
+            if prosody.speed != 1.0:
+                args[1:1] = ["--setf", f"duration_stretch={1.0 / prosody.speed:.6f}"]
+        elif engine == "festival":
+            # the voice name was checked against (voice.list), so the scheme snippet cannot carry other code
+            args = [_require_tool("text2wave"), "-eval", f"(voice_{voice})", "text.txt", "-o", spoken.name]
+            if prosody.speed != 1.0:
+                sox_effects += ["tempo", "-s", f"{prosody.speed:.6f}"]
+        else:
+            spec = language if voice is None else f"{language}+{voice}"
+            wpm = int(round(ESPEAK_DEFAULT_WPM * prosody.speed))
+            args = [_require_tool("espeak-ng"), "-b", "1", "-v", spec, "-s", str(wpm), "-w", spoken.name]
+            args += ["-f", "text.txt"]
+        _run(args, work)
+        if prosody.pitch != 0.0:
+            sox_effects += ["pitch", f"{100.0 * prosody.pitch:.3f}"]
+        if sox_effects:
+            shifted = work / "shifted.wav"
+            sox = [_require_tool("sox"), "-R", "-D", spoken.name, "-e", "floating-point", "-b", "32", shifted.name]
+            _run(sox + sox_effects, work)
+            spoken = shifted
+        audio = load_audio(spoken)  # (T,) float32 at 16 kHz
+    if prosody.gain_db != 0.0:
+        audio = audio * np.float32(10.0 ** (prosody.gain_db / 20.0))
+        clipped = int((np.abs(audio) > 1.0).sum())
+        if clipped:
+            logger.debug("gain %+.1f dB clipped %d of %d samples", prosody.gain_db, clipped, audio.size)
+        audio = np.clip(audio, -1.0, 1.0).astype(np.float32)
+    logger.debug("%s/%s: %d samples for %d characters", engine, voice, audio.size, len(text))
+    return SyntheticSpeech(
+        audio=audio,
+        sample_rate=SAMPLE_RATE,
+        text=text,
+        engine=engine,
+        voice=voice,
+        language=language,
+        prosody=prosody,
+        seed=int(seed),
+    )
