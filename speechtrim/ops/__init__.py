@@ -1,1 +1,29 @@
-"""speechtrim.ops."""
+"""speechtrim.ops: pure tensor functions for token reduction (plans, adjacent merge, eviction); no model code."""
+
+from speechtrim.ops.merge import (
+    adjacent_similarity,
+    attention_received,
+    flatten_heads,
+    merge_plan,
+    random_pairs_similarity,
+    same_span_pairs,
+)
+from speechtrim.ops.plan import Plan, apply_plan, gather_time, identity_plan, plan_from_slots
+from speechtrim.ops.select import count_to_remove, count_to_remove_int, evict_plan
+
+__all__ = [
+    "Plan",
+    "adjacent_similarity",
+    "apply_plan",
+    "attention_received",
+    "count_to_remove",
+    "count_to_remove_int",
+    "evict_plan",
+    "flatten_heads",
+    "gather_time",
+    "identity_plan",
+    "merge_plan",
+    "plan_from_slots",
+    "random_pairs_similarity",
+    "same_span_pairs",
+]

@@ -1,0 +1,153 @@
+"""A registered attention backend that is stock SDPA plus, on request, the attention each key receives.
+
+FastAdaSP (paper 004, sec. 3.2) needs two things from a decoder layer's attention during prefill:
+- eq. 4: the layer's key states, for the cosine similarity of adjacent audio tokens;
+- eq. 5: the attention each key column receives, summed over heads and over all prompt queries
+  (FastV and H2O use the same column sums).
+
+When scores are available. A decision at layer ``i`` is taken in layer ``i``'s forward *pre*-hook, before layer
+``i``'s attention runs, so it reads the scores and keys recorded by layer ``i - 1``'s attention. Layer ``i - 1``
+ran on exactly the tokens that enter layer ``i`` (a plan at ``i - 1`` is applied before its attention), so the
+columns line up with ``hidden_states`` and ``span_id`` of layer ``i``. Layer 0 has no earlier attention: its
+decision gets ``None``. This is the FastV convention (prune at layer K with layer K-1's attention); FastAdaSP's
+reference merges right after layer ``i``'s attention block, i.e. our layer ``i + 1`` pre-hook, with the MLP of
+layer ``i`` in between.
+
+How the tap travels. The attachment puts a :class:`AttentionTap` in the decoder layer's keyword arguments as
+``speechtrim_tap``; transformers passes unknown keyword arguments down to the attention function, which pops it.
+Without a tap the backend is the stock SDPA function called with the same arguments (bit-identical logits).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "speechtrim_sdpa"
+TAP_KWARG = "speechtrim_tap"
+# Bound on the float32 (B, H, block, T_kv) probability block computed at once.
+_SCORE_BLOCK_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class AttentionTap:
+    """Asks one layer's attention, during prefill, to record its key states and per-key attention sums.
+
+    Args:
+        query_valid: (B, T) bool, queries that count in the sum (False for padding and filler slots); None = all.
+        scores: filled by the backend: (B, T_kv) float32, attention each key column receives, summed over heads and
+            valid queries (FastAdaSP eq. 5).
+        keys: filled by the backend: (B, H_kv, T_kv, head_dim), the layer's key states after rotary embedding
+            (what the KV cache stores), before GQA repetition (FastAdaSP eq. 4 input).
+    """
+
+    query_valid: torch.Tensor | None = None
+    scores: torch.Tensor | None = field(default=None, repr=False)
+    keys: torch.Tensor | None = field(default=None, repr=False)
+
+
+def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, H_kv, T, d) -> (B, H_kv * groups, T, d)."""
+    if groups == 1:
+        return states
+    batch, kv_heads, length, width = states.shape
+    return states[:, :, None].expand(batch, kv_heads, groups, length, width).reshape(batch, -1, length, width)
+
+
+def key_attention_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    query_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention each key column receives, summed over heads and valid queries: (B, T_kv) float32.
+
+    FastAdaSP eq. 5 / FastV / H2O. Computed in float32, in query blocks so memory stays bounded; rows whose keys are
+    all masked contribute 0.
+
+    Args:
+        query: (B, H, T_q, d) query states after rotary embedding.
+        key: (B, H_kv, T_kv, d) key states after rotary embedding.
+        attention_mask: (B or 1, 1, T_q, T_kv) bool (True = attend) or additive float mask; None = causal.
+        scaling: softmax scale; None = d ** -0.5.
+        query_valid: (B, T_q) bool, queries to sum over; None = all.
+    """
+    batch, heads, q_length, width = query.shape
+    kv_length = key.shape[2]
+    scale = scaling if scaling is not None else width**-0.5
+    keys = _repeat_kv(key, heads // key.shape[1]).float()  # (B, H, T_kv, d)
+    weights = (
+        query_valid.to(torch.float32)
+        if query_valid is not None
+        else torch.ones(batch, q_length, device=query.device)
+    )  # (B, T_q)
+    block = max(1, _SCORE_BLOCK_BYTES // max(1, batch * heads * kv_length * 4))
+    scores = torch.zeros(batch, kv_length, dtype=torch.float32, device=query.device)
+    offset = kv_length - q_length  # causal alignment, lower-right (0 in prefill)
+    for start in range(0, q_length, block):
+        stop = min(q_length, start + block)
+        logits = torch.matmul(query[:, :, start:stop].float(), keys.transpose(2, 3)) * scale  # (B, H, b, T_kv)
+        if attention_mask is None:
+            rows = torch.arange(start, stop, device=query.device)[:, None] + offset
+            allowed = torch.arange(kv_length, device=query.device)[None, :] <= rows  # (b, T_kv)
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        elif attention_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attention_mask[:, :, start:stop], float("-inf"))
+        else:
+            logits = logits + attention_mask[:, :, start:stop].float()
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # (B, H, b, T_kv); fully masked rows -> 0
+        scores += torch.einsum("bhqk,bq->bk", probs, weights[:, start:stop])
+    return scores  # (B, T_kv)
+
+
+def speechtrim_sdpa_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Stock SDPA attention; with a ``speechtrim_tap`` during prefill, also records key scores and key states.
+
+    Args:
+        module: the attention module (gives ``num_key_value_groups``, ``is_causal``).
+        query: (B, H, T_q, d).
+        key: (B, H_kv, T_kv, d).
+        value: (B, H_kv, T_kv, d).
+        attention_mask: the layer's mask as the SDPA backend expects it.
+        **kwargs: passed on to transformers' ``sdpa_attention_forward``.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    tap = kwargs.pop(TAP_KWARG, None)
+    output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if tap is not None and query.shape[2] > 1:
+        with torch.no_grad():
+            tap.scores = key_attention_scores(
+                query, key, attention_mask, kwargs.get("scaling"), query_valid=tap.query_valid
+            )  # (B, T_kv)
+            tap.keys = key.detach()  # (B, H_kv, T_kv, d)
+    return output
+
+
+def register_backend(name: str = BACKEND_NAME) -> str:
+    """Register the tapped SDPA backend and its mask builder with transformers (idempotent); return the name.
+
+    Both registrations are needed: without ``AttentionMaskInterface.register`` the decoder builds no mask for an
+    unknown implementation and silently passes ``None``.
+
+    Args:
+        name: the implementation name to register.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, speechtrim_sdpa_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    return name

@@ -1,0 +1,45 @@
+"""Theoretical FLOPs (FastAdaSP eq. 10, appendix A.2) and solving a ratio for a FLOPs target."""
+
+import pytest
+import torch
+
+from speechtrim.flops import flops_reduction, layer_flops, prefill_flops, simulate_lengths, solve_ratio
+
+
+def test_layer_flops_by_hand():
+    # n=10, d=4, m=8: 2*100*4 + 4*10*16 + 2*10*4*8 = 800 + 640 + 640
+    assert layer_flops(10, 4, 8) == 2080
+    assert prefill_flops([10, 10, 5], 4, 8) == 2080 * 2 + (2 * 25 * 4 + 4 * 5 * 16 + 2 * 5 * 4 * 8)
+    assert prefill_flops([[10, 5], [10, 5]], 4, 8) == 2 * (2080 + 840)  # per-row lengths of a batch are summed
+    assert prefill_flops(torch.tensor([[10, 5], [10, 5]]), 4, 8) == 2 * (2080 + 840)  # tensors work too
+
+
+def test_single_layer_rate_matches_the_paper_closed_form():
+    # A.2: reducing every layer by k gives Rate = k + (k - k^2) / (1 + (2d + m) / n).
+    n, d, m, k = 1000, 64, 256, 0.3
+    rate = flops_reduction([n], [n * (1 - k)], d, m)
+    assert rate == pytest.approx(k + (k - k * k) / (1 + (2 * d + m) / n))
+
+
+def test_simulated_lengths_follow_the_schedule():
+    assert simulate_lengths(10, 100, "none", 0.3, 1, 4) == [110, 80, 80, 80]
+    assert simulate_lengths(10, 100, "constant", 0.5, 2, 4) == [110, 110, 60, 35]  # 50 removed, then 25
+    assert simulate_lengths(10, 100, "decay", 0.3, 0, 4) == [80, 66, 60, 60]  # ratios .3 .2 .1 0: remove 30, 14, 5.6->6
+    assert simulate_lengths(3, 4, "constant", 0.9, 0, 3) == [4, 4, 4]  # one audio token always survives
+
+
+@pytest.mark.parametrize("schedule, first", [("none", 2), ("constant", 2), ("decay", 0), ("decay", 3)])
+@pytest.mark.parametrize("target", [0.1, 0.3, 0.45])
+def test_solve_ratio_hits_the_target(schedule, first, target):
+    text, audio, layers, d, m = 30, 1500, 24, 512, 1408
+    ratio = solve_ratio(target, text, audio, schedule, first, layers, d, m)
+    assert 0.0 < ratio < 1.0
+    base = simulate_lengths(text, audio, schedule, 0.0, first, layers)
+    reduced = simulate_lengths(text, audio, schedule, ratio, first, layers)
+    assert flops_reduction(base, reduced, d, m) == pytest.approx(target, abs=2e-3)
+
+
+def test_solve_ratio_unreachable_says_the_maximum():
+    with pytest.raises(ValueError, match=r"unreachable.*the most it can cut is \d+\.\d%"):
+        solve_ratio(0.6, 100, 50, "none", 20, 24, 64, 256)
+    assert solve_ratio(0.0, 100, 50, "none", 20, 24, 64, 256) == 0.0

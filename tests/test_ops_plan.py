@@ -1,0 +1,101 @@
+"""Plan bookkeeping: identity plans, left fillers, sources, apply_plan edge cases and gather_time layouts."""
+
+import pytest
+import torch
+
+from speechtrim.ops import Plan, apply_plan, evict_plan, gather_time, identity_plan, merge_plan, plan_from_slots
+
+
+def two_row_plan() -> Plan:
+    """Row 0 merges tokens 1-2 (removes 1); row 1 merges 0-1 and 3-4-5 (removes 3): row 0 gets two left fillers."""
+    similarity = torch.tensor([[0.1, 0.9, 0.2, 0.3, 0.0], [0.9, 0.1, 0.2, 0.8, 0.7]])
+    weights = torch.tensor([[1.0, 1.0, 3.0, 1.0, 1.0, 1.0], [1.0, 2.0, 1.0, 1.0, 4.0, 4.0]])
+    return merge_plan(similarity, weights, torch.tensor([1, 3]))
+
+
+def test_identity_plan_changes_nothing():
+    plan = identity_plan(2, 5, "cpu")
+    hidden = torch.randn(2, 5, 3)
+    assert plan.new_length == 5 and plan.removed.tolist() == [0, 0]
+    assert torch.equal(apply_plan(plan, hidden), hidden)
+    positions = torch.arange(5).expand(2, 5)
+    assert torch.equal(gather_time(plan, positions, dim=1), positions)
+
+
+def test_fillers_are_on_the_left_and_rows_align():
+    plan = two_row_plan()
+    # Row 0: 5 slots left, row 1: 3 slots; both padded to T_new = 6 - 1 = 5.
+    assert plan.new_length == 5
+    assert plan.removed.tolist() == [1, 3]
+    assert plan.filler.tolist() == [[False] * 5, [True, True, False, False, False]]
+    assert plan.slot.tolist() == [[0, 1, 1, 2, 3, 4], [2, 2, 3, 4, 4, 4]]
+    # Sources: largest weight in the cluster; ties to the first member; fillers point at the row's first token.
+    assert plan.source.tolist() == [[0, 2, 3, 4, 5], [0, 0, 1, 2, 4]]
+
+
+def test_apply_plan_fillers_copy_their_source_and_slots_average():
+    plan = two_row_plan()
+    hidden = torch.randn(2, 6, 4)
+    merged = apply_plan(plan, hidden)
+    torch.testing.assert_close(merged[1, 0], hidden[1, 0])
+    torch.testing.assert_close(merged[1, 1], hidden[1, 0])
+    torch.testing.assert_close(merged[1, 2], (hidden[1, 0] + 2 * hidden[1, 1]) / 3)
+    torch.testing.assert_close(merged[1, 4], (hidden[1, 3] + 4 * hidden[1, 4] + 4 * hidden[1, 5]) / 9)
+    torch.testing.assert_close(merged[0, 1], (hidden[0, 1] + 3 * hidden[0, 2]) / 4)
+
+
+def test_zero_weight_cluster_falls_back_to_plain_mean():
+    starts = torch.tensor([[True, False, True]])
+    plan = plan_from_slots(starts, torch.ones(1, 3, dtype=torch.bool), torch.tensor([[0.0, 0.0, 0.0]]))
+    hidden = torch.tensor([[[1.0], [3.0], [5.0]]])
+    merged = apply_plan(plan, hidden)
+    assert torch.isfinite(merged).all()
+    assert merged.flatten().tolist() == [2.0, 5.0]
+
+
+def test_gather_time_layouts():
+    plan = two_row_plan()
+    batch, length, new_length = 2, 6, plan.new_length
+    expected = plan.source
+
+    positions = torch.arange(length).expand(batch, length) + 10  # (B, T)
+    assert torch.equal(gather_time(plan, positions, dim=1), expected + 10)
+
+    mrope = torch.stack([positions, positions * 2, positions * 3])  # (3, B, T)
+    gathered = gather_time(plan, mrope, dim=2)
+    assert gathered.shape == (3, batch, new_length)
+    for plane in range(3):
+        assert torch.equal(gathered[plane], (expected + 10) * (plane + 1))
+
+    cos = torch.randn(1, length, 8)  # (1, T, d): batch axis broadcast
+    gathered = gather_time(plan, cos, dim=1)
+    assert gathered.shape == (batch, new_length, 8)
+    assert torch.equal(gathered[1], cos[0, expected[1]])
+
+    mask = torch.randn(batch, 1, length, length)  # (B, 1, Tq, Tk): rows then columns
+    rows_cols = gather_time(plan, gather_time(plan, mask, dim=2), dim=3)
+    assert rows_cols.shape == (batch, 1, new_length, new_length)
+    for b in range(batch):
+        assert torch.equal(rows_cols[b, 0], mask[b, 0][expected[b]][:, expected[b]])
+
+
+def test_gather_time_mrope_with_batch_of_three():
+    reducible = torch.ones(3, 6, dtype=torch.bool)
+    plan = evict_plan(torch.randn(3, 6), reducible, torch.tensor([1, 2, 3]))
+    positions = torch.arange(6).expand(3, 6)
+    mrope = torch.stack([positions, positions + 100, positions + 200])  # (3, B=3, T)
+    for gathered in (gather_time(plan, mrope, dim=2), gather_time(plan, mrope, dim=2, batch_dim=1)):
+        for plane in range(3):
+            assert torch.equal(gathered[plane], plan.source + 100 * plane)
+    cos = torch.randn(3, 3, 6, 4)  # float M-RoPE table (3, B=3, T, d): ambiguous, so the axis is given
+    gathered = gather_time(plan, cos, dim=2, batch_dim=1)
+    for b in range(3):
+        assert torch.equal(gathered[:, b], cos[:, b, plan.source[b]])
+
+
+def test_gather_time_rejects_wrong_axis():
+    plan = two_row_plan()
+    with pytest.raises(ValueError, match="time axis"):
+        gather_time(plan, torch.zeros(2, 5), dim=1)
+    with pytest.raises(ValueError, match="batch"):
+        gather_time(plan, torch.zeros(4, 6), dim=1)
