@@ -1,1 +1,35 @@
-"""speechtrim.reducers."""
+"""Training-free audio-token reducers that attach to an unmodified Hugging Face model (FastAdaSP and baselines).
+
+Public API::
+
+    from speechtrim import reducers
+    reducers.names()
+    reducer = reducers.build("fastadasp", ratio=0.3, layer=3, schedule="constant")
+    with reducer(model, audio_spans=None) as stats:
+        model.generate(**inputs)
+    stats.tokens_per_layer
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from speechtrim.reducers import a_tome, avg_merge, fastadasp, fastv, random_evict, random_merge  # noqa: F401
+from speechtrim.reducers.base import REDUCERS, ReductionStats, Reducer
+
+__all__ = ["Reducer", "ReductionStats", "build", "names"]
+
+
+def names() -> list[str]:
+    """Every registered reducer name."""
+    return REDUCERS.names()
+
+
+def build(name: str, **params: Any) -> Reducer:
+    """Build the reducer registered as ``name``.
+
+    Args:
+        name: one of ``names()``.
+        **params: ``ratio`` or ``flops_reduction``, ``layer``, ``schedule``, ``seed`` (see :class:`Reducer`).
+    """
+    return REDUCERS.build(name, **params)

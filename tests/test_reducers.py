@@ -1,0 +1,166 @@
+"""The reducer matrix: every registered reducer x model family x {unpadded, left-padded}, plus option checks."""
+
+import numpy as np
+import pytest
+import torch
+
+from speechtrim import reducers
+from tests.tiny_models import AUDIO_TOKEN, audio_prompt, tiny_llama, tiny_qwen2_audio, tiny_voxtral
+from tests.tiny_speechlm import tiny_speechlm
+
+FAMILIES = ["llama", "qwen2_audio", "voxtral", "speechlm"]
+AUDIO_LENGTHS = [12, 20, 9]
+LAYER = 2  # tiny models have 4 decoder layers (speechlm: 2, it uses layer 1)
+
+
+class Case:
+    """A model and a batch in a uniform shape: run(inputs) for logits, generate(inputs), rows for solo runs."""
+
+    def __init__(self, family: str) -> None:
+        self.family = family
+        if family == "speechlm":
+            self.speech = tiny_speechlm(seed=3)
+            self.model = self.speech.llm
+            rng = np.random.default_rng(0)
+            self.audios = [(0.1 * rng.standard_normal(int(n * 320 * 2))).astype(np.float32) for n in (0.6, 1.0, 0.4)]
+            self.layer = 1
+        else:
+            self.model = {"llama": tiny_llama, "qwen2_audio": tiny_qwen2_audio, "voxtral": tiny_voxtral}[family]()
+            self.layer = LAYER
+        self.token_id = AUDIO_TOKEN if family == "llama" else None
+
+    def inputs(self, rows: list[int]) -> tuple[dict, list | None]:
+        """Model kwargs for the chosen rows (left-padded together) and explicit spans when needed."""
+        if self.family == "speechlm":
+            batch = self.speech.prepare([self.audios[i] for i in rows], ["what the emotion : <audio> \n"] * len(rows))
+            kwargs = {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask}
+            return kwargs, batch.audio_spans
+        prompt = audio_prompt([AUDIO_LENGTHS[i] for i in rows], seed=5)
+        if len(rows) == 1:  # the same row as in the full batch: rebuild it from the full batch
+            full = audio_prompt(AUDIO_LENGTHS, seed=5)
+            width = int(full["attention_mask"][rows[0]].sum())
+            prompt = {key: value[rows[0] : rows[0] + 1, -width:] for key, value in full.items()}
+        return prompt, None
+
+    def logits(self, kwargs: dict) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(**kwargs).logits[:, -1]
+
+    def generate(self, kwargs: dict) -> torch.Tensor:
+        out = self.model.generate(**kwargs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        return out if "inputs_embeds" in kwargs else out[:, kwargs["input_ids"].shape[1] :]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def case(request):
+    return Case(request.param)
+
+
+def hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", reducers.names())
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_reducer_matrix(case, name, padded):
+    rows = [0, 1, 2] if padded else [1]
+    kwargs, spans = case.inputs(rows)
+    before = hook_count(case.model)
+    attention = str(case.model.config._attn_implementation)
+    reference = case.logits(kwargs)
+
+    with reducers.build(name, ratio=0.0, layer=case.layer)(case.model, spans, case.token_id):
+        same = case.logits(kwargs)
+    assert torch.equal(same, reference), "ratio 0 must leave the logits untouched"
+
+    reducer = reducers.build(name, ratio=0.5, layer=case.layer, seed=1)
+    with reducer(case.model, spans, case.token_id) as stats:
+        case.logits(kwargs)
+        lengths = stats.tokens_per_layer
+        together = case.generate(kwargs)
+    assert hook_count(case.model) == before and str(case.model.config._attn_implementation) == attention
+    full = lengths[0]
+    assert lengths[: case.layer] == [full] * case.layer
+    assert all(length < full for length in lengths[case.layer :]), lengths
+    audio_row0 = (spans[0][0][1] - spans[0][0][0]) if spans else AUDIO_LENGTHS[rows[0]]
+    requested, removed = stats.requested_per_layer[case.layer], stats.removed_per_layer[case.layer]
+    assert requested == audio_row0 // 2
+    assert lengths[case.layer] == full - removed, "only audio goes; every text token stays"
+    if name == "a_tome":  # disjoint pairs: a greedy pick can block its neighbours, and stats say so
+        assert requested // 2 <= removed <= requested
+        assert (removed < requested) == (case.layer in stats.short_layers)
+    else:
+        assert removed == requested and not stats.short_layers
+    assert 0 < stats.flops_reduction < 1
+
+    if padded:  # every row of the padded batch decodes like that row alone
+        for position, row in enumerate(rows):
+            alone_kwargs, alone_spans = case.inputs([row])
+            with reducer(case.model, alone_spans, case.token_id):
+                alone = case.generate(alone_kwargs)
+            assert torch.equal(together[position : position + 1], alone), f"row {row} differs when padded"
+
+
+def test_dense_schedules_reduce_at_every_layer_from_the_first():
+    model = tiny_llama()
+    prompt = audio_prompt([40], seed=2)
+    for schedule in ("constant", "decay"):
+        with reducers.build("fastadasp", ratio=0.3, layer=1, schedule=schedule)(model, audio_token_id=AUDIO_TOKEN) as stats:
+            model(**prompt)
+        lengths = stats.tokens_per_layer
+        assert lengths[0] == 47 > lengths[1] > lengths[2], (schedule, lengths)
+        if schedule == "constant":
+            assert lengths[2] > lengths[3] and stats.ratios == [0.0, 0.3, 0.3, 0.3]
+        else:  # linear decay reaches exactly 0 at the last layer
+            assert lengths[2] == lengths[3] and stats.ratios == [0.0, 0.3, 0.15, 0.0]
+
+
+def test_flops_target_is_met_and_solved_per_prompt():
+    model = tiny_llama()
+    prompt = audio_prompt([60], seed=4)
+    with reducers.build("fastadasp", flops_reduction=0.3, layer=1)(model, audio_token_id=AUDIO_TOKEN) as stats:
+        model(**prompt)
+    assert stats.flops_reduction == pytest.approx(0.3, abs=0.03)
+
+
+def test_short_spans_reduce_what_they_can_and_say_so():
+    model = tiny_llama()
+    prompt = audio_prompt([1], seed=6)  # one audio token: nothing can merge
+    with reducers.build("fastadasp", ratio=0.9, layer=1, schedule="constant")(model, audio_token_id=AUDIO_TOKEN) as stats:
+        model(**prompt)
+    assert stats.tokens_per_layer == [8, 8, 8, 8]
+    prompt = audio_prompt([3], seed=6)
+    with reducers.build("a_tome", ratio=0.9, layer=1)(model, audio_token_id=AUDIO_TOKEN) as stats:
+        model(**prompt)
+    assert stats.requested_per_layer[1] == 2 and stats.removed_per_layer[1] == 1 and stats.short_layers == [1]
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"ratio": 1.0}, r"ratio must be a number in \[0, 1\)"),
+        ({"ratio": -0.1}, r"ratio must be"),
+        ({}, "exactly one of ratio"),
+        ({"ratio": 0.3, "flops_reduction": 0.3}, "exactly one of ratio"),
+        ({"ratio": 0.3, "layer": -1}, "layer must be"),
+        ({"ratio": 0.3, "schedule": "cosine"}, "unknown schedule"),
+    ],
+)
+def test_bad_options_are_refused_when_built(params, message):
+    with pytest.raises(ValueError, match=message):
+        reducers.build("fastadasp", **params)
+
+
+def test_bad_attachments_are_refused_and_leave_no_hooks():
+    model = tiny_llama()
+    before = hook_count(model)
+    with pytest.raises(ValueError, match="beyond the model's depth"):
+        reducers.build("fastv", ratio=0.3, layer=4)(model, audio_token_id=AUDIO_TOKEN)
+    with pytest.raises(ValueError, match="layer must be >= 1"):
+        reducers.build("fastadasp", ratio=0.3, layer=0)(model, audio_token_id=AUDIO_TOKEN)
+    with pytest.raises(ValueError, match="unknown reducer"):
+        reducers.build("tome2000", ratio=0.3)
+    with pytest.raises(RuntimeError, match="boom"):
+        with reducers.build("fastadasp", ratio=0.3, layer=1)(model, audio_token_id=AUDIO_TOKEN):
+            raise RuntimeError("boom")
+    assert hook_count(model) == before and model.config._attn_implementation == "sdpa"
