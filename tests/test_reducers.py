@@ -164,3 +164,34 @@ def test_bad_attachments_are_refused_and_leave_no_hooks():
         with reducers.build("fastadasp", ratio=0.3, layer=1)(model, audio_token_id=AUDIO_TOKEN):
             raise RuntimeError("boom")
     assert hook_count(model) == before and model.config._attn_implementation == "sdpa"
+
+
+def test_fastadasp_merges_as_equations_4_to_6_say():
+    """The hidden states entering the reduction layer equal a hand-built merge from eager attention and keys."""
+    from speechtrim.ops import adjacent_similarity, apply_plan, count_to_remove, merge_plan
+
+    model = tiny_llama(attn_implementation="eager")
+    prompt = audio_prompt([16], seed=8)
+    layer = 2
+    with torch.no_grad():
+        out = model(**prompt, output_attentions=True, output_hidden_states=True, use_cache=True)
+    span_id = torch.where(prompt["input_ids"] == AUDIO_TOKEN, 0, -1)
+    keys = out.past_key_values.layers[layer - 1].keys  # (B, H_kv, T, d), post-rotary, as cached
+    weights = out.attentions[layer - 1].sum(dim=(1, 2))  # (B, T): summed over heads and every query (eq. 5)
+    plan = merge_plan(adjacent_similarity(keys, span_id), weights * (span_id >= 0),
+                      count_to_remove(torch.tensor([16]), 0.4), chain=True)
+    expected = apply_plan(plan, out.hidden_states[layer])  # (B, T_new, D): eq. 6
+
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen.setdefault("hidden", (args[0] if args else kwargs["hidden_states"]).clone())
+
+    with reducers.build("fastadasp", ratio=0.4, layer=layer)(model, audio_token_id=AUDIO_TOKEN):
+        handle = model.model.layers[layer].register_forward_pre_hook(record, with_kwargs=True)  # runs after ours
+        try:
+            with torch.no_grad():
+                model(**prompt)
+        finally:
+            handle.remove()
+    torch.testing.assert_close(seen["hidden"], expected, rtol=1e-4, atol=1e-5)
