@@ -57,6 +57,20 @@ def _build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--batch-size", type=int, default=8, help="clips per forward pass")
     transcribe.add_argument("--output", type=Path, default=None, help="also write one JSON line per clip to this file")
     transcribe.set_defaults(run=_run_transcribe)
+
+    select = commands.add_parser(
+        "select-layer",
+        help="rank decoder layers by transfer entropy (FastAdaSP eqs. 7-8) and store the best for layer='auto'",
+    )
+    select.add_argument("--speechlm", type=Path, default=None,
+                        help="a saved SpeechLM folder (default: the embedded default; an untrained projector if none)")
+    select.add_argument("--data", default="pocketsphinx", choices=["pocketsphinx", "synthetic-emotion"],
+                        help="calibration clips")
+    select.add_argument("--clips", type=int, default=8, help="calibration clips to use")
+    select.add_argument("--method", default="fastadasp", help="reducer whose operation is measured")
+    select.add_argument("--ratio", type=float, default=0.5, help="its merge ratio during calibration")
+    select.add_argument("--layers", default=None, help="candidate layers, e.g. 1-10 or 2,3,9 (default: all but 0)")
+    select.set_defaults(run=_run_select_layer)
     return parser
 
 
@@ -126,6 +140,65 @@ def _run_transcribe(args: argparse.Namespace) -> int:
     print(f"real-time factor {summary['rtf']:.3f} on this machine ({seconds:.1f} s for {audio_seconds:.1f} s of audio)")
     print(json.dumps(summary))
     return 0
+
+
+def _run_select_layer(args: argparse.Namespace) -> int:
+    from speechtrim.layer_selection import select_layer, selection_path
+    from speechtrim.prompts import ASR_PROMPT, emotion_prompt
+
+    if args.clips < 1:
+        raise ValueError(f"--clips must be >= 1, got {args.clips}")
+    model = _embedded_speechlm(args.speechlm)
+    if args.data == "pocketsphinx":
+        from speechtrim.data.realspeech import load_pocketsphinx_clips
+
+        clips = [(utt.load(), ASR_PROMPT) for utt in load_pocketsphinx_clips()[: args.clips]]
+    else:
+        from speechtrim.audio import load_audio
+        from speechtrim.data.synthetic_emotion import load_synthetic_emotion
+
+        dataset = load_synthetic_emotion()
+        step = max(len(dataset) // args.clips, 1)
+        chosen = dataset.examples[::step][: args.clips]
+        clips = [(load_audio(e.audio_path), emotion_prompt(e.transcript, dataset.labels)) for e in chosen]
+    batches = []
+    for start in range(0, len(clips), 4):
+        chunk = clips[start : start + 4]
+        batch = model.prepare([audio for audio, _ in chunk], [prompt for _, prompt in chunk])
+        batches.append({"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask,
+                        "position_ids": batch.position_ids, "audio_spans": batch.audio_spans})
+    layers = _parse_layers(args.layers) if args.layers else None
+    best, entropies = select_layer(model.llm, batches, layers, args.method, args.ratio)
+    ranked = sorted(entropies, key=entropies.get)
+    print(f"Transfer entropy of {args.method} (ratio {args.ratio}) per layer, {len(clips)} {args.data} clips:\n")
+    print(_markdown_table(["rank", "layer", "transfer_entropy"],
+                          [[rank + 1, layer, entropies[layer]] for rank, layer in enumerate(ranked)]))
+    print(f"\nselected layer {best}; stored in {selection_path(model.llm)} for layer='auto'")
+    print(json.dumps({"command": "select-layer", "method": args.method, "ratio": args.ratio, "data": args.data,
+                      "selected_layer": best, "ranking": ranked,
+                      "transfer_entropy": {str(k): round(v, 6) for k, v in entropies.items()}}))
+    return 0
+
+
+def _embedded_speechlm(folder: Path | None):
+    from speechtrim.hf.speechlm import build_speechlm, load_speechlm
+
+    if folder is not None:
+        return load_speechlm(folder)
+    logger.warning("no trained SpeechLM given (--speechlm): using the packaged encoder and LLM with an untrained "
+                   "projector; layer rankings are only meaningful for a trained one")
+    return build_speechlm()
+
+
+def _parse_layers(text: str) -> list[int]:
+    layers: list[int] = []
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            layers.extend(range(int(first), int(last or first) + 1))
+    except ValueError:
+        raise ValueError(f"--layers takes numbers and ranges such as 1-10 or 2,3,9, got {text!r}") from None
+    return layers
 
 
 def _markdown_table(headers: list[str], rows: list[list[object]]) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -129,15 +130,22 @@ class SpeechLM(nn.Module):
         return self.adapter(projected, mask)
 
     # ---- prompts -------------------------------------------------------------------------------------------
-    def render_prompt(self, user_text: str) -> str:
-        """The chat-formatted prompt text for one user message containing one ``<audio>`` marker."""
+    def render_prompt(self, user_text: str, assistant_prefix: str = "") -> str:
+        """The chat-formatted prompt for one user message containing one ``<audio>`` marker.
+
+        Args:
+            user_text: the user's message.
+            assistant_prefix: text the assistant's turn starts with (e.g. "The emotion of the audio is:").
+        """
         if user_text.count(AUDIO_MARKER) != 1:
             raise ValueError(f"a prompt needs exactly one {AUDIO_MARKER!r} marker, got: {user_text!r}")
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(
+            rendered = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
             )
-        return user_text + "\n"
+        else:
+            rendered = user_text + "\n"
+        return rendered + assistant_prefix
 
     def build_inputs(
         self,
@@ -145,6 +153,7 @@ class SpeechLM(nn.Module):
         audio_embeds: torch.Tensor,
         audio_mask: torch.Tensor,
         targets: list[str] | None = None,
+        assistant_prefix: str = "",
     ) -> PromptBatch:
         """Splice each row's real audio embeddings into its prompt; left-pad the batch.
 
@@ -153,6 +162,8 @@ class SpeechLM(nn.Module):
             audio_embeds: (B, T_a, D_llm); audio_mask: (B, T_a) bool.
             targets: optional answer text per row appended after the prompt (for training); its token positions
                 are returned in ``extra["target_spans"]`` and the token ids in ``extra["target_ids"]``.
+            assistant_prefix: text the assistant's turn starts with, before any target.
+        A row whose mask is all False gets no audio tokens (the text-only baseline).
         """
         if len(prompts) != audio_embeds.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {audio_embeds.shape[0]} clips")
@@ -162,7 +173,7 @@ class SpeechLM(nn.Module):
         target_spans: list[tuple[int, int]] = []
         target_ids: list[torch.Tensor] = []
         for row, prompt in enumerate(prompts):
-            before, after = self.render_prompt(prompt).split(AUDIO_MARKER)
+            before, after = self.render_prompt(prompt, assistant_prefix).split(AUDIO_MARKER)
             before_ids = self._ids(before)
             after_ids = self._ids(after)
             audio = audio_embeds[row, audio_mask[row]]  # (n_audio, D)
@@ -198,11 +209,13 @@ class SpeechLM(nn.Module):
         return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long, device=self.device)
 
     # ---- running -------------------------------------------------------------------------------------------
-    def prepare(self, audios: list[np.ndarray], prompts: list[str], targets: list[str] | None = None) -> PromptBatch:
+    def prepare(
+        self, audios: list[np.ndarray], prompts: list[str], targets: list[str] | None = None, assistant_prefix: str = ""
+    ) -> PromptBatch:
         """Encode, project, adapt and splice: the whole way from waveforms to LLM inputs."""
         frames, mask = self.encode(audios)
         embeds, embeds_mask = self.embed_audio(frames, mask)
-        return self.build_inputs(prompts, embeds, embeds_mask, targets)
+        return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix)
 
     def loss(self, batch: PromptBatch) -> torch.Tensor:
         """Mean cross-entropy of the target tokens (``build_inputs(..., targets=...)``) under the frozen LLM."""
@@ -267,3 +280,72 @@ def _copy_cache(cache: Any) -> Any:
     import copy
 
     return copy.deepcopy(cache)
+
+
+TRAINED_FILE = "projector_adapter.safetensors"
+CONFIG_FILE = "speechlm.json"
+
+
+def build_speechlm(
+    encoder: str = "base", llm: str = "smollm2-135m", adapter: str = "none",
+    adapter_params: dict[str, Any] | None = None, pool: int = 1, seed: int = 0,
+) -> SpeechLM:
+    """A SpeechLM from packaged (or hub) Whisper and LLM names, with a freshly seeded projector and adapter.
+
+    Args:
+        encoder: Whisper name for ``speechtrim.assets.load_whisper`` ("base", "tiny.en", hub id, folder).
+        llm: LLM name for ``speechtrim.assets.load_llm`` ("smollm2-135m", hub id, folder).
+        adapter: length adapter name.
+        adapter_params: adapter options.
+        pool: encoder frames stacked before the projector.
+        seed: seed of the trainable parts' initialisation.
+    """
+    from speechtrim.assets.llm import load_llm
+    from speechtrim.assets.whisper import load_whisper
+
+    whisper, processor = load_whisper(encoder)
+    language_model, tokenizer = load_llm(llm)
+    torch.manual_seed(seed)
+    model = SpeechLM(whisper.get_encoder(), processor.feature_extractor, language_model, tokenizer,
+                     adapter=adapter, adapter_params=adapter_params, pool=pool)
+    model.recipe = {"encoder": encoder, "llm": llm, "adapter": adapter, "adapter_params": adapter_params or {},
+                    "pool": pool}
+    return model
+
+
+def save_trained(model: SpeechLM, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
+    """Save the trainable projector + adapter (safetensors) and the recipe that rebuilds the rest (JSON)."""
+    from safetensors.torch import save_file
+
+    from speechtrim.assets.cache import atomic_dir, write_json_atomic
+
+    folder = Path(folder)
+    recipe = getattr(model, "recipe", None)
+    if recipe is None:
+        raise ValueError("this SpeechLM has no recipe (build it with build_speechlm) so it cannot be saved")
+    with atomic_dir(folder) as staging:
+        state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
+                 if name.startswith(("projector.", "adapter."))}
+        save_file(state, str(staging / TRAINED_FILE))
+        write_json_atomic(staging / CONFIG_FILE, {**recipe, **(extra or {})})
+    return folder
+
+
+def load_speechlm(folder: str | Path) -> SpeechLM:
+    """Rebuild a SpeechLM saved by ``save_trained``: packaged encoder and LLM, trained projector and adapter."""
+    import json
+
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file() or not (folder / TRAINED_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a saved SpeechLM: it needs {CONFIG_FILE} and {TRAINED_FILE}")
+    recipe = json.loads((folder / CONFIG_FILE).read_text())
+    model = build_speechlm(recipe["encoder"], recipe["llm"], recipe["adapter"], recipe.get("adapter_params"),
+                           recipe.get("pool", 1))
+    missing, unexpected = model.load_state_dict(load_file(str(folder / TRAINED_FILE)), strict=False)
+    missing = [name for name in missing if name.startswith(("projector.", "adapter."))]
+    if missing or unexpected:
+        raise ValueError(f"{folder}: trained weights do not fit the recipe (missing {missing}, unexpected {unexpected})")
+    model.meta = recipe
+    return model.eval()
