@@ -8,11 +8,19 @@ re-indexes the full-length position ids, rotary tables and mask with the plan ac
 comes out ragged (e.g. ``[40, 40, 25, 25]``); at decode time each reduced layer's mask is rebuilt for its own cache
 layout, which is what lets left-padded ``generate()`` work. Everything is undone in ``detach`` (``finally``).
 
+KV-cache evictors (H2O) pass ``cache_plan_fn`` and ``cache_layers`` instead of (or besides) ``plan_fn``: right
+after a cache layer's attention has run over the prefill, a forward hook on its attention module applies the plan
+built from that layer's own attention scores to ``cache.layers[i].keys / .values`` (see :mod:`.kv_evict`).
+
 Usage::
 
     with Attachment(model, plan_fn, score_layers={3}) as attachment:
         model.generate(**inputs)
     attachment.stats.tokens_per_layer   # e.g. [40, 40, 40, 25, ...]
+
+    with Attachment(model, cache_plan_fn=h2o_plan, cache_layers=range(2, depth)) as attachment:
+        model.generate(**inputs)
+    attachment.stats.cache_tokens_per_layer   # e.g. [40, 40, 28, 28, ...]
 """
 
 from __future__ import annotations
@@ -25,7 +33,9 @@ import torch
 from torch import nn
 
 from speechtrim.hf.attention import BACKEND_NAME, TAP_KWARG, AttentionTap, register_backend
+from speechtrim.hf.kv_evict import CachePlanFn, cache_layout, shrink_cache_layer
 from speechtrim.hf.layers import TextBackbone, set_text_attn_implementation, text_backbone
+from speechtrim.hf.masks import decode_mask, prefill_mask
 from speechtrim.hf.spans import AudioSpans, audio_token_id, span_ids_from_input_ids, span_ids_from_spans
 from speechtrim.ops.plan import Plan, apply_plan, gather_time
 
@@ -33,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 PlanFn = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], "Plan | None"]
 SUPPORTED_ATTENTION = ("sdpa", "eager", BACKEND_NAME)
-TESTED_FAMILIES = ("llama", "qwen2", "qwen2_audio", "voxtral")
+TESTED_FAMILIES = ("llama", "qwen2", "qwen2_audio", "voxtral", "granite_speech", "qwen2_5_omni_thinker")
 _warned_families: set[str] = set()
 
 
@@ -45,11 +55,17 @@ class AttachStats:
         tokens_per_layer: prefill tokens each decoder layer processed in batch row 0 (filler slots excluded).
         removed_per_layer: tokens removed from batch row 0 by the plan taken at each layer (0 where none).
         prefill_calls: prefill forward passes seen while attached.
+        cache_tokens_per_layer: valid KV-cache columns each layer holds after prefill in batch row 0 (padding and
+            filler slots excluded), after any cache eviction.
+        cache_removed_per_layer: cache columns evicted (or merged away) from batch row 0 at each layer after its
+            prefill attention (0 where none).
     """
 
     tokens_per_layer: list[int] = field(default_factory=list)
     removed_per_layer: list[int] = field(default_factory=list)
     prefill_calls: int = 0
+    cache_tokens_per_layer: list[int] = field(default_factory=list)
+    cache_removed_per_layer: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +77,8 @@ class _Prefill:
     span_id: torch.Tensor  # (B, T_l) long, current layout
     accumulated: Plan | None = None  # original (B, T0) -> current layout (B, T_l)
     taps: dict[int, AttentionTap] = field(default_factory=dict)  # decision layer -> tap of the layer before
+    cache_taps: dict[int, AttentionTap] = field(default_factory=dict)  # cache layer -> tap of that same layer
+    cache_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # cache layer -> (B, T_l) scores used
     layouts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T_l) bool, cache columns valid
     decode_mask: torch.Tensor | None = None  # (B, T0 + generated) bool, 2-D mask of the current decode call
 
@@ -81,32 +99,22 @@ def _compose(first: Plan | None, second: Plan) -> Plan:
     )
 
 
-def _check_plan(plan: Plan, layer_idx: int, span_id: torch.Tensor) -> None:
+def _check_plan(plan: Plan, layer_idx: int, span_id: torch.Tensor, caller: str = "plan_fn") -> None:
     """Refuse plans of the wrong shape, and plans that evict or merge tokens outside audio spans."""
     batch, length = span_id.shape
     if plan.batch != batch or plan.old_length != length or plan.source.shape[0] != batch:
         raise ValueError(
-            f"plan_fn returned a plan for ({plan.batch}, {plan.old_length}) tokens at layer {layer_idx}, but the "
-            f"layer sees ({batch}, {length}); build the plan from the hidden states passed to plan_fn."
+            f"{caller} returned a plan for ({plan.batch}, {plan.old_length}) tokens at layer {layer_idx}, but the "
+            f"layer sees ({batch}, {length}); build the plan from the span_id (B, T) passed to {caller}."
         )
     text = span_id < 0  # (B, T)
     own_index = torch.arange(length, device=span_id.device).expand(batch, length)
     kept_alone = (plan.slot >= 0) & (plan.source.gather(1, plan.slot.clamp(min=0)) == own_index)
     if bool((text & ~kept_alone).any()):
         raise ValueError(
-            f"the plan at layer {layer_idx} evicts or merges tokens outside audio spans (span_id == -1); reducers "
-            "may only touch audio tokens: restrict the plan to span_id >= 0."
+            f"the {caller} plan at layer {layer_idx} evicts or merges tokens outside audio spans (span_id == -1); "
+            "reducers may only touch audio tokens: restrict the plan to span_id >= 0."
         )
-
-
-def _to_mask_type(allowed: torch.Tensor, like: torch.Tensor | None, eager: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Bool mask (True = attend) -> the type the layer's attention expects (bool for SDPA, additive for eager)."""
-    floating = eager or (like is not None and like.dtype != torch.bool)
-    if not floating:
-        return allowed
-    mask_dtype = like.dtype if like is not None and like.dtype != torch.bool else dtype
-    zero = torch.zeros((), dtype=mask_dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(mask_dtype).min)
 
 
 class Attachment:
@@ -115,32 +123,48 @@ class Attachment:
     Args:
         model: a Hugging Face causal LM or composite speech LLM (DynamicCache only; "sdpa" or "eager" attention).
         plan_fn: ``plan_fn(layer_idx, hidden (B, T, D), span_id (B, T), attn_scores (B, T) or None) -> Plan | None``,
-            called at every decoder layer during prefill; None keeps the tokens as they are.
+            called at every decoder layer during prefill before its attention; a returned None keeps the tokens as
+            they are. None (the argument) = no hidden-state reduction (a pure KV-cache evictor).
         score_layers: layers whose decision needs attention scores. The decision at layer i gets the attention each
             key received in layer i - 1 (summed over heads and valid queries, FastAdaSP eq. 5); layer 0 gets None.
             Non-empty switches the text decoder to the ``speechtrim_sdpa`` backend while attached.
         audio_spans: explicit audio spans, one list of ``(start, end)`` per batch row, or a (B, T) ``span_id``
             tensor; None finds them from ``input_ids == audio token id``.
         audio_token_id: overrides the audio token id read from the model config.
+        cache_plan_fn: ``cache_plan_fn(layer_idx, scores (B, T), span_id (B, T)) -> Plan | None``, called during
+            prefill for every layer of ``cache_layers`` right after that layer's attention, with the attention each
+            of its keys received in THAT layer (summed over heads and valid queries); the plan is applied to the
+            layer's ``cache.layers[i].keys / .values``, which really shrink (B, H_kv, T_kept, d). Hidden states and
+            the other layers are untouched. Text, padding and filler columns must be kept (``span_id == -1``).
+        cache_layers: the layers whose KV cache ``cache_plan_fn`` may reduce (their scores are tapped). Required
+            with ``cache_plan_fn``; switches the text decoder to the ``speechtrim_sdpa`` backend while attached.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        plan_fn: PlanFn,
+        plan_fn: PlanFn | None = None,
         score_layers: Collection[int] = (),
         audio_spans: AudioSpans | torch.Tensor | None = None,
         audio_token_id: int | None = None,
+        cache_plan_fn: CachePlanFn | None = None,
+        cache_layers: Collection[int] = (),
     ) -> None:
         self.model = model
         self.plan_fn = plan_fn
+        self.cache_plan_fn = cache_plan_fn
         self.backbone: TextBackbone = text_backbone(model)
-        self.score_layers = frozenset(int(layer) for layer in score_layers)
-        bad = sorted(layer for layer in self.score_layers if not 0 <= layer < self.backbone.depth)
-        if bad:
+        self.score_layers = self._layer_set(score_layers, "score_layers")
+        self.cache_layers = self._layer_set(cache_layers, "cache_layers")
+        if plan_fn is None and cache_plan_fn is None:
             raise ValueError(
-                f"score_layers {bad} are outside the decoder's layers 0..{self.backbone.depth - 1}; pick layers "
-                "that exist."
+                "an Attachment needs plan_fn (reduce hidden states) or cache_plan_fn (evict from the KV cache); "
+                "pass at least one."
+            )
+        if (cache_plan_fn is None) != (not self.cache_layers):
+            raise ValueError(
+                "cache_plan_fn and cache_layers go together: pass the layers whose KV cache cache_plan_fn reduces "
+                f"(got cache_plan_fn={'set' if cache_plan_fn else 'None'}, cache_layers={sorted(self.cache_layers)})."
             )
         self.token_id = audio_token_id if audio_token_id is not None else _config_token_id(model)
         self.audio_spans = audio_spans
@@ -172,7 +196,7 @@ class Attachment:
         self._check_model()
         try:
             current = str(getattr(self.backbone.config, "_attn_implementation", None) or "eager")
-            if self.score_layers and current != BACKEND_NAME:
+            if (self.score_layers or self.cache_layers) and current != BACKEND_NAME:
                 register_backend()
                 if current == "eager":
                     logger.info("attention scores are tapped from SDPA: switching the text decoder from eager")
@@ -185,6 +209,9 @@ class Attachment:
             for layer_idx, layer in enumerate(self.backbone.layers):
                 hook = self._make_layer_hook(layer_idx)
                 self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+                if layer_idx in self.cache_layers:
+                    evict = self._make_cache_hook(layer_idx)
+                    self._handles.append(layer.self_attn.register_forward_hook(evict, with_kwargs=True))
         except BaseException:
             self.detach()
             raise
@@ -209,12 +236,25 @@ class Attachment:
         tap = self._state.taps.get(layer_idx) if self._state is not None else None
         return tap.scores if tap is not None else None
 
+    def cache_scores(self, layer_idx: int) -> torch.Tensor | None:
+        """Scores (B, T_l) of layer ``layer_idx``'s own attention that ``cache_plan_fn`` got in the current prefill."""
+        return self._state.cache_scores.get(layer_idx) if self._state is not None else None
+
     def layer_keys(self, layer_idx: int) -> torch.Tensor | None:
         """Key states (B, H_kv, T, d) of layer ``layer_idx - 1``, for the decision at ``layer_idx`` (eq. 4)."""
         tap = self._state.taps.get(layer_idx) if self._state is not None else None
         return tap.keys if tap is not None else None
 
     # ----------------------------------------------------------------- setup
+    def _layer_set(self, layers: Collection[int], name: str) -> frozenset[int]:
+        chosen = frozenset(int(layer) for layer in layers)
+        bad = sorted(layer for layer in chosen if not 0 <= layer < self.backbone.depth)
+        if bad:
+            raise ValueError(
+                f"{name} {bad} are outside the decoder's layers 0..{self.backbone.depth - 1}; pick layers that exist."
+            )
+        return chosen
+
     def _check_model(self) -> None:
         config = self.backbone.config
         implementation = str(getattr(config, "_attn_implementation", None) or "eager")
@@ -292,6 +332,8 @@ class Attachment:
         self._state = _Prefill(original_length=length, padding=padding, span_id=span_id)
         self.stats.tokens_per_layer = [0] * self.backbone.depth
         self.stats.removed_per_layer = [0] * self.backbone.depth
+        self.stats.cache_removed_per_layer = [0] * self.backbone.depth
+        self.stats.cache_tokens_per_layer = [0] * self.backbone.depth
         self.stats.prefill_calls += 1
         if cache is not None and "reorder_cache" not in vars(cache):
             self._wrap_reorder(cache)
@@ -371,7 +413,7 @@ class Attachment:
         if hidden.shape[1] > 1:
             tap = state.taps.get(layer_idx)
             scores = tap.scores if tap is not None else None  # (B, T_l) or None
-            plan = self.plan_fn(layer_idx, hidden, state.span_id, scores)
+            plan = self.plan_fn(layer_idx, hidden, state.span_id, scores) if self.plan_fn is not None else None
             if plan is not None:
                 _check_plan(plan, layer_idx, state.span_id)
                 hidden = apply_plan(plan, hidden)  # (B, T_new, D)
@@ -388,11 +430,59 @@ class Attachment:
             self.stats.tokens_per_layer[layer_idx] = int(real[0].sum())
         else:
             self.stats.tokens_per_layer[layer_idx] = int(hidden.shape[1])
-        if layer_idx + 1 in self.score_layers and hidden.shape[1] > 1:
-            tap = AttentionTap(query_valid=valid)
-            state.taps[layer_idx + 1] = tap
+        self.stats.cache_tokens_per_layer[layer_idx] = int(valid[0].sum()) if valid is not None else hidden.shape[1]
+        decides = layer_idx + 1 in self.score_layers
+        if (decides or layer_idx in self.cache_layers) and hidden.shape[1] > 1:
+            tap = AttentionTap(query_valid=valid, keep_keys=decides)
+            if decides:
+                state.taps[layer_idx + 1] = tap
+            if layer_idx in self.cache_layers:
+                state.cache_taps[layer_idx] = tap
             kwargs[TAP_KWARG] = tap
         return hidden, kwargs
+
+    def _make_cache_hook(self, layer_idx: int) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+            state = self._state
+            tap = state.cache_taps.pop(layer_idx, None) if state is not None else None
+            cache = kwargs.get("past_key_values")
+            if tap is None or cache is None:
+                return None  # decode step, no prefill tap, or use_cache=False: nothing to evict
+            scores = tap.scores  # (B, T_l) attention each key of THIS layer received
+            if scores is None:
+                raise ValueError(
+                    f"layer {layer_idx}'s attention recorded no scores; the text decoder must run the {BACKEND_NAME!r} "
+                    "backend while a KV-cache evictor is attached: do not switch attention inside the `with` block."
+                )
+            state.cache_scores[layer_idx] = scores
+            plan = self.cache_plan_fn(layer_idx, scores, state.span_id)
+            if plan is None:
+                return None
+            _check_plan(plan, layer_idx, state.span_id, caller="cache_plan_fn")
+            entry = cache.layers[layer_idx]
+            if entry.get_seq_length() != plan.old_length:
+                raise ValueError(
+                    f"layer {layer_idx}'s cache holds {entry.get_seq_length()} tokens but its prefill saw "
+                    f"{plan.old_length}; KV-cache eviction needs a fresh cache per prompt (no prefix reuse)."
+                )
+            self._fill_layouts(state)
+            layout = cache_layout(state.layouts[layer_idx], plan)  # (B, T_kept)
+            shrink_cache_layer(entry, plan)  # keys/values (B, H_kv, T_kept, d); the full tensors are dropped
+            state.layouts[layer_idx] = layout
+            self.stats.cache_removed_per_layer[layer_idx] = int(plan.removed[0])
+            self.stats.cache_tokens_per_layer[layer_idx] = int(layout[0].sum())
+            return None
+
+        return hook
+
+    def _fill_layouts(self, state: _Prefill) -> None:
+        """Give every layer a cache layout once any cache is evicted: layer 0's no longer sizes the decode mask."""
+        length = state.original_length
+        base = state.padding
+        if base is None:
+            base = torch.ones(state.span_id.shape[0], length, dtype=torch.bool, device=state.span_id.device)
+        for layer_idx in range(self.backbone.depth):
+            state.layouts.setdefault(layer_idx, base)  # (B, T0); layers with a hidden plan overwrite theirs
 
     def _gather_inputs(self, kwargs: dict, plan: Plan, hidden: torch.Tensor) -> dict:
         """Re-index the full-length position ids, rotary tables and mask with the accumulated plan."""
@@ -406,27 +496,8 @@ class Attachment:
             kwargs["position_embeddings"] = tuple(
                 gather_time(plan, table, dim=table.dim() - 2, batch_dim=table.dim() - 3) for table in embeddings
             )  # cos, sin: (B, T_l, d) or (3, B, T_l, d)
-        kwargs["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), plan, hidden)
+        kwargs["attention_mask"] = prefill_mask(kwargs.get("attention_mask"), plan, self._eager, hidden.dtype)
         return kwargs
-
-    def _prefill_mask(self, mask: torch.Tensor | None, plan: Plan, hidden: torch.Tensor) -> torch.Tensor | None:
-        """(B, 1, T_l, T_l) mask: the original mask's rows and columns at the sources, filler columns masked out."""
-        source, filler = plan.source, plan.filler  # (B, T_l)
-        batch, length = source.shape
-        if mask is None:
-            increasing = bool((source[:, 1:] > source[:, :-1]).all())
-            if increasing and not bool(filler.any()) and not self._eager:
-                return None  # still plain causal: SDPA's is_causal path, as without the attachment
-            allowed = source[:, None, :] <= source[:, :, None]  # (B, T_l, T_l) key source <= query source
-        else:
-            full = mask[:, 0].expand(batch, -1, -1)  # (B, T0, T0)
-            rows = torch.arange(batch, device=mask.device)[:, None, None]
-            gathered = full[rows, source[:, :, None], source[:, None, :]]  # (B, T_l, T_l)
-            allowed = gathered if gathered.dtype == torch.bool else gathered == 0
-        allowed = allowed & ~filler[:, None, :]
-        diagonal = torch.eye(length, dtype=torch.bool, device=source.device)[None]  # filler rows see themselves
-        allowed = allowed | (diagonal & filler[:, :, None])
-        return _to_mask_type(allowed[:, None], mask, self._eager, hidden.dtype)  # (B, 1, T_l, T_l)
 
     # ----------------------------------------------------------------- decode
     def _decode_layer(self, layer_idx: int, hidden: torch.Tensor, cached: int, kwargs: dict, state: _Prefill) -> dict:
@@ -445,25 +516,18 @@ class Attachment:
                 f"layer {layer_idx} holds {cached} cached tokens but its prefill kept {prefix.shape[1]}; the cache "
                 "was cropped or reused across prompts: start a new cache for each prompt."
             )
-        new_valid = torch.ones(batch, generated + query_length, dtype=torch.bool, device=prefix.device)
+        new_valid = None  # (B, generated + q) bool, None = all valid
         if state.decode_mask is not None:
-            tail = state.decode_mask[:, state.original_length :]  # (B, generated + q)
-            if tail.shape[1] != generated + query_length:
+            new_valid = state.decode_mask[:, state.original_length :]
+            if new_valid.shape[1] != generated + query_length:
                 raise ValueError(
                     f"the attention mask has {state.decode_mask.shape[1]} columns, expected "
                     f"{state.original_length + generated + query_length} (prompt + generated); extend the 2-D mask "
                     "by one column per generated token, as generate() does."
                 )
-            new_valid = tail.to(prefix.device)
-        valid = torch.cat([prefix, new_valid], dim=1)  # (B, K) K = cached + q
-        if query_length == 1 and bool(valid.all()):
-            kwargs["attention_mask"] = None  # same as the stock decode mask without padding
-            return kwargs
-        kv_length = valid.shape[1]
-        columns = torch.arange(kv_length, device=valid.device)[None, :] - cached  # (1, K) new tokens >= 0
-        rows = torch.arange(query_length, device=valid.device)[:, None]  # (q, 1)
-        allowed = valid[:, None, None, :] & (columns <= rows)[None, None]  # (B, 1, q, K)
-        kwargs["attention_mask"] = _to_mask_type(allowed, kwargs.get("attention_mask"), self._eager, hidden.dtype)
+        kwargs["attention_mask"] = decode_mask(
+            prefix, new_valid, cached, query_length, kwargs.get("attention_mask"), self._eager, hidden.dtype
+        )  # (B, 1, q, K) or None
         return kwargs
 
 

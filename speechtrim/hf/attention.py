@@ -41,11 +41,14 @@ class AttentionTap:
         query_valid: (B, T) bool, queries that count in the sum (False for padding and filler slots); None = all.
         scores: filled by the backend: (B, T_kv) float32, attention each key column receives, summed over heads and
             valid queries (FastAdaSP eq. 5).
-        keys: filled by the backend: (B, H_kv, T_kv, head_dim), the layer's key states after rotary embedding
-            (what the KV cache stores), before GQA repetition (FastAdaSP eq. 4 input).
+        keys: filled by the backend when ``keep_keys``: (B, H_kv, T_kv, head_dim), the layer's key states after
+            rotary embedding (what the KV cache stores), before GQA repetition (FastAdaSP eq. 4 input).
+        keep_keys: record ``keys``. False for KV-cache evictors, so the tap holds no reference to the full cache
+            tensors and eviction really frees them.
     """
 
     query_valid: torch.Tensor | None = None
+    keep_keys: bool = True
     scores: torch.Tensor | None = field(default=None, repr=False)
     keys: torch.Tensor | None = field(default=None, repr=False)
 
@@ -132,7 +135,8 @@ def speechtrim_sdpa_attention(
             tap.scores = key_attention_scores(
                 query, key, attention_mask, kwargs.get("scaling"), query_valid=tap.query_valid
             )  # (B, T_kv)
-            tap.keys = key.detach()  # (B, H_kv, T_kv, d)
+            if tap.keep_keys:
+                tap.keys = key.detach()  # (B, H_kv, T_kv, d)
     return output
 
 

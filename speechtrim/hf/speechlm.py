@@ -180,7 +180,9 @@ class SpeechLM(nn.Module):
             pieces = [embedding(before_ids), audio.to(embedding.weight.dtype), embedding(after_ids)]
             length = len(before_ids) + len(audio) + len(after_ids)
             if targets is not None:
-                answer_ids = self._ids(targets[row] + (self.tokenizer.eos_token or ""))
+                answer_ids = self._ids(targets[row])
+                if self.tokenizer.eos_token_id is not None:  # the id itself: text concatenation can merge words
+                    answer_ids = torch.cat([answer_ids, answer_ids.new_tensor([self.tokenizer.eos_token_id])])
                 pieces.append(embedding(answer_ids))
                 target_spans.append((length, length + len(answer_ids)))
                 target_ids.append(answer_ids)

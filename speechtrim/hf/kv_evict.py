@@ -1,0 +1,110 @@
+"""KV-cache eviction right after a layer's prefill attention (H2O, Zhang et al. 2023): the cache really shrinks.
+
+H2O keeps, in each layer's KV cache, the tokens that received the most attention plus the recent ones, and evicts
+the rest. Unlike the masking-only baseline of the FastAdaSP release (paper 004), speechtrim edits
+``cache.layers[i].keys / .values`` so the memory is freed: after layer ``i``'s attention has run over the whole
+prefill, a forward hook on its attention module (DESIGN.md section 3, mechanism B) asks ``cache_plan_fn`` for a
+:class:`~speechtrim.ops.plan.Plan` built from the attention each key received *in layer i itself*, and replaces
+the layer's cache tensors by the kept (or merged) columns. Hidden states and every other layer are untouched, so
+the prefill costs the same; decode attends over the shrunken cache, whose per-row valid columns (the "layout") the
+attachment keeps so that padded batches and beam search work.
+
+This module holds the tensor side (apply a plan to a cache layer, the new layout, cache bytes); the hook that calls
+it lives in :class:`speechtrim.hf.attach.Attachment` (``cache_plan_fn=``, ``cache_layers=``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+
+from speechtrim.ops.plan import Plan, apply_plan
+
+logger = logging.getLogger(__name__)
+
+CachePlanFn = Callable[[int, torch.Tensor, torch.Tensor], "Plan | None"]
+
+
+def is_eviction(plan: Plan) -> bool:
+    """True when every slot of the plan holds exactly one old token or is a filler (no merges).
+
+    Args:
+        plan: the reduction plan.
+    """
+    kept = (plan.slot >= 0).sum(dim=1) + plan.filler.sum(dim=1)  # (B,)
+    return bool((kept == plan.new_length).all())
+
+
+def shrink_states(plan: Plan, states: torch.Tensor) -> torch.Tensor:
+    """Apply a plan to cached key or value states along time: (B, H_kv, T, d) -> (B, H_kv, T_new, d), contiguous.
+
+    Eviction plans copy the kept columns (fillers copy column ``source``, to be masked out); merge plans take the
+    weighted mean of each slot's members, as :func:`~speechtrim.ops.plan.apply_plan` does for hidden states.
+
+    Args:
+        plan: the reduction plan for B rows of T cached tokens.
+        states: (B, H_kv, T, d) keys or values of one cache layer.
+    """
+    if states.dim() != 4 or states.shape[0] != plan.batch or states.shape[2] != plan.old_length:
+        raise ValueError(
+            f"a cache plan for ({plan.batch}, {plan.old_length}) tokens does not fit cache states of shape "
+            f"{tuple(states.shape)} (B, H_kv, T, d); build the plan from the scores and span_id of the same layer."
+        )
+    batch, heads, _, width = states.shape
+    by_time = states.transpose(1, 2)  # (B, T, H_kv, d), a view
+    if is_eviction(plan):
+        rows = torch.arange(batch, device=states.device)[:, None]  # (B, 1)
+        kept = by_time[rows, plan.source.to(states.device)]  # (B, T_new, H_kv, d)
+    else:
+        flat = by_time.reshape(batch, plan.old_length, heads * width)  # (B, T, H_kv * d)
+        kept = apply_plan(plan, flat).view(batch, plan.new_length, heads, width)  # (B, T_new, H_kv, d)
+    return kept.transpose(1, 2).contiguous()  # (B, H_kv, T_new, d)
+
+
+def shrink_cache_layer(layer: object, plan: Plan) -> tuple[int, int]:
+    """Replace one cache layer's ``keys`` and ``values`` by their planned columns; return (old, new) lengths.
+
+    The old tensors are dropped, so their memory is freed once nothing else refers to them.
+
+    Args:
+        layer: a ``transformers.cache_utils.DynamicLayer`` (``keys`` / ``values`` of shape (B, H_kv, T, d)).
+        plan: the reduction plan for the layer's B rows of T cached tokens.
+    """
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.dim() != 4:
+        raise ValueError(
+            f"cache layer {type(layer).__name__} has no (B, H_kv, T, d) keys/values to evict from; KV-cache eviction "
+            "needs a DynamicCache (the default of generate())."
+        )
+    old_length = int(keys.shape[2])
+    layer.keys = shrink_states(plan, keys)  # (B, H_kv, T_new, d)
+    layer.values = shrink_states(plan, values)  # (B, H_kv, T_new, d_v)
+    return old_length, plan.new_length
+
+
+def cache_layout(valid: torch.Tensor | None, plan: Plan) -> torch.Tensor:
+    """Valid cache columns after a cache plan: (B, T_new) bool (False for padding and filler slots).
+
+    Args:
+        valid: (B, T) bool, columns valid before the plan (None = all).
+        plan: the cache plan.
+    """
+    if valid is None:
+        return ~plan.filler
+    return valid.gather(1, plan.source.to(valid.device)) & ~plan.filler.to(valid.device)
+
+
+def kv_cache_bytes(cache: object) -> int:
+    """Bytes held by a cache's key and value tensors, summed over layers (what eviction frees).
+
+    Args:
+        cache: a ``DynamicCache`` (anything with ``.layers`` of objects holding ``keys`` / ``values``).
+    """
+    total = 0
+    for layer in getattr(cache, "layers", ()):
+        for states in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(states, torch.Tensor):
+                total += states.numel() * states.element_size()
+    return total
