@@ -71,6 +71,28 @@ def _build_parser() -> argparse.ArgumentParser:
     select.add_argument("--ratio", type=float, default=0.5, help="its merge ratio during calibration")
     select.add_argument("--layers", default=None, help="candidate layers, e.g. 1-10 or 2,3,9 (default: all but 0)")
     select.set_defaults(run=_run_select_layer)
+
+    for name, helptext in (("train", "cross-validate one length adapter for emotion recognition"),
+                           ("compare-adapters", "cross-validate every length adapter and the text-only baseline")):
+        sub = commands.add_parser(name, help=helptext)
+        if name == "train":
+            sub.add_argument("--adapter", required=True, help="length adapter (speechtrim.adapters.names())")
+            sub.add_argument("--save", type=Path, default=None, help="also train on all data and save the model here")
+        else:
+            sub.add_argument("--adapters", default=",".join(("none", "mean", "concat", "conv", "attn_mean",
+                                                              "attn_q_mean")), help="comma-separated adapters")
+        sub.add_argument("--data", default="synthetic-emotion",
+                         help="synthetic-emotion, emodb:DIR, ravdess:DIR, or a .csv/.jsonl manifest")
+        sub.add_argument("--preset", default="quick", choices=["quick", "paper"],
+                         help="quick: CPU-sized (2 folds, 3 epochs, smaller synthetic set); paper: Annex A")
+        sub.add_argument("--folds", type=int, default=None, help="override the preset's fold count")
+        sub.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+        sub.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
+        sub.add_argument("--seed", type=int, default=0, help="seed of folds, initialisation and shuffling")
+        sub.add_argument("--encoder", default="base", help="Whisper name for the encoder and transcripts")
+        sub.add_argument("--llm", default="smollm2-135m", help="frozen LLM name")
+        sub.add_argument("--out", type=Path, default=None, help="results folder (default: results/<command>-<data>)")
+        sub.set_defaults(run=_run_adapters)
     return parser
 
 
@@ -139,6 +161,40 @@ def _run_transcribe(args: argparse.Namespace) -> int:
         print(f"\nWER {summary['wer']:.3f} (Whisper English normalisation of references and hypotheses)")
     print(f"real-time factor {summary['rtf']:.3f} on this machine ({seconds:.1f} s for {audio_seconds:.1f} s of audio)")
     print(json.dumps(summary))
+    return 0
+
+
+def _run_adapters(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from speechtrim.adapters import names as adapter_names
+    from speechtrim.train.compare import PRESETS, compare_adapters, load_dataset, markdown_tables, plot
+
+    adapters = (args.adapter,) if args.command == "train" else tuple(a for a in args.adapters.split(",") if a)
+    unknown = [a for a in adapters if a not in adapter_names()]
+    if unknown or not adapters:
+        raise ValueError(f"unknown adapter(s) {unknown or adapters}; choose from {adapter_names()}")
+    preset = PRESETS[args.preset]
+    overrides = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
+    config = dataclasses.replace(preset.train, seed=args.seed, **overrides)
+    folds = args.folds if args.folds is not None else preset.folds
+    dataset = load_dataset(args.data, preset)  # checks every row before any training
+    from speechtrim.data.emotion import check_folds
+
+    check_folds(dataset, folds)
+    out = args.out or Path("results") / f"{args.command}-{dataset.name}-{args.preset}"
+    summary = compare_adapters(dataset, out, adapters, folds, config, args.encoder, args.llm,
+                               text_only=args.command == "compare-adapters", save=getattr(args, "save", None))
+    summary["preset"] = args.preset
+    chart = plot(summary, out / "adapters.png")
+    tables = markdown_tables(summary)
+    from speechtrim.assets.cache import atomic_file
+
+    with atomic_file(out / "tables.md") as handle:
+        handle.write(tables + "\n")
+    print(tables)
+    print(f"\nchart: {chart}; results: {out}")
+    print(json.dumps({"command": args.command, **summary, "chart": str(chart)}, default=str))
     return 0
 
 

@@ -24,7 +24,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def tiny_speechlm(adapter: str = "none", seed: int = 0, **adapter_params) -> SpeechLM:
+def tiny_speechlm(adapter: str = "none", seed: int = 0, init_range: float = 0.02, **adapter_params) -> SpeechLM:
     torch.manual_seed(seed)
     whisper = WhisperModel(
         WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
@@ -34,7 +34,7 @@ def tiny_speechlm(adapter: str = "none", seed: int = 0, **adapter_params) -> Spe
     llm = LlamaForCausalLM(
         LlamaConfig(vocab_size=len(WORDS), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
-                    eos_token_id=1, bos_token_id=1)
+                    eos_token_id=1, bos_token_id=1, initializer_range=init_range)
     ).eval()
     return SpeechLM(whisper.get_encoder(), WhisperFeatureExtractor(feature_size=80), llm, tiny_tokenizer(),
                     adapter=adapter, adapter_params=adapter_params)

@@ -1,0 +1,200 @@
+"""The adapter comparison of Bellver-Soler et al. (2025): every length adapter plus the text-only baseline, k-fold.
+
+Produces the paper's Table 1 (WA and macro-F1 per data set) and Table 2 (trainable parameters, speed-up against
+``none``, acoustic tokens, mean WA and F1) as markdown, a PNG chart, and a JSON summary. Everything is resumable:
+encoder outputs and transcripts are cached, each finished fold is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from speechtrim.adapters import build as build_adapter
+from speechtrim.assets.cache import atomic_file, write_json_atomic
+from speechtrim.audio import load_audio
+from speechtrim.data.emotion import Dataset, load_emodb, load_manifest, load_ravdess
+from speechtrim.train.kfold import TEXT_ONLY, cross_validate, summarise
+from speechtrim.train.trainer import TrainConfig
+
+logger = logging.getLogger(__name__)
+ADAPTER_ORDER = ("none", "mean", "concat", "conv", "attn_mean", "attn_q_mean")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named set of data and training sizes."""
+
+    folds: int
+    train: TrainConfig
+    synthetic: dict[str, Any]
+    description: str
+
+
+PRESETS = {
+    "quick": Preset(
+        folds=2,
+        train=TrainConfig(epochs=3, batch_size=4, grad_accum=1, lr=1e-3),
+        synthetic={"voices_per_language": 2, "sentences_per_language": 2},
+        description="CPU-sized: 96 synthetic clips, 2 folds, 3 epochs at lr 1e-3",
+    ),
+    "paper": Preset(
+        folds=5,
+        train=TrainConfig(),
+        synthetic={},
+        description="the paper's Annex A: 5 folds, 20 epochs, batch 4 x accumulation 2, lr 1e-4 (GPU-sized)",
+    ),
+}
+
+
+def load_dataset(spec: str, preset: Preset) -> Dataset:
+    """``synthetic-emotion``, ``emodb:DIR``, ``ravdess:DIR`` or a manifest path (.csv / .jsonl)."""
+    if spec == "synthetic-emotion":
+        from speechtrim.data.synthetic_emotion import SyntheticEmotionRecipe, load_synthetic_emotion
+
+        return load_synthetic_emotion(SyntheticEmotionRecipe(**preset.synthetic))
+    kind, _, folder = spec.partition(":")
+    if kind == "emodb" and folder:
+        return load_emodb(folder)
+    if kind == "ravdess" and folder:
+        return load_ravdess(folder)
+    if Path(spec).suffix.lower() in (".csv", ".jsonl", ".json"):
+        return load_manifest(spec)
+    raise ValueError(f"unknown data {spec!r}: use synthetic-emotion, emodb:DIR, ravdess:DIR or a .csv/.jsonl manifest")
+
+
+def transcripts_for(dataset: Dataset, whisper_name: str, out_dir: Path) -> list[str]:
+    """Whisper transcription of every clip (the prompt's "Transcription:"), cached in ``out_dir``."""
+    from speechtrim.assets.whisper import load_whisper, transcribe
+
+    path = out_dir / f"transcripts-{whisper_name}.json"
+    cached: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [e for e in dataset.examples if e.key not in cached]
+    if missing:
+        model, processor = load_whisper(whisper_name)
+        multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
+        by_language: dict[str | None, list] = {}
+        for example in missing:
+            by_language.setdefault(example.language if multilingual else None, []).append(example)
+        for language, examples in by_language.items():
+            texts = transcribe(model, processor, [load_audio(e.audio_path) for e in examples], language=language)
+            cached.update({e.key: text for e, text in zip(examples, texts)})
+            write_json_atomic(path, cached)
+    return [cached[e.key] for e in dataset.examples]
+
+
+def compare_adapters(
+    dataset: Dataset, out_dir: Path, adapters: tuple[str, ...] = ADAPTER_ORDER, folds: int = 5,
+    config: TrainConfig = TrainConfig(), encoder: str = "base", llm: str = "smollm2-135m", progress: bool = True,
+    text_only: bool = True, save: Path | None = None,
+) -> dict[str, Any]:
+    """Cross-validate the text-only baseline and each adapter on one data set; returns the summary rows.
+
+    Args:
+        dataset: labelled clips.
+        out_dir: results folder (resumable).
+        adapters: adapter names to train.
+        folds: cross-validation folds.
+        config: training settings.
+        encoder: Whisper name (encoder and transcripts).
+        llm: LLM name.
+        progress: show progress bars.
+        text_only: also score the text-only baseline.
+        save: with one adapter, also train it on the whole data set and save it here (``load_speechlm`` reloads it).
+    """
+    from speechtrim.assets.whisper import whisper_cache_dir
+    from speechtrim.hf.speechlm import build_speechlm
+    from speechtrim.train.encoder_cache import EncoderCache
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = build_speechlm(encoder, llm)
+    encoder_id = whisper_cache_dir(encoder).name if "/" not in encoder else encoder.replace("/", "--")
+    frames = EncoderCache(base, encoder_id).get([e.audio_path for e in dataset.examples], progress=progress)
+    transcripts = transcripts_for(dataset, encoder, out_dir)
+    rows = []
+    for name in ((TEXT_ONLY,) if text_only else ()) + tuple(adapters):
+        logger.info("cross-validating %s", name)
+        results = cross_validate(base, dataset, frames, transcripts, name, out_dir / name, folds, config,
+                                 progress=progress)
+        row = {"adapter": name, **summarise(results), "folds": len(results)}
+        width = base.llm.get_input_embeddings().embedding_dim
+        projector = sum(p.numel() for p in base.projector.parameters())
+        row["trainable_params"] = 0 if name == TEXT_ONLY else projector + build_adapter(name, dim=width).num_trainable
+        rows.append(row)
+    reference = next((row for row in rows if row["adapter"] == "none"), None)
+    for row in rows:
+        row["speed_up"] = (1 - row["seconds_per_clip"] / reference["seconds_per_clip"]) if reference else None
+    summary = {"data": dataset.name, "synthetic": dataset.synthetic, "clips": len(dataset), "folds": folds,
+               "labels": list(dataset.labels), "train": config.__dict__, "rows": rows}
+    write_json_atomic(out_dir / "summary.json", summary)
+    if save is not None:
+        _train_and_save(base, dataset, frames, transcripts, adapters, config, save, progress)
+    return summary
+
+
+def _train_and_save(base, dataset: Dataset, frames, transcripts, adapters, config: TrainConfig, folder: Path,
+                    progress: bool) -> None:
+    from speechtrim.hf.speechlm import SpeechLM, save_trained
+    from speechtrim.prompts import EMOTION_ANSWER_PREFIX, emotion_prompt
+    from speechtrim.train.trainer import TrainItem, fit, seed_everything
+
+    if len(adapters) != 1:
+        raise ValueError(f"--save keeps one trained model: pass one adapter, got {list(adapters)}")
+    seed_everything(config.seed)
+    model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer, adapter=adapters[0])
+    model.recipe = {**base.recipe, "adapter": adapters[0]}
+    labels = list(dataset.labels)
+    items = [TrainItem(f, emotion_prompt(t, labels), " " + e.label) for f, t, e in zip(frames, transcripts, dataset.examples)]
+    fit(model, items, config, assistant_prefix=EMOTION_ANSWER_PREFIX, progress=progress)
+    save_trained(model, folder, {"task": "emotion", "labels": labels, "data": dataset.name,
+                                 "synthetic": dataset.synthetic})
+
+
+def markdown_tables(summary: dict[str, Any]) -> str:
+    """The paper's Table 1 (WA, F1 per data set) and Table 2 (params, speed-up, tokens, WA, F1) as markdown."""
+    name = summary["data"] + (" (SYNTHETIC)" if summary["synthetic"] else "")
+    lines = [f"Table 1: {name}, {summary['clips']} clips, {summary['folds']}-fold CV (mean ± std over folds)", "",
+             "| adapter | WA | macro-F1 | UA |", "|---|---|---|---|"]
+    for row in summary["rows"]:
+        lines.append(f"| {row['adapter']} | {row['wa']:.2f} ± {row['wa_std']:.2f} | "
+                     f"{row['macro_f1']:.2f} ± {row['macro_f1_std']:.2f} | {row['ua']:.2f} ± {row['ua_std']:.2f} |")
+    lines += ["", "Table 2: trainable parameters, inference speed-up against `none` (same process), acoustic tokens",
+              "", "| adapter | trainable params | speed-up | acoustic tokens | mean WA | mean macro-F1 |",
+              "|---|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        speed = "-" if row["speed_up"] is None else f"{row['speed_up']:+.0%}"
+        lines.append(f"| {row['adapter']} | {row['trainable_params'] / 1e6:.2f}M | {speed} | "
+                     f"{row['audio_tokens']:.1f} | {row['wa']:.2f} | {row['macro_f1']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(summary: dict[str, Any], path: Path) -> Path:
+    """Bar chart of WA and macro-F1 per adapter, with the acoustic tokens written above each pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    positions = range(len(rows))
+    figure, axes = plt.subplots(figsize=(8, 4))
+    axes.bar([p - 0.2 for p in positions], [r["wa"] for r in rows], 0.4, yerr=[r["wa_std"] for r in rows], label="WA")
+    axes.bar([p + 0.2 for p in positions], [r["macro_f1"] for r in rows], 0.4,
+             yerr=[r["macro_f1_std"] for r in rows], label="macro-F1")
+    for position, row in zip(positions, rows):
+        axes.text(position, min(max(row["wa"], row["macro_f1"]) + 0.05, 1.02), f"{row['audio_tokens']:.0f} tok",
+                  ha="center", fontsize=8)
+    axes.set_xticks(list(positions), [r["adapter"] for r in rows])
+    axes.set_ylim(0, 1.1)
+    axes.set_ylabel("score")
+    title = f"Length adapters on {summary['data']}" + (" (synthetic)" if summary["synthetic"] else "")
+    axes.set_title(f"{title}, {summary['folds']}-fold CV")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    with atomic_file(path, mode="wb") as handle:
+        figure.savefig(handle, format="png", dpi=120)
+    plt.close(figure)
+    return path

@@ -1,0 +1,126 @@
+"""Training and k-fold evaluation on a tiny SpeechLM: learning, frozen parts, resume, NaN stop, encoder cache."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from speechtrim.data.emotion import Dataset, DatasetError, Example
+from speechtrim.train.encoder_cache import EncoderCache
+from speechtrim.train.kfold import TEXT_ONLY, cross_validate, fold_splits, summarise
+from speechtrim.train.trainer import TrainConfig, TrainingDiverged, TrainItem, fit
+from tests.tiny_speechlm import tiny_speechlm
+
+PROMPT = "what the emotion : <audio> \n"
+
+
+def tone_dataset(folder, per_class=8):
+    """Two classes that only the audio tells apart: low tones are 'sad', loud high tones 'happy'."""
+    examples = []
+    rng = np.random.default_rng(0)
+    for label, (freq, amp) in {"sad": (150, 0.05), "happy": (900, 0.5)}.items():
+        for index in range(per_class):
+            t = np.arange(int(16000 * rng.uniform(0.3, 0.6))) / 16000
+            path = folder / f"{label}{index}.wav"
+            soundfile.write(path, (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
+            examples.append(Example(path, label, transcript="the audio", speaker=f"s{index % 4}"))
+    return Dataset("tones", examples, ("happy", "sad"), synthetic=True)
+
+
+@pytest.fixture
+def setup(tmp_path, tmp_cache):
+    model = tiny_speechlm(seed=0)
+    dataset = tone_dataset(tmp_path)
+    frames = EncoderCache(model, "tiny-test").get([e.audio_path for e in dataset.examples], progress=False)
+    return model, dataset, frames
+
+
+def test_encoder_cache_reuses_files(setup, tmp_cache):
+    model, dataset, frames = setup
+    assert [f.shape[0] for f in frames] == [int(np.ceil(soundfile.info(str(e.audio_path)).duration * 50))
+                                            for e in dataset.examples]
+    calls = []
+    original = model.encode
+    model.encode = lambda audios: calls.append(len(audios)) or original(audios)
+    again = EncoderCache(model, "tiny-test").get([e.audio_path for e in dataset.examples], progress=False)
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(frames, again))
+
+
+def test_fit_lowers_the_loss_and_touches_only_trainable_parts(setup):
+    model, dataset, frames = setup
+    frozen = {name: p.clone() for name, p in model.named_parameters() if name.startswith(("encoder.", "llm."))}
+    items = [TrainItem(f, PROMPT, e.label) for f, e in zip(frames, dataset.examples)]
+    history = fit(model, items, TrainConfig(epochs=6, batch_size=4, grad_accum=1, lr=3e-3), progress=False)
+    assert history[-1]["loss"] < history[0]["loss"]
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            assert torch.equal(parameter, frozen[name]), f"{name} changed but must stay frozen"
+
+
+def test_interrupted_training_resumes_where_it_stopped(setup, tmp_path):
+    model, dataset, frames = setup
+    items = [TrainItem(f, PROMPT, e.label) for f, e in zip(frames, dataset.examples)]
+    config = TrainConfig(epochs=4, batch_size=4, grad_accum=1, lr=1e-3)
+    straight = fit(model, items, config, progress=False)
+    straight_state = {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("projector", "adapter"))}
+
+    fresh = tiny_speechlm(seed=0)
+    checkpoint = tmp_path / "run.ckpt"
+    fit(fresh, items, TrainConfig(**{**config.__dict__, "epochs": 2}), checkpoint=checkpoint, progress=False)
+    state = torch.load(checkpoint, weights_only=False)
+    state["config"]["epochs"] = 4  # the same run, stopped after two epochs
+    torch.save(state, checkpoint)
+    resumed = tiny_speechlm(seed=0)
+    history = fit(resumed, items, config, checkpoint=checkpoint, progress=False)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    for key, value in straight_state.items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert history[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-4)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):
+    model, dataset, frames = setup
+    items = [TrainItem(f, PROMPT, e.label) for f, e in zip(frames, dataset.examples)]
+    checkpoint = tmp_path / "run.ckpt"
+    fit(model, items, TrainConfig(epochs=1, batch_size=4, lr=1e-3), checkpoint=checkpoint, progress=False)
+    good = checkpoint.read_bytes()
+    poisoned = [TrainItem(torch.full_like(item.frames, float("nan")), item.prompt, item.target) for item in items]
+    with pytest.raises(TrainingDiverged, match="Lower the learning rate"):
+        fit(model, poisoned, TrainConfig(epochs=2, batch_size=4, lr=1e-3), checkpoint=checkpoint, progress=False)
+    assert checkpoint.read_bytes() == good
+
+
+def separable_frames(dataset, width=32, seed=0):
+    """Encoder-like frames whose mean carries the label (a random tiny encoder does not separate the tones)."""
+    generator = torch.Generator().manual_seed(seed)
+    direction = torch.randn(width, generator=generator)
+    return [torch.randn(20, width, generator=generator) * 0.3 + (1 if e.label == "happy" else -1) * direction
+            for e in dataset.examples]
+
+
+def test_cross_validation_learns_beats_text_only_and_resumes(setup, tmp_path):
+    _, dataset, _ = setup
+    model = tiny_speechlm(seed=0, init_range=0.5)  # a random LLM with 0.02 init has near-flat logits
+    frames = separable_frames(dataset)
+    transcripts = ["the audio"] * len(dataset)
+    config = TrainConfig(epochs=20, batch_size=4, grad_accum=1, lr=1e-2)
+    audio = cross_validate(model, dataset, frames, transcripts, "mean", tmp_path / "mean", folds=2, config=config,
+                           progress=False)
+    text = cross_validate(model, dataset, frames, transcripts, TEXT_ONLY, tmp_path / "text", folds=2, config=config,
+                          progress=False)
+    assert summarise(audio)["wa"] > summarise(text)["wa"], "the text says nothing; only audio can beat chance"
+    assert summarise(text)["audio_tokens"] == 0 and summarise(audio)["audio_tokens"] == 1
+    marker = json.loads((tmp_path / "mean" / "fold0.json").read_text())
+    again = cross_validate(model, dataset, frames, transcripts, "mean", tmp_path / "mean", folds=2, config=config,
+                           progress=False)  # every fold is done: nothing is retrained
+    assert again[0].wa == marker["wa"] and again[0].train_seconds == marker["train_seconds"]
+
+
+def test_folds_are_speaker_independent_and_checked(setup):
+    _, dataset, _ = setup
+    for train, test in fold_splits(dataset, 2, seed=0):
+        assert not {dataset.examples[i].speaker for i in train} & {dataset.examples[i].speaker for i in test}
+    with pytest.raises(DatasetError, match="fewer examples than folds"):
+        fold_splits(dataset, 9, seed=0)
