@@ -79,6 +79,9 @@ def test_reducer_matrix(case, name, padded):
         lengths = stats.tokens_per_layer
         together = case.generate(kwargs)
     assert hook_count(case.model) == before and str(case.model.config._attn_implementation) == attention
+    if name == "h2o":  # prefill runs on every token; the KV cache of the reduction layers shrinks
+        assert len(set(lengths)) == 1 and stats.flops_reduction == 0
+        lengths = stats.cache_tokens_per_layer
     full = lengths[0]
     assert lengths[: case.layer] == [full] * case.layer
     assert all(length < full for length in lengths[case.layer :]), lengths
@@ -91,7 +94,7 @@ def test_reducer_matrix(case, name, padded):
         assert (removed < requested) == (case.layer in stats.short_layers)
     else:
         assert removed == requested and not stats.short_layers
-    assert 0 < stats.flops_reduction < 1
+    assert name == "h2o" or 0 < stats.flops_reduction < 1
 
     if padded:  # every row of the padded batch decodes like that row alone
         for position, row in enumerate(rows):
@@ -195,3 +198,16 @@ def test_fastadasp_merges_as_equations_4_to_6_say():
         finally:
             handle.remove()
     torch.testing.assert_close(seen["hidden"], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_h2o_really_frees_kv_cache_memory():
+    from speechtrim.hf.kv_evict import kv_cache_bytes
+
+    model = tiny_llama()
+    prompt = audio_prompt([30], seed=7)  # 3 text + 30 audio + 4 text tokens
+    with torch.no_grad():
+        full = kv_cache_bytes(model(**prompt, use_cache=True).past_key_values)
+        with reducers.build("h2o", ratio=0.5)(model, audio_token_id=AUDIO_TOKEN) as stats:
+            reduced = kv_cache_bytes(model(**prompt, use_cache=True).past_key_values)
+    assert stats.cache_tokens_per_layer == [22, 22, 22, 22] and stats.tokens_per_layer == [37, 37, 37, 37]
+    assert reduced * 37 == full * 22

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from speechtrim.reducers import a_tome, avg_merge, fastadasp, fastv, random_evict, random_merge  # noqa: F401
+from speechtrim.reducers import a_tome, avg_merge, fastadasp, fastv, h2o, random_evict, random_merge  # noqa: F401
 from speechtrim.reducers.base import REDUCERS, ReductionStats, Reducer
 
 __all__ = ["Reducer", "ReductionStats", "build", "names"]

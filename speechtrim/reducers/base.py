@@ -37,7 +37,7 @@ class LayerStep:
 
     Args:
         layer: decoder layer index.
-        hidden: (B, T, D) hidden states entering the layer.
+        hidden: (B, T, D) hidden states entering the layer (None for KV-cache evictors, which leave them alone).
         span_id: (B, T) long, audio span number per token, -1 for text and padding.
         num_remove: (B,) long, tokens to remove in each row at this layer.
         scores: (B, T) attention each token received in the layer before (summed over heads and queries), or None.
@@ -45,7 +45,7 @@ class LayerStep:
     """
 
     layer: int
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None
     span_id: torch.Tensor
     num_remove: torch.Tensor
     scores: torch.Tensor | None = None
@@ -73,6 +73,7 @@ class ReductionStats:
     ratios: list[float] = field(default_factory=list)
     requested_per_layer: list[int] = field(default_factory=list)
     short_layers: list[int] = field(default_factory=list)
+    evicts_cache: bool = False
     _attach_stats: Any = None
 
     @property
@@ -81,7 +82,17 @@ class ReductionStats:
 
     @property
     def removed_per_layer(self) -> list[int]:
-        return list(self._attach_stats.removed_per_layer) if self._attach_stats is not None else []
+        """Tokens removed from row 0 at each layer (for KV-cache evictors: cache columns evicted)."""
+        if self._attach_stats is None:
+            return []
+        if self.evicts_cache:
+            return list(self._attach_stats.cache_removed_per_layer)
+        return list(self._attach_stats.removed_per_layer)
+
+    @property
+    def cache_tokens_per_layer(self) -> list[int]:
+        """KV-cache columns each layer keeps for row 0 after prefill (differs from the prefill length for H2O)."""
+        return list(self._attach_stats.cache_tokens_per_layer) if self._attach_stats is not None else []
 
     @property
     def flops_reduction(self) -> float:
@@ -97,6 +108,7 @@ class ReductionStats:
         return {"method": self.method, "layer": self.layer, "ratios": self.ratios,
                 "tokens_per_layer": self.tokens_per_layer, "requested_per_layer": self.requested_per_layer,
                 "removed_per_layer": self.removed_per_layer, "short_layers": self.short_layers,
+                "cache_tokens_per_layer": self.cache_tokens_per_layer,
                 "flops_reduction": self.flops_reduction}
 
 
@@ -124,6 +136,7 @@ class Reducer:
     name: ClassVar[str] = "reducer"
     needs_scores: ClassVar[bool] = False
     needs_keys: ClassVar[bool] = False
+    evicts_cache: ClassVar[bool] = False  # True: plans shrink the KV cache after each layer's attention (H2O)
 
     def __post_init__(self) -> None:
         if (self.ratio is None) == (self.flops_reduction is None):
@@ -172,19 +185,24 @@ class ReductionSession:
         if layer >= backbone.depth:
             raise ValueError(f"layer={layer} is beyond the model's depth: it has {backbone.depth} decoder layers, "
                              f"so use a layer in 0..{backbone.depth - 1}")
-        if (reducer.needs_scores or reducer.needs_keys) and layer == 0:
+        if (reducer.needs_scores or reducer.needs_keys) and layer == 0 and not reducer.evicts_cache:
             raise ValueError(f"{reducer.name} reads the attention of the layer before the reduction layer, so "
                              "layer must be >= 1")
         probe = reducer.ratio if reducer.ratio else 0.5
         self.fixed_ratios = layer_ratios(reducer.schedule, probe, layer, backbone.depth)
         active = [index for index, value in enumerate(self.fixed_ratios) if value > 0]
         self.stats = ReductionStats(reducer.name, layer, backbone.depth, backbone.hidden_size,
-                                    backbone.intermediate_size)
+                                    backbone.intermediate_size, evicts_cache=reducer.evicts_cache)
         self.layer = layer
+        self._first_active = active[0] if active else None
         self._ratios: list[float] = []
-        wants_taps = reducer.needs_scores or reducer.needs_keys
-        self.attachment = Attachment(model, self._plan_fn, score_layers=active if wants_taps else (),
-                                     audio_spans=audio_spans, audio_token_id=audio_token_id)
+        if reducer.evicts_cache:  # KV-cache eviction after each active layer's own attention; prefill untouched
+            self.attachment = Attachment(model, cache_plan_fn=self._cache_plan_fn, cache_layers=active or [layer],
+                                         audio_spans=audio_spans, audio_token_id=audio_token_id)
+        else:
+            wants_taps = reducer.needs_scores or reducer.needs_keys
+            self.attachment = Attachment(model, self._plan_fn, score_layers=active if wants_taps else (),
+                                         audio_spans=audio_spans, audio_token_id=audio_token_id)
         self.stats._attach_stats = self.attachment.stats
 
     def __enter__(self) -> ReductionStats:
@@ -194,16 +212,25 @@ class ReductionSession:
     def __exit__(self, *exc_info: object) -> None:
         self.attachment.detach()
 
+    def _cache_plan_fn(self, layer_idx: int, scores: torch.Tensor, span_id: torch.Tensor) -> Plan | None:
+        if layer_idx == self._first_active or not self._ratios:
+            self._start_prefill(span_id)
+        return self._decide(layer_idx, None, span_id, scores)
+
     def _plan_fn(self, layer_idx: int, hidden: torch.Tensor, span_id: torch.Tensor,
                  scores: torch.Tensor | None) -> Plan | None:
         if layer_idx == 0 or not self._ratios:
-            self._start_prefill(hidden, span_id)
+            self._start_prefill(span_id)
+        return self._decide(layer_idx, hidden, span_id, scores)
+
+    def _decide(self, layer_idx: int, hidden: torch.Tensor | None, span_id: torch.Tensor,
+                scores: torch.Tensor | None) -> Plan | None:
         layer_ratio = self._ratios[layer_idx]
         if layer_ratio <= 0:
             return None
         num_audio = (span_id >= 0).sum(dim=1)  # (B,)
         num_remove = count_to_remove(num_audio, layer_ratio).to(span_id.device)  # (B,)
-        keys = self.attachment.layer_keys(layer_idx)
+        keys = self.attachment.layer_keys(layer_idx) if self.reducer.needs_keys else None
         if self.reducer.needs_scores and scores is None or self.reducer.needs_keys and keys is None:
             raise RuntimeError(f"{self.reducer.name}: no attention tap reached layer {layer_idx}; this is a bug")
         plan = self.reducer.plan(LayerStep(layer_idx, hidden, span_id, num_remove, scores, keys))
@@ -214,7 +241,7 @@ class ReductionSession:
                         plan.removed.tolist(), num_remove.tolist())
         return plan
 
-    def _start_prefill(self, hidden: torch.Tensor, span_id: torch.Tensor) -> None:
+    def _start_prefill(self, span_id: torch.Tensor) -> None:
         """Fix the per-layer ratios of this prefill (solving for a FLOPs target from row 0's token counts)."""
         reducer = self.reducer
         if reducer.flops_reduction is None:
