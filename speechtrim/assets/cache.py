@@ -129,3 +129,27 @@ def write_json_atomic(final: Path, payload: Any) -> None:
 def folder_bytes(folder: Path) -> int:
     """Total size of the files under ``folder``."""
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def hub_source(name: str, kind: str, packaged: list[str]) -> str:
+    """Return ``name`` if it is a local folder or a reachable Hugging Face model, else a ValueError that lists the
+    packaged names that work without a network.
+
+    Args:
+        name: a local folder or a Hugging Face model id.
+        kind: what is being loaded, for the message (e.g. "Whisper", "LLM").
+        packaged: the packaged names of that kind.
+    """
+    if Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser())
+    from huggingface_hub.errors import HFValidationError
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name)
+    except (OSError, ValueError, HFValidationError) as error:
+        raise ValueError(
+            f"cannot load {kind} {name!r}: it is neither a local folder nor a reachable Hugging Face model "
+            f"({error.__class__.__name__}). Without a network, use a packaged one: {sorted(packaged)}"
+        ) from None
+    return name

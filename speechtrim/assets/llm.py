@@ -16,6 +16,7 @@ import torch
 from speechtrim.assets.cache import (
     atomic_dir,
     cache_root,
+    hub_source,
     package_file,
     package_version,
     recorded_sha256,
@@ -109,7 +110,7 @@ def load_llm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = prepare_llm(name) if name in PACKAGED_LLMS else _hub_source(name)
+    source = prepare_llm(name) if name in PACKAGED_LLMS else hub_source(name, "LLM", list(PACKAGED_LLMS))
     tokenizer = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype).to(device).eval()
     return model, tokenizer
@@ -120,22 +121,6 @@ def _packaged(name: str) -> PackagedLLM:
         raise ValueError(f"unknown packaged LLM {name!r}; packaged ones: {sorted(PACKAGED_LLMS)}")
     return PACKAGED_LLMS[name]
 
-
-def _hub_source(name: str) -> str:
-    """Check that a hub id or folder can be loaded, with an error that names the offline alternatives."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    from huggingface_hub.errors import HFValidationError
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(name)
-    except (OSError, ValueError, HFValidationError) as error:
-        raise ValueError(
-            f"cannot load LLM {name!r}: it is neither a local folder nor a reachable Hugging Face model "
-            f"({error.__class__.__name__}). Without a network, use a packaged one: {sorted(PACKAGED_LLMS)}"
-        ) from None
-    return name
 
 
 def _is_tied(model: torch.nn.Module, key: str) -> bool:

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from speechtrim.assets.cache import (
     atomic_dir,
     cache_root,
+    hub_source,
     package_file,
     package_version,
     sha256_files,
@@ -430,27 +431,14 @@ def load_whisper(
     """
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    source = str(prepare_whisper(name)) if name in PACKAGED_WHISPER else _hub_source(name)
+    if name in PACKAGED_WHISPER:
+        source = str(prepare_whisper(name))
+    else:
+        source = hub_source(name, "Whisper", list(PACKAGED_WHISPER))
     processor = WhisperProcessor.from_pretrained(source)
     model = WhisperForConditionalGeneration.from_pretrained(source, dtype=dtype).to(device).eval()
     return model, processor
 
-
-def _hub_source(name: str) -> str:
-    """Check that a hub id or folder can be loaded, with an error that lists the packaged names."""
-    if Path(name).expanduser().is_dir():
-        return str(Path(name).expanduser())
-    from huggingface_hub.errors import HFValidationError
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(name)
-    except (OSError, ValueError, HFValidationError) as error:
-        raise ValueError(
-            f"cannot load Whisper {name!r}: it is neither a local folder nor a reachable Hugging Face model "
-            f"({error.__class__.__name__}). Without a network, use a packaged one: {sorted(PACKAGED_WHISPER)}"
-        ) from None
-    return name
 
 
 def transcribe(
