@@ -211,3 +211,32 @@ def test_h2o_really_frees_kv_cache_memory():
             reduced = kv_cache_bytes(model(**prompt, use_cache=True).past_key_values)
     assert stats.cache_tokens_per_layer == [22, 22, 22, 22] and stats.tokens_per_layer == [37, 37, 37, 37]
     assert reduced * 37 == full * 22
+
+
+@pytest.mark.parametrize("name", ["fastadasp", "a_tome", "fastv", "random_merge"])
+def test_several_audio_spans_in_one_row_reduce_separately(name):
+    model = tiny_llama()
+    input_ids = torch.randint(3, AUDIO_TOKEN, (1, 30), generator=torch.Generator().manual_seed(0))
+    spans = [[(2, 12), (15, 27)]]  # two clips with text between them
+    kept = {}
+
+    def record(module, args, kwargs):
+        kept.setdefault("hidden", (args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    with reducers.build(name, ratio=0.5, layer=1)(model, audio_spans=spans) as stats:
+        handle = model.model.layers[1].register_forward_pre_hook(record, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                model(input_ids=input_ids)
+        finally:
+            handle.remove()
+    assert stats.requested_per_layer[1] == 11  # half of the 22 audio tokens, counted over both spans
+    assert kept["hidden"] == 30 - stats.removed_per_layer[1] and stats.removed_per_layer[1] >= 8
+
+
+def test_no_audio_tokens_is_a_clear_error():
+    model = tiny_llama()
+    prompt = audio_prompt([0], seed=1)  # text only
+    with pytest.raises(ValueError, match="audio"):
+        with reducers.build("fastadasp", ratio=0.3, layer=1)(model, audio_token_id=AUDIO_TOKEN):
+            model(**prompt)

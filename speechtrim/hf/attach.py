@@ -12,6 +12,12 @@ KV-cache evictors (H2O) pass ``cache_plan_fn`` and ``cache_layers`` instead of (
 after a cache layer's attention has run over the prefill, a forward hook on its attention module applies the plan
 built from that layer's own attention scores to ``cache.layers[i].keys / .values`` (see :mod:`.kv_evict`).
 
+Positions: by default (``positions="original"``) survivors keep their original position ids and rotary tables,
+as FastV-style code does. ``positions="compact"`` re-numbers, from the first reduced layer on, each row's real
+tokens ``p0 + 0..n_l-1`` (``p0`` = the row's first real position, 0 under ``generate()``), as the FastAdaSP
+reference release does, and recomputes cos/sin with the text decoder's rotary module; a decode step at layer l
+takes the position ``generate()`` passes minus the tokens removed before layer l in that row.
+
 Usage::
 
     with Attachment(model, plan_fn, score_layers={3}) as attachment:
@@ -21,6 +27,9 @@ Usage::
     with Attachment(model, cache_plan_fn=h2o_plan, cache_layers=range(2, depth)) as attachment:
         model.generate(**inputs)
     attachment.stats.cache_tokens_per_layer   # e.g. [40, 40, 28, 28, ...]
+
+    with Attachment(model, plan_fn, positions="compact"):   # survivors renumbered 0..n_l-1
+        model.generate(**inputs)
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 PlanFn = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], "Plan | None"]
 SUPPORTED_ATTENTION = ("sdpa", "eager", BACKEND_NAME)
+POSITION_MODES = ("original", "compact")
 TESTED_FAMILIES = ("llama", "qwen2", "qwen2_audio", "voxtral", "granite_speech", "qwen2_5_omni_thinker")
 _warned_families: set[str] = set()
 
@@ -81,6 +91,8 @@ class _Prefill:
     cache_scores: dict[int, torch.Tensor] = field(default_factory=dict)  # cache layer -> (B, T_l) scores used
     layouts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T_l) bool, cache columns valid
     decode_mask: torch.Tensor | None = None  # (B, T0 + generated) bool, 2-D mask of the current decode call
+    first_position: torch.Tensor | None = None  # (B,) long, original position of each row's first real token
+    compact: tuple[torch.Tensor, ...] | None = None  # compact (B, T_l) ids, cos, sin of the current layout
 
 
 def _compose(first: Plan | None, second: Plan) -> Plan:
@@ -138,6 +150,11 @@ class Attachment:
             the other layers are untouched. Text, padding and filler columns must be kept (``span_id == -1``).
         cache_layers: the layers whose KV cache ``cache_plan_fn`` may reduce (their scores are tapped). Required
             with ``cache_plan_fn``; switches the text decoder to the ``speechtrim_sdpa`` backend while attached.
+        positions: "original" (default): survivors keep their original position ids and rotary tables. "compact":
+            from the first reduced layer on, each row's real tokens are re-numbered ``p0 + 0..n_l-1`` (``p0`` = the
+            row's first real position, 0 under ``generate()``) and cos/sin are recomputed with the text decoder's
+            ``rotary_emb``; decode steps continue each layer's numbering. Not for 3-D M-RoPE models (Qwen2.5-Omni)
+            nor with ``cache_plan_fn`` (KV-cache evictors keep their cached rotary keys as they are).
     """
 
     def __init__(
@@ -149,6 +166,7 @@ class Attachment:
         audio_token_id: int | None = None,
         cache_plan_fn: CachePlanFn | None = None,
         cache_layers: Collection[int] = (),
+        positions: str = "original",
     ) -> None:
         self.model = model
         self.plan_fn = plan_fn
@@ -166,6 +184,16 @@ class Attachment:
                 "cache_plan_fn and cache_layers go together: pass the layers whose KV cache cache_plan_fn reduces "
                 f"(got cache_plan_fn={'set' if cache_plan_fn else 'None'}, cache_layers={sorted(self.cache_layers)})."
             )
+        if positions not in POSITION_MODES:
+            raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+        if positions == "compact" and cache_plan_fn is not None:
+            raise ValueError(
+                "positions='compact' re-numbers the tokens a hidden-state plan keeps, but KV-cache evictors "
+                "(cache_plan_fn, e.g. h2o) keep the evicted cache's rotary keys as they are and do not renumber: use "
+                "positions='original' with them."
+            )
+        self.positions = positions
+        self._rotary: nn.Module | None = None
         self.token_id = audio_token_id if audio_token_id is not None else _config_token_id(model)
         self.audio_spans = audio_spans
         self.stats = AttachStats()
@@ -269,6 +297,8 @@ class Attachment:
                 f"the text decoder has non-full attention layers ({sorted(set(layer_types))}); speechtrim reducers "
                 "support full causal attention only: disable sliding windows in the config."
             )
+        if self.positions == "compact":
+            self._rotary = self._compact_rotary()
         family = str(getattr(getattr(self.model, "config", config), "model_type", "unknown"))
         if family not in TESTED_FAMILIES and self.backbone.model_type not in TESTED_FAMILIES:
             if family not in _warned_families:
@@ -278,6 +308,26 @@ class Attachment:
                     family,
                     ", ".join(TESTED_FAMILIES),
                 )
+
+    def _compact_rotary(self) -> nn.Module:
+        """The text decoder's rotary module, refusing models whose positions are not plain 1-D (M-RoPE)."""
+        config = self.backbone.config
+        for name in ("rope_parameters", "rope_scaling"):
+            params = getattr(config, name, None)
+            nested = list(params.values()) if isinstance(params, dict) else []
+            if isinstance(params, dict) and any("mrope_section" in p for p in [params, *nested] if isinstance(p, dict)):
+                raise ValueError(
+                    f"positions='compact' is not supported for {self.backbone.model_type!r}: it uses 3-D M-RoPE "
+                    "position ids (time, height, width), which a 1-D renumbering would corrupt; use "
+                    "positions='original'."
+                )
+        rotary = getattr(self.backbone.decoder, "rotary_emb", None)
+        if not isinstance(rotary, nn.Module):
+            raise ValueError(
+                f"positions='compact' recomputes cos/sin with the text decoder's `rotary_emb` module, which "
+                f"{type(self.backbone.decoder).__name__} does not have; use positions='original'."
+            )
+        return rotary
 
     def _input_modules(self) -> list[nn.Module]:
         """Modules whose forward receives ``input_ids``: the model, and Qwen2.5-Omni's thinker."""
@@ -410,6 +460,7 @@ class Attachment:
     def _prefill_layer(
         self, layer_idx: int, hidden: torch.Tensor, kwargs: dict, state: _Prefill
     ) -> tuple[torch.Tensor, dict]:
+        plan = None
         if hidden.shape[1] > 1:
             tap = state.taps.get(layer_idx)
             scores = tap.scores if tap is not None else None  # (B, T_l) or None
@@ -423,10 +474,17 @@ class Attachment:
         accumulated = state.accumulated
         valid = state.padding  # (B, T_l) queries/keys that are real tokens, None = all
         if accumulated is not None:
+            if self._rotary is not None and state.first_position is None:
+                state.first_position = _first_position(kwargs.get("position_ids"), state.padding, hidden.shape[0])
             kwargs = self._gather_inputs(kwargs, accumulated, hidden)
             real = ~accumulated.filler  # (B, T_l)
             valid = real if state.padding is None else state.padding.gather(1, accumulated.source) & real
             state.layouts[layer_idx] = valid
+            if self._rotary is not None:
+                if state.compact is None or plan is not None:  # the layout changed at this layer
+                    state.compact = self._compact_prefill(kwargs, hidden, valid, state.first_position)
+                kwargs["position_ids"], *tables = state.compact
+                kwargs["position_embeddings"] = tuple(tables)
             self.stats.tokens_per_layer[layer_idx] = int(real[0].sum())
         else:
             self.stats.tokens_per_layer[layer_idx] = int(hidden.shape[1])
@@ -528,7 +586,56 @@ class Attachment:
         kwargs["attention_mask"] = decode_mask(
             prefix, new_valid, cached, query_length, kwargs.get("attention_mask"), self._eager, hidden.dtype
         )  # (B, 1, q, K) or None
+        if self._rotary is not None:
+            kept = prefix.sum(dim=1)  # (B,) real tokens this layer's cache keeps per row
+            total = torch.full_like(kept, state.original_length)  # (B,) real prompt tokens at layer 0
+            if state.padding is not None:
+                total = state.padding.sum(dim=1).to(kept.device)
+            ids = _plain_position_ids(kwargs.get("position_ids"))  # (B or 1, q) positions generate() passes
+            ids = ids.expand(batch, -1) - (total - kept).to(ids.device)[:, None]  # (B, q) minus tokens removed
+            kwargs["position_ids"] = ids
+            kwargs["position_embeddings"] = self._rotary(hidden, ids)  # cos, sin: (B, q, d)
         return kwargs
+
+    # ----------------------------------------------------------------- compact positions
+    def _compact_prefill(
+        self, kwargs: dict, hidden: torch.Tensor, valid: torch.Tensor, first: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Compact (B, T_l) position ids (real tokens ``first + 0..n_l-1``, others unchanged) and their cos, sin.
+
+        Args:
+            kwargs: the layer's kwargs after :meth:`_gather_inputs` (position ids gathered at the plan's sources).
+            hidden: (B, T_l, D) hidden states entering the layer (the rotary module reads their dtype and device).
+            valid: (B, T_l) bool, real tokens (not padding, not filler).
+            first: (B,) long, original position of each row's first real token.
+        """
+        original = _plain_position_ids(kwargs.get("position_ids"))  # (B, T_l) gathered at the sources
+        original = original.expand(valid.shape)
+        rank = valid.long().cumsum(dim=1) - 1  # (B, T_l) index among the row's real tokens
+        ids = torch.where(valid, first.to(original.device)[:, None] + rank, original)  # (B, T_l)
+        cos, sin = self._rotary(hidden, ids)  # (B, T_l, d) each
+        return ids, cos, sin
+
+
+def _plain_position_ids(position_ids: object) -> torch.Tensor:
+    """The (B or 1, T) position ids a decoder layer got; refuses what compact positions cannot renumber."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2:
+        shape = tuple(position_ids.shape) if isinstance(position_ids, torch.Tensor) else None
+        raise ValueError(
+            f"positions='compact' needs the (B, T) position ids the text decoder passes to its layers, got {shape}; "
+            "this model family does not expose them (or uses 3-D M-RoPE): use positions='original'."
+        )
+    return position_ids
+
+
+def _first_position(position_ids: object, padding: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """(B,) original position of each row's first real (non-padding) token, from the full-length (B or 1, T0) ids."""
+    ids = _plain_position_ids(position_ids)
+    ids = ids.expand(batch, ids.shape[1])  # (B, T0)
+    if padding is None:
+        return ids[:, 0]
+    first = padding.to(ids.device).long().argmax(dim=1, keepdim=True)  # (B, 1) first True column
+    return ids.gather(1, first).squeeze(1)
 
 
 def _config_token_id(model: nn.Module) -> int | None:

@@ -125,6 +125,9 @@ class Reducer:
         flops_reduction: instead of ``ratio``, a target fraction of prefill FLOPs to save; the ratio is solved per
             prompt from its text and audio token counts.
         seed: seed of the random baselines.
+        positions: "original" (default): survivors keep their original position ids (FastV-style). "compact":
+            from the first reduction layer on, each row's remaining tokens are re-numbered 0..n_l-1 and the rotary
+            tables recomputed, as the FastAdaSP reference release does (not for M-RoPE models nor for ``h2o``).
     """
 
     ratio: float | None = None
@@ -132,6 +135,7 @@ class Reducer:
     schedule: str | float | Sequence[float] = "none"
     flops_reduction: float | None = None
     seed: int = 0
+    positions: str = "original"
 
     name: ClassVar[str] = "reducer"
     needs_scores: ClassVar[bool] = False
@@ -154,6 +158,9 @@ class Reducer:
             raise ValueError(f"layer must be an int >= 0 or 'auto', got {self.layer!r}")
         if isinstance(self.schedule, str) and self.schedule not in SCHEDULE_NAMES:
             raise ValueError(f"unknown schedule {self.schedule!r}; use one of {SCHEDULE_NAMES} or per-layer ratios")
+        if self.positions not in ("original", "compact"):
+            raise ValueError(f"positions must be 'original' (keep the survivors' position ids) or 'compact' "
+                             f"(re-number them 0..n-1), got {self.positions!r}")
         if self.flops_reduction is not None and not isinstance(self.schedule, str):
             raise ValueError("flops_reduction needs a named schedule ('none', 'constant', 'decay'), not a list")
 
@@ -198,11 +205,13 @@ class ReductionSession:
         self._ratios: list[float] = []
         if reducer.evicts_cache:  # KV-cache eviction after each active layer's own attention; prefill untouched
             self.attachment = Attachment(model, cache_plan_fn=self._cache_plan_fn, cache_layers=active or [layer],
-                                         audio_spans=audio_spans, audio_token_id=audio_token_id)
+                                         audio_spans=audio_spans, audio_token_id=audio_token_id,
+                                         positions=reducer.positions)
         else:
             wants_taps = reducer.needs_scores or reducer.needs_keys
             self.attachment = Attachment(model, self._plan_fn, score_layers=active if wants_taps else (),
-                                         audio_spans=audio_spans, audio_token_id=audio_token_id)
+                                         audio_spans=audio_spans, audio_token_id=audio_token_id,
+                                         positions=reducer.positions)
         self.stats._attach_stats = self.attachment.stats
 
     def __enter__(self) -> ReductionStats:
@@ -244,6 +253,12 @@ class ReductionSession:
     def _start_prefill(self, span_id: torch.Tensor) -> None:
         """Fix the per-layer ratios of this prefill (solving for a FLOPs target from row 0's token counts)."""
         reducer = self.reducer
+        if not bool((span_id >= 0).any()):
+            where = self.attachment.token_id
+            raise ValueError(
+                f"{reducer.name}: no audio tokens in this batch (looked for audio token id {where}); pass "
+                "audio_spans=[[(start, end)], ...] or the right audio_token_id=, or run without the reducer"
+            )
         if reducer.flops_reduction is None:
             self._ratios = layer_ratios(reducer.schedule, reducer.ratio, self.layer, self.stats.depth)
         else:
