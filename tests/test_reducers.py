@@ -5,10 +5,20 @@ import pytest
 import torch
 
 from speechtrim import reducers
-from tests.tiny_models import AUDIO_TOKEN, audio_prompt, tiny_llama, tiny_qwen2_audio, tiny_voxtral
+from tests.tiny_models import (
+    AUDIO_TOKEN,
+    audio_prompt,
+    speech_inputs,
+    tiny_granite_speech,
+    tiny_llama,
+    tiny_qwen2_5_omni_thinker,
+    tiny_qwen2_audio,
+    tiny_voxtral,
+)
 from tests.tiny_speechlm import tiny_speechlm
 
-FAMILIES = ["llama", "qwen2_audio", "voxtral", "speechlm"]
+FAMILIES = ["llama", "qwen2_audio", "voxtral", "granite_speech", "qwen2_5_omni_thinker", "speechlm"]
+WITH_AUDIO_FEATURES = {"granite_speech": tiny_granite_speech, "qwen2_5_omni_thinker": tiny_qwen2_5_omni_thinker}
 AUDIO_LENGTHS = [12, 20, 9]
 LAYER = 2  # tiny models have 4 decoder layers (speechlm: 2, it uses layer 1)
 
@@ -25,7 +35,9 @@ class Case:
             self.audios = [(0.1 * rng.standard_normal(int(n * 320 * 2))).astype(np.float32) for n in (0.6, 1.0, 0.4)]
             self.layer = 1
         else:
-            self.model = {"llama": tiny_llama, "qwen2_audio": tiny_qwen2_audio, "voxtral": tiny_voxtral}[family]()
+            builders = {"llama": tiny_llama, "qwen2_audio": tiny_qwen2_audio, "voxtral": tiny_voxtral,
+                        **WITH_AUDIO_FEATURES}
+            self.model = builders[family]()
             self.layer = LAYER
         self.token_id = AUDIO_TOKEN if family == "llama" else None
 
@@ -35,11 +47,17 @@ class Case:
             batch = self.speech.prepare([self.audios[i] for i in rows], ["what the emotion : <audio> \n"] * len(rows))
             kwargs = {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask}
             return kwargs, batch.audio_spans
-        prompt = audio_prompt([AUDIO_LENGTHS[i] for i in rows], seed=5)
-        if len(rows) == 1:  # the same row as in the full batch: rebuild it from the full batch
+        if self.family in WITH_AUDIO_FEATURES:  # real audio inputs through the model's own audio tower
+            full = speech_inputs(self.family, AUDIO_LENGTHS, seed=5)
+        else:
             full = audio_prompt(AUDIO_LENGTHS, seed=5)
-            width = int(full["attention_mask"][rows[0]].sum())
-            prompt = {key: value[rows[0] : rows[0] + 1, -width:] for key, value in full.items()}
+        if len(rows) == len(AUDIO_LENGTHS):
+            return full, None
+        # one row as it sits in the full batch, without its left padding (audio inputs keep their frame axis)
+        row = rows[0]
+        width = int(full["attention_mask"][row].sum())
+        prompt = {key: value[row : row + 1] for key, value in full.items()}
+        prompt["input_ids"], prompt["attention_mask"] = prompt["input_ids"][:, -width:], prompt["attention_mask"][:, -width:]
         return prompt, None
 
     def logits(self, kwargs: dict) -> torch.Tensor:
