@@ -124,3 +124,21 @@ def test_folds_are_speaker_independent_and_checked(setup):
         assert not {dataset.examples[i].speaker for i in train} & {dataset.examples[i].speaker for i in test}
     with pytest.raises(DatasetError, match="fewer examples than folds"):
         fold_splits(dataset, 9, seed=0)
+
+
+def test_tables_chart_and_timing(setup, tmp_path):
+    from speechtrim.train.compare import markdown_tables, plot, time_inference
+
+    model, dataset, frames = setup
+    timings = time_inference(model, [TEXT_ONLY, "none", "mean"], tmp_path, frames, ["the audio"] * len(frames),
+                             dataset, clips=4, repeats=2)
+    assert set(timings) == {TEXT_ONLY, "none", "mean"} and all(value > 0 for value in timings.values())
+    rows = [{"adapter": name, "wa": 0.5 + i / 10, "wa_std": 0.01, "ua": 0.5, "ua_std": 0.0, "macro_f1": 0.4,
+             "macro_f1_std": 0.02, "audio_tokens": tokens, "trainable_params": 1_200_000,
+             "speed_up": None if name == TEXT_ONLY else 1 - timings[name] / timings["none"]}
+            for i, (name, tokens) in enumerate([(TEXT_ONLY, 0.0), ("none", 23.5), ("mean", 1.0)])]
+    summary = {"data": "tones", "synthetic": True, "clips": 16, "folds": 2, "rows": rows}
+    tables = markdown_tables(summary)
+    assert "tones (SYNTHETIC)" in tables and "| mean | 0.70 ± 0.01 |" in tables and "| none | 1.20M | +0% |" in tables
+    chart = plot(summary, tmp_path / "chart.png")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
