@@ -95,3 +95,27 @@ def test_bad_input_is_refused_with_a_clear_message():
         model.prepare(clips(0.5), ["no marker here"])
     with pytest.raises(ValueError, match="pool"):
         SpeechLM(model.encoder, model.feature_extractor, model.llm, model.tokenizer, pool=0)
+
+
+def test_saved_projector_and_adapter_reload_with_one_call(tmp_path, monkeypatch):
+    import speechtrim.hf.speechlm as speechlm_module
+
+    def tiny_build(encoder, llm, adapter, adapter_params=None, pool=1, seed=0):
+        model = tiny_speechlm(adapter=adapter, seed=seed + 7, **(adapter_params or {}))
+        model.recipe = {"encoder": encoder, "llm": llm, "adapter": adapter, "adapter_params": adapter_params or {},
+                        "pool": pool}
+        return model
+
+    monkeypatch.setattr(speechlm_module, "build_speechlm", tiny_build)
+    trained = tiny_build("tiny", "tiny", "conv")
+    with torch.no_grad():
+        for parameter in list(trained.projector.parameters()) + list(trained.adapter.parameters()):
+            parameter.add_(torch.randn_like(parameter))
+    speechlm_module.save_trained(trained, tmp_path / "saved", {"task": "emotion"})
+    loaded = speechlm_module.load_speechlm(tmp_path / "saved")
+    assert loaded.meta["task"] == "emotion" and loaded.meta["adapter"] == "conv"
+    for name, tensor in trained.state_dict().items():
+        if name.startswith(("projector.", "adapter.")):
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+    with pytest.raises(FileNotFoundError, match="not a saved SpeechLM"):
+        speechlm_module.load_speechlm(tmp_path)
