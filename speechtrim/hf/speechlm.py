@@ -49,6 +49,7 @@ class SpeechLM(nn.Module):
         adapter_params: options for the adapter when built by name.
         pool: stack this many adjacent encoder frames before the projector (1 = none); the projector's input is
             ``pool * encoder_width``.
+        system_prompt: the chat's system turn; None keeps the tokenizer template's default, "" gives an empty one.
     """
 
     def __init__(
@@ -60,6 +61,7 @@ class SpeechLM(nn.Module):
         adapter: str | LengthAdapter = "none",
         adapter_params: dict[str, Any] | None = None,
         pool: int = 1,
+        system_prompt: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(pool, int) or pool < 1:
@@ -69,6 +71,7 @@ class SpeechLM(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.pool = pool
+        self.system_prompt = system_prompt
         encoder_width = int(encoder.config.d_model)
         llm_width = int(llm.get_input_embeddings().embedding_dim)
         self.projector = nn.Linear(pool * encoder_width, llm_width)
@@ -140,8 +143,9 @@ class SpeechLM(nn.Module):
         if user_text.count(AUDIO_MARKER) != 1:
             raise ValueError(f"a prompt needs exactly one {AUDIO_MARKER!r} marker, got: {user_text!r}")
         if getattr(self.tokenizer, "chat_template", None):
+            system = [] if self.system_prompt is None else [{"role": "system", "content": self.system_prompt}]
             rendered = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
+                [*system, {"role": "user", "content": user_text}], add_generation_prompt=True, tokenize=False
             )
         else:
             rendered = user_text + "\n"
@@ -349,5 +353,6 @@ def load_speechlm(folder: str | Path) -> SpeechLM:
     missing = [name for name in missing if name.startswith(("projector.", "adapter."))]
     if missing or unexpected:
         raise ValueError(f"{folder}: trained weights do not fit the recipe (missing {missing}, unexpected {unexpected})")
+    model.system_prompt = recipe.get("system_prompt")
     model.meta = recipe
     return model.eval()

@@ -80,7 +80,8 @@ def transcripts_for(dataset: Dataset, whisper_name: str, out_dir: Path) -> list[
         for example in missing:
             by_language.setdefault(example.language if multilingual else None, []).append(example)
         for language, examples in by_language.items():
-            texts = transcribe(model, processor, [load_audio(e.audio_path) for e in examples], language=language)
+            texts = transcribe(model, processor, [load_audio(e.audio_path) for e in examples], language=language,
+                               max_new_tokens=64)  # short sentences; caps hallucination loops on synthetic voices
             cached.update({e.key: text for e, text in zip(examples, texts)})
             write_json_atomic(path, cached)
     return [cached[e.key] for e in dataset.examples]
@@ -111,6 +112,7 @@ def compare_adapters(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base = build_speechlm(encoder, llm)
+    base.system_prompt = ""  # the paper's prompt (Annex B) has no system turn; SmolLM2's template would add one
     encoder_id = whisper_cache_dir(encoder).name if "/" not in encoder else encoder.replace("/", "--")
     frames = EncoderCache(base, encoder_id).get([e.audio_path for e in dataset.examples], progress=progress)
     transcripts = transcripts_for(dataset, encoder, out_dir)
@@ -147,8 +149,9 @@ def _train_and_save(base, dataset: Dataset, frames, transcripts, adapters, confi
     if len(adapters) != 1:
         raise ValueError(f"--save keeps one trained model: pass one adapter, got {list(adapters)}")
     seed_everything(config.seed)
-    model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer, adapter=adapters[0])
-    model.recipe = {**base.recipe, "adapter": adapters[0]}
+    model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer, adapter=adapters[0],
+                     system_prompt=base.system_prompt)
+    model.recipe = {**base.recipe, "adapter": adapters[0], "system_prompt": base.system_prompt}
     labels = list(dataset.labels)
     items = [TrainItem(f, emotion_prompt(t, labels), " " + e.label) for f, t, e in zip(frames, transcripts, dataset.examples)]
     fit(model, items, config, assistant_prefix=EMOTION_ANSWER_PREFIX, progress=progress)
@@ -178,7 +181,8 @@ def time_inference(base, names: list[str], out_dir: Path, frames, transcripts, d
     models = {}
     for name in names:
         model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer,
-                         adapter="none" if name == TEXT_ONLY else name, pool=base.pool)
+                         adapter="none" if name == TEXT_ONLY else name, pool=base.pool,
+                         system_prompt=base.system_prompt)
         weights = out_dir / name / "fold0.weights.pt"
         if weights.is_file():
             model.load_state_dict(torch.load(weights, weights_only=True), strict=False)

@@ -98,7 +98,7 @@ def cross_validate(
         seed_everything(config.seed + fold)
         model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer,
                          adapter="none" if adapter == TEXT_ONLY else adapter, adapter_params=adapter_params,
-                         pool=base.pool)
+                         pool=base.pool, system_prompt=base.system_prompt)
         started = time.perf_counter()
         history: list[dict[str, float]] = []
         if adapter != TEXT_ONLY:
