@@ -3,7 +3,16 @@
 import pytest
 import torch
 
-from speechtrim.ops import Plan, apply_plan, evict_plan, gather_time, identity_plan, merge_plan, plan_from_slots
+from speechtrim.ops import (
+    Plan,
+    apply_plan,
+    compose_plans,
+    evict_plan,
+    gather_time,
+    identity_plan,
+    merge_plan,
+    plan_from_slots,
+)
 
 
 def two_row_plan() -> Plan:
@@ -99,3 +108,46 @@ def test_gather_time_rejects_wrong_axis():
         gather_time(plan, torch.zeros(2, 5), dim=1)
     with pytest.raises(ValueError, match="batch"):
         gather_time(plan, torch.zeros(4, 6), dim=1)
+
+
+def test_compose_plans_of_two_evictions_equals_applying_both():
+    generator = torch.Generator().manual_seed(0)
+    reducible = torch.ones(2, 8, dtype=torch.bool)
+    reducible[:, 0] = False  # a text token at the front that both plans keep
+    first = evict_plan(torch.rand(2, 8, generator=generator), reducible, torch.tensor([1, 3]))  # row 0: 2 fillers
+    reducible_after = ~first.filler  # (B, T1): fillers are never reducible
+    reducible_after[:, -1] = False  # and neither is the last token
+    second = evict_plan(torch.rand(2, first.new_length, generator=generator), reducible_after, torch.tensor([2, 1]))
+    composed = compose_plans(first, second)
+
+    assert compose_plans(None, second) is second
+    assert composed.removed.tolist() == [3, 4]
+    assert (composed.batch, composed.old_length, composed.new_length) == (2, 8, second.new_length)
+    hidden = torch.randn(2, 8, 5)
+    torch.testing.assert_close(apply_plan(composed, hidden), apply_plan(second, apply_plan(first, hidden)))
+    positions = torch.arange(8).expand(2, 8) + 100  # (B, T0)
+    twice = gather_time(second, gather_time(first, positions, dim=1), dim=1)  # (B, T2)
+    assert torch.equal(gather_time(composed, positions, dim=1), twice)
+    for row in range(2):  # reference, token by token: final slot of every original token, -1 once evicted
+        for token in range(8):
+            middle = int(first.slot[row, token])
+            expected = -1 if middle < 0 else int(second.slot[row, middle])
+            assert int(composed.slot[row, token]) == expected
+        for slot in range(composed.new_length):  # a filler of either plan stays a filler
+            expected = bool(second.filler[row, slot]) or bool(first.filler[row, second.source[row, slot]])
+            assert bool(composed.filler[row, slot]) == expected
+    assert torch.equal(composed.weight, (composed.slot >= 0).float())
+
+
+def test_compose_plans_after_a_merge_maps_every_member_to_its_final_slot():
+    first = two_row_plan()  # (2, 6) -> (2, 5); row 1 has two left fillers
+    reducible = ~first.filler
+    second = evict_plan(torch.arange(5.0).expand(2, 5), reducible, torch.tensor([1, 1]))  # drops each row's lowest
+    composed = compose_plans(first, second)
+    # Row 0: slots 0,1,1,2,3,4 -> second drops slot 0 -> original token 0 gone, the merged pair 1-2 in final slot 0.
+    assert composed.slot[0].tolist() == [-1, 0, 0, 1, 2, 3]
+    # Row 1: second drops slot 2 (the merged tokens 0-1); first's two left fillers stay fillers.
+    assert composed.slot[1].tolist() == [-1, -1, 2, 3, 3, 3]
+    assert composed.source.tolist() == [[2, 3, 4, 5], [0, 0, 2, 4]]
+    assert composed.filler.tolist() == [[False] * 4, [True, True, False, False]]
+    assert composed.removed.tolist() == [2, 4]

@@ -9,8 +9,9 @@ the layer's cache tensors by the kept (or merged) columns. Hidden states and eve
 the prefill costs the same; decode attends over the shrunken cache, whose per-row valid columns (the "layout") the
 attachment keeps so that padded batches and beam search work.
 
-This module holds the tensor side (apply a plan to a cache layer, the new layout, cache bytes); the hook that calls
-it lives in :class:`speechtrim.hf.attach.Attachment` (``cache_plan_fn=``, ``cache_layers=``).
+This module holds the tensor side (apply a plan to a cache layer, the new layout, cache bytes) and the eviction
+step itself (:func:`evict_after_prefill`); the hook that calls it lives in :class:`speechtrim.hf.attach.Attachment`
+(``cache_plan_fn=``, ``cache_layers=``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from collections.abc import Callable
 
 import torch
 
+from speechtrim.hf.attention import BACKEND_NAME, AttentionTap
+from speechtrim.hf.checks import check_plan
+from speechtrim.hf.state import PrefillState
 from speechtrim.ops.plan import Plan, apply_plan
 
 logger = logging.getLogger(__name__)
@@ -108,3 +112,48 @@ def kv_cache_bytes(cache: object) -> int:
             if isinstance(states, torch.Tensor):
                 total += states.numel() * states.element_size()
     return total
+
+
+def evict_after_prefill(
+    layer_idx: int,
+    tap: AttentionTap,
+    cache: object,
+    state: PrefillState,
+    cache_plan_fn: CachePlanFn,
+    depth: int,
+) -> Plan | None:
+    """Ask ``cache_plan_fn`` for a plan from layer ``layer_idx``'s own prefill scores and shrink its cache with it.
+
+    Records the scores in ``state.cache_scores`` and, when a plan is returned, the layer's new cache layout in
+    ``state.layouts`` (every other layer gets a layout too: layer 0's no longer sizes the decode mask).
+
+    Args:
+        layer_idx: the cache layer whose attention just ran over the prefill.
+        tap: that layer's attention tap (``tap.scores``: (B, T_l) attention each of its keys received).
+        cache: the decoder's ``DynamicCache``.
+        state: the attachment's state for the current prefill.
+        cache_plan_fn: ``cache_plan_fn(layer_idx, scores (B, T), span_id (B, T)) -> Plan | None``.
+        depth: number of decoder layers.
+    """
+    scores = tap.scores  # (B, T_l) attention each key of THIS layer received
+    if scores is None:
+        raise ValueError(
+            f"layer {layer_idx}'s attention recorded no scores; the text decoder must run the {BACKEND_NAME!r} "
+            "backend while a KV-cache evictor is attached: do not switch attention inside the `with` block."
+        )
+    state.cache_scores[layer_idx] = scores
+    plan = cache_plan_fn(layer_idx, scores, state.span_id)
+    if plan is None:
+        return None
+    check_plan(plan, layer_idx, state.span_id, caller="cache_plan_fn")
+    entry = cache.layers[layer_idx]
+    if entry.get_seq_length() != plan.old_length:
+        raise ValueError(
+            f"layer {layer_idx}'s cache holds {entry.get_seq_length()} tokens but its prefill saw "
+            f"{plan.old_length}; KV-cache eviction needs a fresh cache per prompt (no prefix reuse)."
+        )
+    state.fill_layouts(depth)
+    layout = cache_layout(state.layouts[layer_idx], plan)  # (B, T_kept)
+    shrink_cache_layer(entry, plan)  # keys/values (B, H_kv, T_kept, d); the full tensors are dropped
+    state.layouts[layer_idx] = layout
+    return plan

@@ -8,7 +8,7 @@ from speechtrim.ops.merge import (
     random_pairs_similarity,
     same_span_pairs,
 )
-from speechtrim.ops.plan import Plan, apply_plan, gather_time, identity_plan, plan_from_slots
+from speechtrim.ops.plan import Plan, apply_plan, compose_plans, gather_time, identity_plan, plan_from_slots
 from speechtrim.ops.select import count_to_remove, count_to_remove_int, evict_plan
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "adjacent_similarity",
     "apply_plan",
     "attention_received",
+    "compose_plans",
     "count_to_remove",
     "count_to_remove_int",
     "evict_plan",

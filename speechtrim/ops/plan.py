@@ -1,7 +1,8 @@
 """A reduction plan: how one decoder layer shrinks a (B, T) sequence to (B, T_new), and how to apply it.
 
 Every reducer (merge or eviction) produces a :class:`Plan`; the Hugging Face plumbing applies it to the hidden
-states with :func:`apply_plan` and to position ids, rotary tables and mask rows/columns with :func:`gather_time`.
+states with :func:`apply_plan` and to position ids, rotary tables and mask rows/columns with :func:`gather_time`;
+:func:`compose_plans` chains the plans of successive layers back to the original sequence.
 
 Conventions:
 - Surviving tokens keep their order: ``slot`` is non-decreasing in the old index among kept tokens.
@@ -115,6 +116,32 @@ def plan_from_slots(starts: torch.Tensor, keep: torch.Tensor, weight: torch.Tens
     filler = torch.arange(new_length, device=device).unsqueeze(0) < shift.unsqueeze(1)  # (B, T_new)
     source = torch.where(filler, torch.zeros_like(source), source)  # (B, T_new)
     return Plan(slot=slot, weight=weight, source=source, filler=filler, removed=removed)
+
+
+def compose_plans(first: Plan | None, second: Plan) -> Plan:
+    """The plan that applies ``first`` then ``second``, expressed on ``first``'s original (B, T0) sequence.
+
+    ``slot`` maps each original token to its final slot (-1 once either plan evicts it), with weight 1 for every
+    survivor; ``source`` points through both plans back to an original index; a slot is a filler when ``second``
+    added it or when it takes a filler of ``first``. The decoder's full-length position ids, rotary tables and mask
+    are re-indexed with this plan at every later layer.
+
+    Args:
+        first: the plan accumulated so far, original (B, T0) -> (B, T1); None = nothing reduced yet.
+        second: the next plan, (B, T1) -> (B, T2).
+    """
+    if first is None:
+        return second
+    slot = torch.where(
+        first.slot >= 0, second.slot.gather(1, first.slot.clamp(min=0)), torch.full_like(first.slot, -1)
+    )  # (B, T0)
+    return Plan(
+        slot=slot,
+        weight=(slot >= 0).to(first.weight.dtype),
+        source=first.source.gather(1, second.source),  # (B, T2)
+        filler=second.filler | first.filler.gather(1, second.source),  # (B, T2)
+        removed=first.removed + second.removed,
+    )
 
 
 def apply_plan(plan: Plan, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,157 @@
+"""What an :class:`~speechtrim.hf.attach.Attachment` refuses, with errors that say how to fix the call.
+
+Reducers need consistent arguments, full causal attention through SDPA or eager (or speechtrim's tapping backend),
+a DynamicCache (reduced layers keep different numbers of tokens), the 2-D padding mask, and plans that only touch
+audio tokens. Model families outside the tested ones get one warning each.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+
+import torch
+from torch import nn
+
+from speechtrim.hf.attention import BACKEND_NAME
+from speechtrim.hf.layers import TextBackbone
+from speechtrim.hf.positions import POSITION_MODES
+from speechtrim.ops.plan import Plan
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ATTENTION = ("sdpa", "eager", BACKEND_NAME)
+TESTED_FAMILIES = ("llama", "qwen2", "qwen2_audio", "voxtral", "granite_speech", "qwen2_5_omni_thinker")
+_warned_families: set[str] = set()
+
+
+def layer_set(layers: Collection[int], name: str, depth: int) -> frozenset[int]:
+    """The chosen decoder layers as a set, refusing indices outside ``0..depth - 1``.
+
+    Args:
+        layers: layer indices given by the caller.
+        name: the argument's name, for the error message.
+        depth: number of decoder layers.
+    """
+    chosen = frozenset(int(layer) for layer in layers)
+    bad = sorted(layer for layer in chosen if not 0 <= layer < depth)
+    if bad:
+        raise ValueError(f"{name} {bad} are outside the decoder's layers 0..{depth - 1}; pick layers that exist.")
+    return chosen
+
+
+def check_arguments(
+    plan_fn: Callable | None, cache_plan_fn: Callable | None, cache_layers: Collection[int], positions: str
+) -> None:
+    """Refuse an attachment with nothing to do, a cache plan without its layers (or the reverse), bad positions.
+
+    Args:
+        plan_fn: the hidden-state plan function, or None.
+        cache_plan_fn: the KV-cache plan function, or None.
+        cache_layers: the layers whose cache ``cache_plan_fn`` reduces.
+        positions: "original" or "compact".
+    """
+    if plan_fn is None and cache_plan_fn is None:
+        raise ValueError(
+            "an Attachment needs plan_fn (reduce hidden states) or cache_plan_fn (evict from the KV cache); "
+            "pass at least one."
+        )
+    if (cache_plan_fn is None) != (not cache_layers):
+        raise ValueError(
+            "cache_plan_fn and cache_layers go together: pass the layers whose KV cache cache_plan_fn reduces "
+            f"(got cache_plan_fn={'set' if cache_plan_fn else 'None'}, cache_layers={sorted(cache_layers)})."
+        )
+    if positions not in POSITION_MODES:
+        raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
+    if positions == "compact" and cache_plan_fn is not None:
+        raise ValueError(
+            "positions='compact' re-numbers the tokens a hidden-state plan keeps, but KV-cache evictors "
+            "(cache_plan_fn, e.g. h2o) keep the evicted cache's rotary keys as they are and do not renumber: use "
+            "positions='original' with them."
+        )
+
+
+def check_text_decoder(backbone: TextBackbone) -> None:
+    """Refuse attention implementations the hooks cannot serve and decoders with non-full attention layers.
+
+    Args:
+        backbone: the text decoder the attachment hooks.
+    """
+    config = backbone.config
+    implementation = str(getattr(config, "_attn_implementation", None) or "eager")
+    if implementation not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"attention implementation {implementation!r} is not supported by speechtrim reducers; call "
+            "model.set_attn_implementation('sdpa') (or load with attn_implementation='sdpa') first."
+        )
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        raise ValueError(
+            f"the text decoder has non-full attention layers ({sorted(set(layer_types))}); speechtrim reducers "
+            "support full causal attention only: disable sliding windows in the config."
+        )
+
+
+def warn_untested_family(model: nn.Module, backbone: TextBackbone) -> None:
+    """Warn once per model family that is not among :data:`TESTED_FAMILIES`.
+
+    Args:
+        model: the wrapped model (its config's ``model_type`` names the family).
+        backbone: its text decoder (a tested text ``model_type`` is enough).
+    """
+    family = str(getattr(getattr(model, "config", backbone.config), "model_type", "unknown"))
+    if family in TESTED_FAMILIES or backbone.model_type in TESTED_FAMILIES or family in _warned_families:
+        return
+    _warned_families.add(family)
+    logger.warning(
+        "model family %r is untested with speechtrim reducers (tested: %s); check the outputs.",
+        family,
+        ", ".join(TESTED_FAMILIES),
+    )
+
+
+def check_decoder_inputs(cache: object, mask: object) -> None:
+    """Refuse caches other than DynamicCache and attention masks other than the 2-D (B, T) padding mask.
+
+    Args:
+        cache: the decoder's ``past_key_values`` (None = no cache).
+        mask: the decoder's ``attention_mask`` (None = no padding).
+    """
+    from transformers.cache_utils import DynamicCache
+
+    if cache is not None and not isinstance(cache, DynamicCache):
+        raise ValueError(
+            f"{type(cache).__name__} is not supported while a reducer is attached: reduced layers keep "
+            "different numbers of tokens, which only a DynamicCache can hold; use DynamicCache() (the default "
+            "of generate()) instead of a static cache."
+        )
+    if mask is not None and not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        raise ValueError(
+            "a reducer needs the 2-D (B, T) padding attention mask (or None); got "
+            f"{type(mask).__name__} {getattr(mask, 'shape', '')}: pass the tokenizer's attention_mask."
+        )
+
+
+def check_plan(plan: Plan, layer_idx: int, span_id: torch.Tensor, caller: str = "plan_fn") -> None:
+    """Refuse plans of the wrong shape, and plans that evict or merge tokens outside audio spans.
+
+    Args:
+        plan: the plan ``caller`` returned.
+        layer_idx: the decoder layer it was built for.
+        span_id: (B, T) long, the layer's span ids (-1 outside audio spans).
+        caller: "plan_fn" or "cache_plan_fn", for the error message.
+    """
+    batch, length = span_id.shape
+    if plan.batch != batch or plan.old_length != length or plan.source.shape[0] != batch:
+        raise ValueError(
+            f"{caller} returned a plan for ({plan.batch}, {plan.old_length}) tokens at layer {layer_idx}, but the "
+            f"layer sees ({batch}, {length}); build the plan from the span_id (B, T) passed to {caller}."
+        )
+    text = span_id < 0  # (B, T)
+    own_index = torch.arange(length, device=span_id.device).expand(batch, length)
+    kept_alone = (plan.slot >= 0) & (plan.source.gather(1, plan.slot.clamp(min=0)) == own_index)
+    if bool((text & ~kept_alone).any()):
+        raise ValueError(
+            f"the {caller} plan at layer {layer_idx} evicts or merges tokens outside audio spans (span_id == -1); "
+            "reducers may only touch audio tokens: restrict the plan to span_id >= 0."
+        )
