@@ -93,6 +93,37 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--llm", default="smollm2-135m", help="frozen LLM name")
         sub.add_argument("--out", type=Path, default=None, help="results folder (default: results/<command>-<data>)")
         sub.set_defaults(run=_run_adapters)
+
+    bench = commands.add_parser(
+        "bench",
+        help="accuracy vs cost of every token reducer x prefill-FLOPs reduction (tables, plot, resumable JSONL)",
+    )
+    bench.add_argument("--quick", action="store_true", help="the small CPU preset (a few minutes)")
+    bench.add_argument("--data", default=None,
+                       help="comma-separated sets: pocketsphinx, synthetic-asr, synthetic-emotion, or manifest paths "
+                            "(default: the preset's)")
+    bench.add_argument("--limit", type=int, default=None, help="clips per set (default: the preset's)")
+    bench.add_argument("--methods", default=None,
+                       help="comma-separated methods (default all): none, fastadasp (= fastadasp-sparse, "
+                            "-constant, -decay) or one of them, and every registered reducer")
+    bench.add_argument("--targets", default=None, help="target prefill-FLOPs reductions, e.g. 0.1,0.3,0.5")
+    bench.add_argument("--model", default="embedded",
+                       help="embedded (default, offline), a saved SpeechLM folder, or a Hugging Face speech LLM id")
+    bench.add_argument("--speechlm", type=Path, default=None, help="a saved SpeechLM folder (overrides --model)")
+    bench.add_argument("--out", type=Path, default=None, help="output folder (default results/bench-<preset>)")
+    bench.add_argument("--layer", default=None, help="first reduction layer or 'auto' (default: auto when stored)")
+    bench.add_argument("--max-new-tokens", type=int, default=None, help="tokens generated per clip")
+    bench.add_argument("--repeats", type=int, default=None, help="timed runs per clip (median)")
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--fresh", action="store_true", help="start over instead of resuming the results file")
+    bench.add_argument("--scaling", action="store_true",
+                       help="scaling study on 30-240 s audio instead of the sweep (FastAdaSP Tables 4, 5, 12, 13)")
+    bench.add_argument("--scaling-lengths", default="30,60,120,240", help="audio lengths of --scaling, seconds")
+    bench.add_argument("--memory-budget-gb", type=float, default=80.0, help="budget of the batch-size estimate")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's); 1 avoids thrashing when other jobs share the cores")
+    bench.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    bench.set_defaults(run=_run_bench)
     return parser
 
 
@@ -195,6 +226,38 @@ def _run_adapters(args: argparse.Namespace) -> int:
     print(tables)
     print(f"\nchart: {chart}; results: {out}")
     print(json.dumps({"command": args.command, **summary, "chart": str(chart)}, default=str))
+    return 0
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from speechtrim.bench.main import BenchOptions, run_bench
+
+    def numbers(text: str | None, option: str) -> tuple[float, ...] | None:
+        if text is None:
+            return None
+        try:
+            return tuple(float(part) for part in text.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"{option} takes comma-separated numbers such as 0.1,0.3,0.5, got {text!r}") from None
+
+    options = BenchOptions(
+        preset="quick" if args.quick else "default",
+        data=[part for part in args.data.split(",") if part] if args.data else None, limit=args.limit,
+        methods=[part for part in args.methods.split(",") if part] if args.methods else None,
+        targets=numbers(args.targets, "--targets"), model=args.model, speechlm=args.speechlm, out=args.out,
+        layer=args.layer, max_new_tokens=args.max_new_tokens, repeats=args.repeats, device=args.device,
+        fresh=args.fresh, scaling=args.scaling, scaling_lengths=numbers(args.scaling_lengths, "--scaling-lengths"),
+        memory_budget_gb=args.memory_budget_gb, progress=not args.no_progress, threads=args.threads,
+    )
+    started = time.perf_counter()
+    summary = run_bench(options)
+    if args.scaling:
+        print(Path(summary["table"]).read_text())
+    else:
+        print(Path(summary["tables"]).read_text())
+        print(f"plot: {summary['plot']}; rows: {summary['jsonl']}")
+    summary["wall_s"] = round(time.perf_counter() - started, 1)
+    print(json.dumps({"command": "bench", **summary}, default=str))
     return 0
 
 

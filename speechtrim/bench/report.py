@@ -1,0 +1,166 @@
+"""Markdown tables shaped like FastAdaSP's Tables 2, 3 and 9 (methods x FLOPs reduction) and the trade-off plot.
+
+Per data set: the task metric, the fidelity to the unreduced model and the measured prefill-FLOPs reduction, each
+as a methods x target table with the unreduced model ("Full Token Baseline") on top; then a system-metrics table
+(Table 4 style) of every row. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from speechtrim.assets.cache import atomic_file
+
+logger = logging.getLogger(__name__)
+
+PEAK_MEMORY_NOTE = ("peak MB = torch.cuda.max_memory_allocated during prefill + decode of one clip (max over clips); "
+                    "n/a on CPU, where no per-row peak is measured")
+
+
+def _cell(value: Any, percent: bool = False, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{100 * value:.{digits}f}" if percent else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _groups(rows: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["data"], row["task"]), []).append(row)
+    return groups
+
+
+def _grid(rows: list[dict], field: str, percent: bool, title: str, arrow: str) -> str:
+    targets = sorted({row["target"] for row in rows if row.get("reducer") is not None})
+    base = next((row for row in rows if row.get("reducer") is None), None)
+    methods: list[str] = []
+    for row in rows:
+        if row.get("reducer") is not None and row["method"] not in methods:
+            methods.append(row["method"])
+    cells = {(row["method"], row["target"]): row for row in rows}
+    headers = [f"{title} {arrow}"] + [f"{100 * target:.0f}%" for target in targets]
+    lines = []
+    if base is not None:
+        lines.append(["Full Token Baseline", _cell(base.get(field), percent)] + [""] * (len(targets) - 1))
+    for method in methods:
+        line = [method]
+        for target in targets:
+            row = cells.get((method, target))
+            line.append("—" if row is None or row.get("error") else _cell(row.get(field), percent))
+        lines.append(line)
+    return _table(headers, lines)
+
+
+def markdown_tables(rows: Sequence[dict], model: str) -> str:
+    """The report: per data set, metric / fidelity / measured FLOPs tables and the system-metrics table.
+
+    Args:
+        rows: sweep rows (``speechtrim.bench.sweep.run_sweep``).
+        model: the model's name for the headings.
+    """
+    parts = []
+    for (data, task), group in _groups(rows).items():
+        first = group[0]
+        kind = "SYNTHETIC speech" if first.get("synthetic") else "real speech"
+        untrained = " — UNTRAINED projector: task metric meaningless" if first.get("trained") is False else ""
+        parts.append(f"## {data} ({task}, {first.get('clips')} clips, {kind}) on {model}{untrained}\n")
+        parts.append("Columns: target prefill-FLOPs reduction (FastAdaSP eq. 10; h2o: eviction ratio). "
+                     "'—' = target unreachable.\n")
+        metric = first["metric_name"]
+        higher = first.get("metric_higher_is_better", metric != "wer")
+        percent = metric in ("wer", "accuracy")
+        parts.append(_grid(group, "metric", percent, f"{metric}{' %' if percent else ''}", "↑" if higher else "↓"))
+        fidelity_name = first.get("fidelity_name", "fidelity")
+        fidelity_up = first.get("fidelity_higher_is_better", fidelity_name == "agreement")
+        arrow = "↑" if fidelity_up else "↓"
+        parts.append("\n" + _grid(group, "fidelity", True, f"fidelity: {fidelity_name} %", arrow))
+        parts.append("\n" + _grid(group, "flops_reduction", True, "measured FLOPs reduction %", ""))
+        parts.append("\n" + system_table(group) + "\n")
+    parts.append(f"Times are medians over repeats, averaged over clips (ms per clip); RTF = (encoder + prefill + "
+                 f"decode) / audio seconds; tokens/s = decode steps / decode seconds; speed-ups are against the "
+                 f"unreduced model in the same process; KV MB = key + value bytes right after prefill; "
+                 f"{PEAK_MEMORY_NOTE}. h2o leaves prefill unchanged (measured FLOPs reduction 0) and shrinks the "
+                 f"KV cache; as in the paper, its column is its eviction ratio (share of audio entries every layer's "
+                 f"cache drops).")
+    return "\n".join(parts)
+
+
+def system_table(rows: Sequence[dict]) -> str:
+    """Table 4-style system metrics of every row."""
+    headers = ["method", "target %", "FLOPs red. %", "RTF ↓", "encode ms", "prefill ms ↓", "decode ms ↓",
+               "tokens/s ↑", "prefill ×", "decode ×", "KV MB ↓", "peak MB"]
+    lines = []
+    for row in rows:
+        if row.get("error"):
+            lines.append([row["method"], _cell(row["target"], True, 0), "—", "—", "", "", "", "", "", "", "", ""])
+            continue
+        kv = row.get("kv_cache_bytes")
+        lines.append([row["method"], _cell(float(row["target"]), True, 0), _cell(row.get("flops_reduction"), True),
+                      _cell(row.get("rtf"), digits=3), _cell(row.get("encode_ms"), digits=0),
+                      _cell(row.get("prefill_ms"), digits=1), _cell(row.get("decode_ms"), digits=1),
+                      _cell(row.get("tokens_per_s"), digits=1), _cell(row.get("prefill_speedup")),
+                      _cell(row.get("decode_speedup")), _cell(kv / 2**20 if kv is not None else None, digits=2),
+                      _cell(row.get("peak_mem_mb"), digits=0)])
+    return _table(headers, lines)
+
+
+def write_tables(text: str, path: Path) -> Path:
+    """Write the markdown report atomically."""
+    with atomic_file(Path(path)) as handle:
+        handle.write(text + "\n")
+    return Path(path)
+
+
+def plot(rows: Sequence[dict], path: Path, model: str) -> Path:
+    """Trade-off plot, one panel per data set: task metric vs measured FLOPs reduction, one line per method.
+
+    Args:
+        rows: sweep rows.
+        path: the PNG to write (atomically).
+        model: the model's name for the title.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    groups = _groups(rows)
+    figure = Figure(figsize=(6 * max(len(groups), 1), 4.5))
+    for index, ((data, task), group) in enumerate(groups.items()):
+        axes = figure.add_subplot(1, max(len(groups), 1), index + 1)
+        base = next((row for row in group if row.get("reducer") is None), None)
+        methods = []
+        for row in group:
+            if row.get("reducer") is not None and row["method"] not in methods:
+                methods.append(row["method"])
+        for method in methods:
+            points = sorted((100 * row["flops_reduction"], row["metric"]) for row in group
+                            if row["method"] == method and not row.get("error") and row.get("metric") is not None)
+            if points:
+                axes.plot(*zip(*points), marker="o", label=method)
+        if base is not None and base.get("metric") is not None:
+            axes.axhline(base["metric"], color="black", linestyle="--", label="full tokens")
+        kind = "synthetic" if group[0].get("synthetic") else "real"
+        axes.set_title(f"{data} ({task}, {kind})")
+        axes.set_xlabel("measured prefill FLOPs reduction (%)")
+        axes.set_ylabel(group[0]["metric_name"])
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.suptitle(f"speechtrim bench: {model}")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    with atomic_file(Path(path), mode="wb") as handle:
+        handle.write(buffer.getvalue())
+    return Path(path)

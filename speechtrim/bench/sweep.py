@@ -1,0 +1,332 @@
+"""The accuracy-vs-cost sweep: every method x target prefill-FLOPs reduction, one JSONL row each, resumable.
+
+Methods: the unreduced model (``none``), FastAdaSP sparse (one layer) and dense (constant and decay schedules), and
+every other registered reducer. Each reducer is built with ``flops_reduction=target`` and solves its merge ratio per
+prompt; the row reports the reduction *measured* over the per-layer lengths the reducer really produced.
+
+H2O evicts KV-cache entries and leaves the prefill untouched. As in the paper, which lists it under its "FLOPs
+reduce" columns meaning its eviction ratio, its column value is used as ``ratio=``: every layer's cache drops that
+fraction of the audio entries (``keyed_by="ratio"``). Its rows report the measured prefill-FLOPs reduction honestly
+(0) and the KV-cache bytes it frees.
+
+Timings: one warm-up pass, then per clip the median of ``repeats`` runs; a row's latencies are means over clips
+(seconds per sentence, as the paper reports). Ratios to the unreduced model come from the baseline measured in the
+same process, which every sweep runs first (its outputs are also the reference of the fidelity scores).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from speechtrim import reducers
+from speechtrim.bench.runner import ItemRun, Prepared, median_encode, run_item
+from speechtrim.eval.harness import FIDELITY, PRIMARY_METRIC, EvalSet, fidelity, task_scores
+
+logger = logging.getLogger(__name__)
+
+TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5)
+LABEL_NEW_TOKENS = 8  # label tasks: the label comes from scoring; the decode timed is a short answer
+ROW_KEYS = ("method", "schedule", "task", "flops_reduction", "metric_name", "metric", "fidelity", "prefill_ms",
+            "decode_ms", "tokens_per_s", "rtf", "peak_mem_mb", "kv_cache_bytes")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One line of the trade-off tables.
+
+    Args:
+        name: the row label, e.g. "fastadasp-sparse".
+        reducer: registry name, or None for the unreduced model.
+        schedule: "none" (one layer), "constant" or "decay".
+        layer: first reduction layer, or "auto" (transfer-entropy selection).
+        keyed_by: "flops": a column is a target prefill-FLOPs reduction (the ratio is solved per prompt);
+            "ratio": a column is the reducer's own ratio (h2o's eviction ratio).
+    """
+
+    name: str
+    reducer: str | None
+    schedule: str = "none"
+    layer: int | str = 2
+    keyed_by: str = "flops"
+
+    def build(self, target: float) -> Any:
+        """The reducer for one column of the tables (None for the unreduced model)."""
+        if self.reducer is None:
+            return None
+        if self.keyed_by == "ratio":
+            return reducers.build(self.reducer, ratio=target, layer=self.layer, schedule=self.schedule)
+        return reducers.build(self.reducer, flops_reduction=target, layer=self.layer, schedule=self.schedule)
+
+
+def all_methods(layer: int | str = 2) -> list[Method]:
+    """The unreduced model, FastAdaSP's three strategies and every other registered reducer.
+
+    Args:
+        layer: first reduction layer of the layer-based methods (h2o always covers every layer from 0).
+    """
+    methods = [Method("none", None), Method("fastadasp-sparse", "fastadasp", "none", layer),
+               Method("fastadasp-constant", "fastadasp", "constant", layer),
+               Method("fastadasp-decay", "fastadasp", "decay", layer)]
+    for name in reducers.names():
+        if name == "fastadasp":
+            continue
+        if name == "h2o":  # every layer's cache from layer 0, keyed by its eviction ratio
+            methods.append(Method(name, name, "constant", 0, "ratio"))
+        else:
+            methods.append(Method(name, name, "none", layer))
+    return methods
+
+
+def select_methods(names: Sequence[str] | None, layer: int | str = 2) -> list[Method]:
+    """The methods named (``fastadasp`` = its three strategies); None = all. The unreduced model always comes first.
+
+    Args:
+        names: method names, e.g. ["fastadasp", "fastv"].
+        layer: first reduction layer.
+    """
+    known = all_methods(layer)
+    if not names:
+        return known
+    by_name = {method.name: [method] for method in known}
+    by_name["fastadasp"] = [m for m in known if m.reducer == "fastadasp"]
+    unknown = [name for name in names if name not in by_name]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; choose from {sorted(by_name)}")
+    chosen = [known[0]]
+    for name in names:
+        chosen += [method for method in by_name[name] if method not in chosen]
+    return chosen
+
+
+@dataclass
+class SweepConfig:
+    """What a sweep runs.
+
+    Args:
+        targets: target prefill-FLOPs reductions, each in (0, 1).
+        methods: the methods (the unreduced model is added when missing).
+        max_new_tokens: most tokens generated per clip.
+        repeats: timed runs per clip (median).
+        warmup: untimed runs before the first row.
+    """
+
+    targets: tuple[float, ...] = TARGETS
+    methods: list[Method] = field(default_factory=all_methods)
+    max_new_tokens: int = 32
+    repeats: int = 1
+    warmup: int = 1
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.targets if isinstance(t, bool) or not 0.0 < float(t) < 1.0]
+        if bad or not self.targets:
+            raise ValueError(f"targets must be FLOPs reductions in (0, 1), e.g. 0.1,0.3,0.5; got {list(self.targets)}")
+        if self.max_new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
+            raise ValueError("max_new_tokens and repeats must be >= 1 and warmup >= 0, got "
+                             f"{self.max_new_tokens}, {self.repeats}, {self.warmup}")
+        if not any(method.reducer is None for method in self.methods):
+            self.methods = [Method("none", None), *self.methods]
+
+
+def row_key(model_name: str, data: EvalSet, method: Method, target: float, config: SweepConfig) -> str:
+    """What makes a row's result: model, data, method settings, target and generation length."""
+    return (f"{model_name}|{data.name}:{data.task}:{len(data)}|{method.name}|{method.schedule}|{method.layer}|"
+            f"{method.keyed_by}|"
+            f"{target:.3f}|max_new={config.max_new_tokens}")
+
+
+def read_jsonl(path: Path) -> dict[str, dict]:
+    """Rows already written, by key; a torn last line (an interrupted write) is skipped with a warning."""
+    rows: dict[str, dict] = {}
+    if not path.is_file():
+        return rows
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                logger.warning("%s line %d is not complete JSON (an interrupted write?); it will be redone", path,
+                               number)
+                continue
+            if "key" in row:
+                rows[row["key"]] = row
+    return rows
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """Append one row and force it to disk, so an interrupted sweep keeps it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torn = False  # a line cut short by a crash: start on a fresh line so the new row stays whole
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as handle:
+            handle.seek(-1, os.SEEK_END)
+            torn = handle.read(1) != b"\n"
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(("\n" if torn else "") + json.dumps(row) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def summarise(data: EvalSet, method: Method, target: float, runs: list[ItemRun], prepared: list[Prepared],
+              full: list[ItemRun] | None) -> dict[str, Any]:
+    """One table row from the per-clip runs (``full`` = the unreduced runs, for fidelity and ratios)."""
+    outputs = [run.output for run in runs]
+    scores = task_scores(data.task, [item.reference for item in data.items], outputs)
+    metric_name, higher = PRIMARY_METRIC[data.task]
+    fidelity_name, fidelity_higher = FIDELITY[data.task]
+    reference = full if full is not None else runs
+    audio_s = sum(item.seconds for item in data.items)
+    prefill = [run.prefill_s for run in runs]
+    decode = [run.decode_s for run in runs]
+    steps = sum(run.decode_steps for run in runs)
+    total = sum(p.encode_s for p in prepared) + sum(prefill) + sum(decode)
+    peaks = [run.peak_mem_mb for run in runs if run.peak_mem_mb is not None]
+    row: dict[str, Any] = {
+        "method": method.name, "schedule": method.schedule, "layer": method.layer, "reducer": method.reducer,
+        "task": data.task, "data": data.name, "synthetic": data.synthetic, "clips": len(data),
+        "target": 0.0 if method.reducer is None else float(target), "keyed_by": method.keyed_by,
+        "flops_reduction": _mean([run.flops_reduction for run in runs]),
+        "flops_reduction_min": float(min(run.flops_reduction for run in runs)),
+        "flops_reduction_max": float(max(run.flops_reduction for run in runs)),
+        "metric_name": metric_name, "metric_higher_is_better": higher, "metric": scores[metric_name],
+        "scores": scores,
+        "fidelity_name": fidelity_name, "fidelity_higher_is_better": fidelity_higher,
+        "fidelity": fidelity(data.task, [r.output for r in reference], outputs),
+        "encode_ms": 1000 * _mean([p.encode_s for p in prepared]),
+        "prefill_ms": 1000 * _mean(prefill), "decode_ms": 1000 * _mean(decode),
+        "tokens_per_s": steps / sum(decode) if steps and sum(decode) > 0 else None,
+        "new_tokens": _mean([run.decode_steps + 1 for run in runs]),
+        "rtf": total / audio_s,
+        "peak_mem_mb": max(peaks) if peaks else None,
+        "kv_cache_bytes": int(round(_mean([run.kv_cache_bytes for run in runs]))),
+        "audio_tokens": _mean([p.audio_tokens for p in prepared]),
+        "prompt_tokens": _mean([p.length for p in prepared]),
+        "tokens_per_layer": runs[0].tokens_per_layer,
+        "cache_tokens_per_layer": runs[0].cache_tokens_per_layer,
+        "outputs": outputs,
+    }
+    if full is not None:
+        base = summarise_times(full)
+        row["prefill_speedup"] = base["prefill"] / sum(prefill) if sum(prefill) > 0 else None
+        row["decode_speedup"] = base["decode"] / sum(decode) if sum(decode) > 0 else None
+        row["kv_cache_ratio"] = row["kv_cache_bytes"] / base["kv"] if base["kv"] else None
+        if row["tokens_per_s"] and base["tokens_per_s"]:
+            row["throughput_ratio"] = row["tokens_per_s"] / base["tokens_per_s"]
+    return row
+
+
+def summarise_times(runs: list[ItemRun]) -> dict[str, float]:
+    """Total prefill and decode seconds, mean KV bytes and decode tokens/s of a list of runs."""
+    decode = sum(run.decode_s for run in runs)
+    steps = sum(run.decode_steps for run in runs)
+    return {"prefill": sum(run.prefill_s for run in runs), "decode": decode,
+            "kv": _mean([run.kv_cache_bytes for run in runs]),
+            "tokens_per_s": steps / decode if steps and decode > 0 else 0.0}
+
+
+def run_sweep(model: Any, sets: Sequence[EvalSet], config: SweepConfig, jsonl: Path, progress: bool = True,
+              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """Run every (data set, method, target) not yet in ``jsonl``; append each row as soon as it is done.
+
+    Args:
+        model: an :class:`~speechtrim.bench.runner.EmbeddedModel` or :class:`~speechtrim.bench.runner.HubModel`.
+        sets: evaluation sets.
+        config: methods, targets, generation length, repeats.
+        jsonl: the results file (created or extended; rows already there are reused, not rerun).
+        progress: show a progress bar.
+        on_row: called with each finished row (new or reused).
+    Returns:
+        every row of this sweep, in order (reused rows included).
+    """
+    done = read_jsonl(jsonl)
+    reduced = [m for m in config.methods if m.reducer is not None]
+    plan = [(data, method, target) for data in sets for method in reduced for target in config.targets]
+
+    def own_config(data: EvalSet) -> SweepConfig:
+        if data.candidates:  # label tasks decode a short answer only
+            return dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, LABEL_NEW_TOKENS))
+        return config
+
+    todo = sum(row_key(model.name, d, m, t, own_config(d)) not in done for d, m, t in plan)
+    bar = tqdm(total=todo + len(sets), desc="bench", unit="row", disable=not progress)
+    rows: list[dict] = []
+    try:
+        for data in sets:
+            bar.set_postfix_str(f"{data.name}: encoding")
+            own = own_config(data)
+            prepared = [median_encode(model, item, own.repeats) for item in data.items]  # the same for every row
+            candidates = data.candidates
+            for _ in range(config.warmup):  # warm-up: unreduced and one reducer, untimed
+                run_item(model, prepared[0], None, candidates, own.max_new_tokens)
+                if reduced:
+                    _safe_run(model, prepared[0], reduced[0].build(config.targets[0]), candidates, own.max_new_tokens)
+            bar.set_postfix_str(f"{data.name}: none")
+            full = [run_item(model, p, None, candidates, own.max_new_tokens, own.repeats) for p in prepared]
+            bar.update(1)
+            base_method = next(m for m in config.methods if m.reducer is None)
+            key = row_key(model.name, data, base_method, 0.0, own)
+            row = {**summarise(data, base_method, 0.0, full, prepared, full), "key": key, "model": model.name,
+                   "trained": model.trained}
+            if key not in done:
+                append_jsonl(jsonl, row)
+            rows.append(done.get(key, row))
+            if on_row:
+                on_row(rows[-1])
+            for method in reduced:
+                for target in config.targets:
+                    key = row_key(model.name, data, method, target, own)
+                    if key in done:
+                        rows.append(done[key])
+                        if on_row:
+                            on_row(rows[-1])
+                        continue
+                    bar.set_postfix_str(f"{data.name}: {method.name} {target:.0%}")
+                    row = _measure(model, data, method, target, prepared, full, own)
+                    row.update(key=key, model=model.name, trained=model.trained)
+                    append_jsonl(jsonl, row)
+                    rows.append(row)
+                    if on_row:
+                        on_row(row)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return rows
+
+
+def _safe_run(model: Any, prepared: Prepared, reducer: Any, candidates: list[str] | None, max_new: int) -> None:
+    try:
+        run_item(model, prepared, reducer, candidates, max_new)
+    except ValueError as error:
+        logger.info("warm-up with a reducer failed (%s); continuing", error)
+
+
+def _measure(model: Any, data: EvalSet, method: Method, target: float, prepared: list[Prepared],
+             full: list[ItemRun], config: SweepConfig) -> dict[str, Any]:
+    """One row; a reducer that cannot reach the target on some clip gives a row with ``error`` and no numbers."""
+    reducer = method.build(target)
+    try:
+        runs = [run_item(model, p, reducer, data.candidates, config.max_new_tokens, config.repeats)
+                for p in prepared]
+    except ValueError as error:
+        logger.warning("%s at %.0f%% on %s: %s", method.name, 100 * target, data.name, error)
+        metric_name, _ = PRIMARY_METRIC[data.task]
+        return {"method": method.name, "schedule": method.schedule, "layer": method.layer,
+                "reducer": method.reducer, "task": data.task, "data": data.name, "synthetic": data.synthetic,
+                "clips": len(data), "target": float(target), "error": str(error), "metric_name": metric_name,
+                **{key: None for key in ROW_KEYS if key not in ("method", "schedule", "task", "metric_name")}}
+    return summarise(data, method, target, runs, prepared, full)

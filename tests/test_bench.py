@@ -1,0 +1,215 @@
+"""``speechtrim bench``: the sweep's rows and keys, resume after an interruption, FLOPs targets, fidelity of the
+unreduced model, atomic tables and plot, bad input. A tiny random SpeechLM (4 decoder layers) built in code."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+from speechtrim import reducers
+from speechtrim.bench import sweep as sweep_module
+from speechtrim.bench.main import BenchOptions, run_bench
+from speechtrim.bench.report import markdown_tables, plot, write_tables
+from speechtrim.bench.runner import EmbeddedModel
+from speechtrim.bench.scaling import long_audio, max_batch, scaling_study
+from speechtrim.bench.sweep import ROW_KEYS, SweepConfig, read_jsonl, run_sweep, select_methods
+from speechtrim.cli import main
+from speechtrim.eval.harness import EvalItem, EvalSet
+from speechtrim.hf.speechlm import SpeechLM
+from tests.tiny_speechlm import WORDS, tiny_tokenizer
+
+LAYER = 2
+STRICT = ("fastadasp-sparse", "fastadasp-constant", "fastadasp-decay", "avg_merge", "fastv", "random_merge",
+          "random_evict")  # methods that can always reach the targets used here
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not thrash when other jobs share the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_bench_model(seed: int = 0) -> SpeechLM:
+    """A tiny random SpeechLM whose LLM has 4 decoder layers (room for layer-2 and dense schedules)."""
+    torch.manual_seed(seed)
+    whisper = WhisperModel(
+        WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
+                      decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=80, vocab_size=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=1)
+    ).eval()
+    llm = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(WORDS), hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0,
+                    eos_token_id=1, bos_token_id=1)
+    ).eval()
+    return SpeechLM(whisper.get_encoder(), WhisperFeatureExtractor(feature_size=80), llm, tiny_tokenizer())
+
+
+def toy_sets(clips: int = 2) -> list[EvalSet]:
+    rng = np.random.default_rng(0)
+    audio = [(0.1 * rng.standard_normal(int(16000 * seconds))).astype(np.float32) for seconds in (0.8, 1.2, 1.0)]
+    asr = EvalSet("toy-asr", "asr", [EvalItem(f"a{i}", audio[i], "the emotion is happy", "transcribe this <audio> \n")
+                                     for i in range(clips)])
+    emotion = EvalSet("toy-emotion", "emotion",
+                      [EvalItem(f"e{i}", audio[i], label, "what emotion <audio> \n", "the emotion is :")
+                       for i, label in zip(range(clips), ["sad", "happy", "sad"])], ("happy", "sad"))
+    return [asr, emotion]
+
+
+@pytest.fixture
+def model():
+    return EmbeddedModel(tiny_bench_model(), "tiny", trained=False)
+
+
+def test_sweep_rows_keys_targets_fidelity(one_thread, model, tmp_path):
+    config = SweepConfig(targets=(0.1, 0.3), methods=select_methods(None, LAYER), max_new_tokens=3)
+    rows = run_sweep(model, toy_sets(), config, tmp_path / "rows.jsonl", progress=False)
+    reduced = [m for m in config.methods if m.reducer is not None]
+    assert len(rows) == 2 * (1 + len(reduced) * 2)
+    names = {row["method"] for row in rows}
+    assert {"none", "fastadasp-sparse", "fastadasp-constant", "fastadasp-decay"} <= names
+    assert set(reducers.names()) - {"fastadasp"} <= names
+    for row in rows:
+        assert set(ROW_KEYS) <= set(row), row
+        assert not row.get("error"), row
+        if row["method"] == "none":
+            perfect = 1.0 if row["task"] == "emotion" else 0.0
+            assert row["fidelity"] == perfect and row["flops_reduction"] == 0.0
+            assert row["prefill_speedup"] == pytest.approx(1.0)
+        if row["method"] in STRICT:
+            assert abs(row["flops_reduction"] - row["target"]) < 0.03, row
+        if row["method"] == "h2o":  # eviction: prefill untouched, smaller cache
+            assert row["flops_reduction"] == 0.0 and row["kv_cache_ratio"] < 1.0
+        assert row["rtf"] > 0 and row["prefill_ms"] > 0 and row["kv_cache_bytes"] > 0
+        assert row["peak_mem_mb"] is None  # CPU
+    emotion = [row for row in rows if row["task"] == "emotion"]
+    assert {row["metric_name"] for row in emotion} == {"accuracy"}
+    assert all(set(row["outputs"]) <= {"happy", "sad"} for row in emotion)
+    assert len(read_jsonl(tmp_path / "rows.jsonl")) == len(rows)
+
+
+def test_interrupted_sweep_resumes(one_thread, model, tmp_path, monkeypatch):
+    jsonl = tmp_path / "rows.jsonl"
+    config = SweepConfig(targets=(0.2, 0.4), methods=select_methods(["fastadasp-sparse", "fastv"], LAYER),
+                         max_new_tokens=2)
+    sets = toy_sets()[:1]
+    seen = []
+
+    def interrupt(row):
+        seen.append(row["method"])
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(model, sets, config, jsonl, progress=False, on_row=interrupt)
+    assert len(read_jsonl(jsonl)) == 3
+    with open(jsonl, "a") as handle:  # a torn line from a crash mid-write is ignored and redone
+        handle.write('{"key": "half a ro')
+    measured = []
+    original = sweep_module._measure
+    monkeypatch.setattr(sweep_module, "_measure", lambda *a, **k: measured.append(a[2].name) or original(*a, **k))
+    rows = run_sweep(model, sets, config, jsonl, progress=False)
+    assert len(rows) == 5 and len(measured) == 2  # only the two unfinished rows ran
+    assert [row["method"] for row in rows] == ["none", "fastadasp-sparse", "fastadasp-sparse", "fastv", "fastv"]
+    assert len(read_jsonl(jsonl)) == 5
+
+
+def test_unreachable_target_keeps_sweeping(one_thread, model, tmp_path):
+    config = SweepConfig(targets=(0.1, 0.95), methods=select_methods(["fastadasp-sparse"], 3), max_new_tokens=2)
+    rows = run_sweep(model, toy_sets()[:1], config, tmp_path / "rows.jsonl", progress=False)
+    assert [bool(row.get("error")) for row in rows] == [False, False, True]
+    assert "unreachable" in rows[-1]["error"] and rows[-1]["metric"] is None
+    text = markdown_tables(rows, "tiny")
+    assert "—" in text and "Full Token Baseline" in text
+
+
+def test_tables_and_plot_are_atomic(one_thread, model, tmp_path, monkeypatch):
+    config = SweepConfig(targets=(0.3,), methods=select_methods(["fastadasp"], LAYER), max_new_tokens=2)
+    rows = run_sweep(model, toy_sets(), config, tmp_path / "rows.jsonl", progress=False)
+    text = markdown_tables(rows, "tiny")
+    for needle in ("toy-asr", "toy-emotion", "fastadasp-decay", "wer", "accuracy", "agreement", "UNTRAINED"):
+        assert needle in text
+    table = write_tables(text, tmp_path / "out" / "tables.md")
+    png = plot(rows, tmp_path / "out" / "tradeoff.png", "tiny")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and table.read_text().startswith("## toy-asr")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tables.md", "tradeoff.png"]  # no temp files
+    from matplotlib.figure import Figure
+
+    monkeypatch.setattr(Figure, "savefig", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    before = png.read_bytes()
+    with pytest.raises(RuntimeError):
+        plot(rows, png, "tiny")
+    assert png.read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["tables.md", "tradeoff.png"]
+
+
+def test_run_bench_on_manifest(one_thread, model, tmp_path):
+    rng = np.random.default_rng(3)
+    lines = []
+    for index in range(2):
+        soundfile.write(tmp_path / f"c{index}.wav", (0.1 * rng.standard_normal(12000)).astype(np.float32), 16000)
+        lines.append(json.dumps({"audio": f"c{index}.wav", "transcript": "the emotion is sad"}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    options = BenchOptions(preset="quick", data=[str(tmp_path / "m.jsonl")], methods=["fastadasp-sparse", "h2o"],
+                           targets=(0.2,), out=tmp_path / "out", layer="2", max_new_tokens=2, progress=False)
+    summary = run_bench(options, model=model)
+    assert summary["model"] == "tiny" and "m (asr, 2 clips, real)" in summary["data"]
+    assert [row["method"] for row in summary["rows"]] == ["none", "fastadasp-sparse", "h2o"]
+    assert all(set(ROW_KEYS) <= set(row) and "outputs" not in row for row in summary["rows"])
+    assert (tmp_path / "out" / "tables.md").is_file() and (tmp_path / "out" / "tradeoff.png").is_file()
+    json.dumps(summary)  # the summary line is JSON
+    again = run_bench(options, model=model)  # resumed: same rows, nothing appended
+    assert len(again["rows"]) == 3 and len((tmp_path / "out" / "results.jsonl").read_text().splitlines()) == 3
+
+
+def test_scaling_study(one_thread, model):
+    clips = [np.full(8000, 0.05, dtype=np.float32), np.full(4000, -0.05, dtype=np.float32)]
+    audio = long_audio(clips, 2.0)
+    assert audio.shape == (32000,) and audio[0] == pytest.approx(0.05)
+    method = select_methods(["fastadasp-sparse"], 1)[1]
+    rows = scaling_study(model, clips, method, lengths=(1.0, 2.0), target=0.4, max_new_tokens=2,
+                         memory_budget_gb=0.01, progress=False)
+    assert [(row["seconds"], row["method"]) for row in rows] == [
+        (1.0, "none"), (1.0, "fastadasp-sparse"), (2.0, "none"), (2.0, "fastadasp-sparse")]
+    for full, reduced in zip(rows[::2], rows[1::2]):
+        assert reduced["flops_reduction"] == pytest.approx(0.4, abs=0.03)
+        assert reduced["theoretical_prefill_speedup"] == pytest.approx(1 / (1 - reduced["flops_reduction"]))
+        assert reduced["kv_cache_bytes"] < full["kv_cache_bytes"]
+        assert reduced["max_batch_kv_bound"] >= full["max_batch_kv_bound"]
+        assert full["tokens_per_s"] > 0 and reduced["tokens_per_s"] > 0  # fixed-length decode: 1 step each
+    assert max_batch(100.0, 40, 20.0) == 3 and max_batch(10.0, 40, 20.0) == 0
+
+
+def test_bad_input_messages(capsys):
+    with pytest.raises(ValueError, match="unknown method.*fastadasp-sparse"):
+        select_methods(["fastadasp", "tome"])
+    with pytest.raises(ValueError, match="targets must be"):
+        SweepConfig(targets=(0.0, 0.5))
+    assert main(["bench", "--methods", "nonsense"]) == 2
+    assert "unknown method(s) ['nonsense']" in capsys.readouterr().err
+    assert main(["bench", "--targets", "ten"]) == 2
+    assert "comma-separated numbers" in capsys.readouterr().err
+    assert main(["bench", "--data", "librispeech", "--methods", "fastv"]) == 2
+    assert "unknown data 'librispeech'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_quick_cli_on_embedded_model(tmp_path, capsys):
+    """`speechtrim bench --quick` end to end on the embedded model (two methods, one target, one clip: CI-sized)."""
+    code = main(["bench", "--quick", "--methods", "fastadasp-sparse,h2o", "--targets", "0.5", "--limit", "1",
+                 "--max-new-tokens", "4", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["command"] == "bench" and summary["model"].startswith("embedded")
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert set(rows) == {"none", "fastadasp-sparse", "h2o"}
+    assert rows["none"]["fidelity"] == 0.0
+    assert rows["fastadasp-sparse"]["flops_reduction"] == pytest.approx(0.5, abs=0.02)
+    assert rows["h2o"]["flops_reduction"] == 0.0 and rows["h2o"]["kv_cache_bytes"] < rows["none"]["kv_cache_bytes"]
+    assert (tmp_path / "tables.md").is_file() and (tmp_path / "tradeoff.png").is_file()
