@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
 from speechtrim import reducers
 from speechtrim.bench import sweep as sweep_module
@@ -19,7 +18,7 @@ from speechtrim.bench.sweep import ROW_KEYS, SweepConfig, read_jsonl, run_sweep,
 from speechtrim.cli import main
 from speechtrim.eval.harness import EvalItem, EvalSet
 from speechtrim.hf.speechlm import SpeechLM
-from tests.tiny_speechlm import WORDS, tiny_tokenizer
+from tests.tiny_speechlm import tiny_speechlm
 
 LAYER = 2
 STRICT = ("fastadasp-sparse", "fastadasp-constant", "fastadasp-decay", "avg_merge", "fastv", "random_merge",
@@ -37,18 +36,7 @@ def one_thread():
 
 def tiny_bench_model(seed: int = 0) -> SpeechLM:
     """A tiny random SpeechLM whose LLM has 4 decoder layers (room for layer-2 and dense schedules)."""
-    torch.manual_seed(seed)
-    whisper = WhisperModel(
-        WhisperConfig(d_model=32, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
-                      decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=80, vocab_size=64,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=1, decoder_start_token_id=1)
-    ).eval()
-    llm = LlamaForCausalLM(
-        LlamaConfig(vocab_size=len(WORDS), hidden_size=48, intermediate_size=96, num_hidden_layers=4,
-                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, pad_token_id=0,
-                    eos_token_id=1, bos_token_id=1)
-    ).eval()
-    return SpeechLM(whisper.get_encoder(), WhisperFeatureExtractor(feature_size=80), llm, tiny_tokenizer())
+    return tiny_speechlm(seed=seed, layers=4, max_positions=4096)
 
 
 def toy_sets(clips: int = 2) -> list[EvalSet]:
