@@ -51,10 +51,6 @@ class Utterance:
         """The clip as (T,) float32 mono at 16 kHz."""
         return load_audio(self.audio_path)
 
-    def load_audio(self) -> np.ndarray:
-        """Same as :meth:`load`: the clip as (T,) float32 mono at 16 kHz."""
-        return self.load()
-
 
 def parse_sphinx_transcription(path: Path) -> dict[str, str]:
     """Read a Sphinx transcription file into {utterance id: text} (markers stripped, spaces collapsed).
