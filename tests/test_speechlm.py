@@ -59,6 +59,19 @@ def test_multi_token_score_equals_full_sequence_log_probability():
     torch.testing.assert_close(scored[0, 0], expected, rtol=1e-4, atol=1e-4)
 
 
+
+def test_loss_equals_cross_entropy_over_full_logits_in_a_padded_batch():
+    model = tiny_speechlm()
+    batch = model.prepare(clips(0.4, 1.0), [PROMPT, PROMPT], targets=["happy", "very very neutral"])
+    logits = model.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits  # every position
+    total, count = 0.0, 0
+    for row, ((start, end), ids) in enumerate(zip(batch.extra["target_spans"], batch.extra["target_ids"])):
+        total = total + torch.nn.functional.cross_entropy(logits[row, start - 1 : end - 1], ids, reduction="sum")
+        count += len(ids)
+    assert batch.extra["target_spans"][0][0] != batch.extra["target_spans"][1][0]  # unequal targets
+    torch.testing.assert_close(model.loss(batch), total / count, rtol=1e-5, atol=1e-5)
+
 def test_only_projector_and_adapter_train():
     model = tiny_speechlm(adapter="attn_mean").train()
     assert not model.encoder.training and not model.llm.training
@@ -119,3 +132,4 @@ def test_saved_projector_and_adapter_reload_with_one_call(tmp_path, monkeypatch)
             assert torch.equal(loaded.state_dict()[name], tensor), name
     with pytest.raises(FileNotFoundError, match="not a saved SpeechLM"):
         speechlm_module.load_speechlm(tmp_path)
+

@@ -157,7 +157,7 @@ class SpeechLM(nn.Module):
         audio_embeds: torch.Tensor,
         audio_mask: torch.Tensor,
         targets: list[str] | None = None,
-        assistant_prefix: str = "",
+        assistant_prefix: str | list[str] = "",
     ) -> PromptBatch:
         """Splice each row's real audio embeddings into its prompt; left-pad the batch.
 
@@ -166,18 +166,22 @@ class SpeechLM(nn.Module):
             audio_embeds: (B, T_a, D_llm); audio_mask: (B, T_a) bool.
             targets: optional answer text per row appended after the prompt (for training); its token positions
                 are returned in ``extra["target_spans"]`` and the token ids in ``extra["target_ids"]``.
-            assistant_prefix: text the assistant's turn starts with, before any target.
+            assistant_prefix: text the assistant's turn starts with, before any target; one for every row or a
+                list with one per row (a batch that mixes tasks).
         A row whose mask is all False gets no audio tokens (the text-only baseline).
         """
         if len(prompts) != audio_embeds.shape[0]:
             raise ValueError(f"{len(prompts)} prompts for {audio_embeds.shape[0]} clips")
+        prefixes = [assistant_prefix] * len(prompts) if isinstance(assistant_prefix, str) else list(assistant_prefix)
+        if len(prefixes) != len(prompts):
+            raise ValueError(f"{len(prefixes)} assistant prefixes for {len(prompts)} prompts")
         embedding = self.llm.get_input_embeddings()
         rows: list[torch.Tensor] = []
         spans: list[list[tuple[int, int]]] = []
         target_spans: list[tuple[int, int]] = []
         target_ids: list[torch.Tensor] = []
         for row, prompt in enumerate(prompts):
-            before, after = self.render_prompt(prompt, assistant_prefix).split(AUDIO_MARKER)
+            before, after = self.render_prompt(prompt, prefixes[row]).split(AUDIO_MARKER)
             before_ids = self._ids(before)
             after_ids = self._ids(after)
             audio = audio_embeds[row, audio_mask[row]]  # (n_audio, D)
@@ -216,7 +220,8 @@ class SpeechLM(nn.Module):
 
     # ---- running -------------------------------------------------------------------------------------------
     def prepare(
-        self, audios: list[np.ndarray], prompts: list[str], targets: list[str] | None = None, assistant_prefix: str = ""
+        self, audios: list[np.ndarray], prompts: list[str], targets: list[str] | None = None,
+        assistant_prefix: str | list[str] = "",
     ) -> PromptBatch:
         """Encode, project, adapt and splice: the whole way from waveforms to LLM inputs."""
         frames, mask = self.encode(audios)
@@ -227,12 +232,15 @@ class SpeechLM(nn.Module):
         """Mean cross-entropy of the target tokens (``build_inputs(..., targets=...)``) under the frozen LLM."""
         if "target_spans" not in batch.extra:
             raise ValueError("loss() needs a batch built with targets=")
+        length = batch.inputs_embeds.shape[1]
+        first = min(start for start, _ in batch.extra["target_spans"]) - 1  # the earliest position that predicts one
         logits = self.llm(
-            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-        ).logits  # (B, T, V)
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            logits_to_keep=length - first,  # the LM head runs only where a target token is predicted
+        ).logits  # (B, T - first, V)
         losses = []
         for row, ((start, end), ids) in enumerate(zip(batch.extra["target_spans"], batch.extra["target_ids"])):
-            predicted = logits[row, start - 1 : end - 1]  # token t is predicted at position t-1
+            predicted = logits[row, start - 1 - first : end - 1 - first]  # token t is predicted at position t-1
             losses.append(nn.functional.cross_entropy(predicted.float(), ids, reduction="sum"))
         total_tokens = sum(len(ids) for ids in batch.extra["target_ids"])
         return torch.stack(losses).sum() / total_tokens
@@ -247,6 +255,7 @@ class SpeechLM(nn.Module):
             attention_mask=batch.attention_mask,
             position_ids=batch.position_ids,
             use_cache=True,
+            logits_to_keep=1,  # only the last position's next-token distribution is read
         )
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
         candidate_ids = [self._ids(text) for text in candidates]
