@@ -10,7 +10,7 @@ import torch
 from speechtrim.data.emotion import Dataset, DatasetError, Example
 from speechtrim.train.encoder_cache import EncoderCache
 from speechtrim.train.kfold import TEXT_ONLY, cross_validate, fold_splits, summarise
-from speechtrim.train.trainer import TrainConfig, TrainingDiverged, TrainItem, fit
+from speechtrim.train.trainer import TrainConfig, TrainingDiverged, TrainItem, _batches, fit
 from tests.tiny_speechlm import tiny_speechlm
 
 PROMPT = "what the emotion : <audio> \n"
@@ -59,6 +59,20 @@ def test_fit_lowers_the_loss_and_touches_only_trainable_parts(setup):
             assert torch.equal(parameter, frozen[name]), f"{name} changed but must stay frozen"
 
 
+def test_adapter_learning_rate_applies_to_the_adapter_only(setup):
+    _, dataset, frames = setup
+    model = tiny_speechlm(adapter="attn_q_mean", seed=0)
+    before = {name: p.clone() for name, p in model.named_parameters() if p.requires_grad}
+    items = [TrainItem(f, PROMPT, e.label) for f, e in zip(frames, dataset.examples)]
+    fit(model, items, TrainConfig(epochs=1, batch_size=4, grad_accum=1, lr=1e-2, adapter_lr=1e-9), progress=False)
+    moved = {name: float((p.detach() - before[name]).abs().max()) for name, p in model.named_parameters()
+             if p.requires_grad}
+    assert all(change < 1e-6 for name, change in moved.items() if name.startswith("adapter.")), moved
+    assert all(change > 1e-3 for name, change in moved.items() if name.startswith("projector.")), moved
+    with pytest.raises(ValueError, match="adapter_lr"):
+        TrainConfig(adapter_lr=0.0)
+
+
 def test_interrupted_training_resumes_where_it_stopped(setup, tmp_path):
     model, dataset, frames = setup
     items = [TrainItem(f, PROMPT, e.label) for f, e in zip(frames, dataset.examples)]
@@ -78,6 +92,62 @@ def test_interrupted_training_resumes_where_it_stopped(setup, tmp_path):
     for key, value in straight_state.items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=1e-5, atol=1e-6)
     assert history[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-4)
+
+
+def test_linear_schedule_decays_and_an_interrupted_run_resumes_on_the_same_curve(setup, tmp_path, monkeypatch):
+    model, dataset, frames = setup
+    items = [TrainItem(f, PROMPT, e.label) for f, e in zip(frames, dataset.examples)]
+    config = TrainConfig(epochs=3, batch_size=4, grad_accum=1, lr=1e-3, lr_schedule="linear", group_by_length=True)
+    seen: list[float] = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: seen.append(self.param_groups[0]["lr"])
+                        or step(self, *a, **k))
+    straight = fit(model, items, config, progress=False)
+    total = 3 * 4  # 16 clips in batches of 4, three epochs
+    assert seen == pytest.approx([1e-3 * (1 - k / total) for k in range(total)])
+
+    class Stop(Exception):
+        pass
+
+    interrupted = tiny_speechlm(seed=0)
+    checkpoint = tmp_path / "run.ckpt"
+    calls = {"n": 0}
+    loss = interrupted.loss
+
+    def stop_in_epoch_three(batch):
+        calls["n"] += 1
+        if calls["n"] == 10:  # the second batch of the third epoch
+            raise Stop
+        return loss(batch)
+
+    interrupted.loss = stop_in_epoch_three
+    with pytest.raises(Stop):
+        fit(interrupted, items, config, checkpoint=checkpoint, progress=False)
+    seen.clear()
+    resumed = tiny_speechlm(seed=0)
+    history = fit(resumed, items, config, checkpoint=checkpoint, progress=False)
+    assert seen == pytest.approx([1e-3 * (1 - k / total) for k in range(8, total)])
+    assert history[-1]["loss"] == pytest.approx(straight[-1]["loss"], rel=1e-4)
+    with pytest.raises(ValueError, match="only with a constant"):
+        fit(tiny_speechlm(seed=0), items, TrainConfig(**{**config.__dict__, "epochs": 4}), checkpoint=checkpoint,
+            progress=False)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="cosine")
+
+
+def test_length_groups_cover_every_item_once_in_batches_of_similar_length():
+    lengths = list(np.random.default_rng(1).integers(10, 500, size=203))
+    config = TrainConfig(batch_size=4, group_by_length=True)
+    order = np.random.default_rng(2).permutation(203)
+    batches = _batches(order, lengths, config, np.random.default_rng(3))
+    assert sorted(i for batch in batches for i in batch) == list(range(203))
+    assert all(1 <= len(batch) <= 4 for batch in batches) and len(batches) == 51
+
+    def waste(groups):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in groups)
+    plain = _batches(order, lengths, TrainConfig(batch_size=4), np.random.default_rng(3))
+    assert plain == [order[i : i + 4].tolist() for i in range(0, 203, 4)]
+    assert waste(batches) < waste(plain) / 3
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path):

@@ -30,6 +30,9 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
+LR_SCHEDULES = ("constant", "linear")
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings (Annex A defaults).
@@ -39,10 +42,17 @@ class TrainConfig:
         batch_size: examples per forward pass.
         grad_accum: forward passes per optimiser step.
         lr: AdamW learning rate.
+        adapter_lr: learning rate of the length adapter's own weights (None: ``lr``). The attention adapters'
+            square maps start as identity and drift into noise at a learning rate the projector needs for a short
+            run, so the CPU preset gives them a lower one.
         betas: AdamW betas.
         eps: AdamW epsilon.
         weight_decay: AdamW weight decay.
         max_grad_norm: gradient clipping (None: off).
+        lr_schedule: "constant" (Annex A names none) or "linear" (decays from ``lr`` towards 0 over the run, as
+            Hugging Face's Trainer does by default; steadier ends for short runs at a high learning rate).
+        group_by_length: batch clips of similar length together (sorted within windows of 16 batches, the
+            batches then shuffled): less padding, so fewer wasted tokens per step.
         seed: seeds Python, NumPy and torch, and the shuffling.
     """
 
@@ -50,27 +60,34 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 2
     lr: float = 1e-4
+    adapter_lr: float | None = None
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-5
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    lr_schedule: str = "constant"
+    group_by_length: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.lr > 0 or (self.adapter_lr is not None and not self.adapter_lr > 0):
+            raise ValueError(f"lr and adapter_lr must be > 0, got {self.lr} and {self.adapter_lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
 
 @dataclass
 class TrainItem:
-    """One training example: cached encoder frames (T, D_enc), the user prompt with ``<audio>``, the answer."""
+    """One training example: cached encoder frames (T, D_enc), the user prompt with ``<audio>``, the answer, and
+    optionally its own assistant prefix (None: ``fit``'s), so one run can mix tasks."""
 
     frames: torch.Tensor
     prompt: str
     target: str
+    assistant_prefix: str | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -109,24 +126,34 @@ def fit(
         raise ValueError("fit() needs at least one training example")
     seed_everything(config.seed)
     parameters = [p for name, p in model.named_parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, eps=config.eps,
-                                  weight_decay=config.weight_decay)
+    adapter = [p for name, p in model.named_parameters() if p.requires_grad and name.startswith("adapter.")]
+    others = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("adapter.")]
+    groups = [{"params": others}, {"params": adapter, "lr": config.lr if config.adapter_lr is None else config.adapter_lr}]
+    optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr, betas=config.betas,
+                                  eps=config.eps, weight_decay=config.weight_decay)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resumed state overwrites them
     history: list[dict[str, float]] = []
     start_epoch = 0
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         before, now = dict(state["config"]), asdict(config)
-        before.pop("epochs"), now.pop("epochs")  # training longer is a valid resume
+        if config.lr_schedule == "constant":
+            before.pop("epochs"), now.pop("epochs")  # training longer is a valid resume (a decay would change)
         if before != now:
             raise ValueError(f"checkpoint {checkpoint} was made with other settings {state['config']}; "
-                             "use another folder or the same settings (only epochs may change)")
+                             "use another folder or the same settings (only epochs may change, and only with a "
+                             "constant learning rate)")
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         history, start_epoch = state["history"], state["epoch"]
         logger.info("resuming %s after epoch %d", checkpoint, start_epoch)
     order_rng = np.random.default_rng(config.seed)
-    orders = [order_rng.permutation(len(items)) for _ in range(config.epochs)]  # same order whether resumed or not
-    steps_per_epoch = math.ceil(len(items) / config.batch_size)
+    lengths = [item.frames.shape[0] + len(item.prompt) + len(item.target) for item in items]
+    # every epoch's batches are drawn up front, so a resumed run sees the same ones
+    epochs = [_batches(order_rng.permutation(len(items)), lengths, config, order_rng) for _ in range(config.epochs)]
+    steps_per_epoch = len(epochs[0])
+    updates_per_epoch = math.ceil(steps_per_epoch / config.grad_accum)
+    total_updates = updates_per_epoch * config.epochs
     model.train()
     for epoch in range(start_epoch, config.epochs):
         total, batches = 0.0, 0
@@ -134,11 +161,13 @@ def fit(
                    disable=not progress, leave=False)
         optimizer.zero_grad(set_to_none=True)
         for step in bar:
-            chosen = [items[i] for i in orders[epoch][step * config.batch_size : (step + 1) * config.batch_size]]
+            chosen = [items[i] for i in epochs[epoch][step]]
             frames, mask = pad_frames([item.frames for item in chosen])
             embeds, embeds_mask = model.embed_audio(frames.to(model.device), mask.to(model.device))
             batch = model.build_inputs([item.prompt for item in chosen], embeds, embeds_mask,
-                                       targets=[item.target for item in chosen], assistant_prefix=assistant_prefix)
+                                       targets=[item.target for item in chosen],
+                                       assistant_prefix=[assistant_prefix if item.assistant_prefix is None
+                                                         else item.assistant_prefix for item in chosen])
             loss = model.loss(batch)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
@@ -149,6 +178,10 @@ def fit(
             if (step + 1) % config.grad_accum == 0 or step + 1 == steps_per_epoch:
                 if config.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
+                update = epoch * updates_per_epoch + step // config.grad_accum
+                factor = 1.0 - update / total_updates if config.lr_schedule == "linear" else 1.0
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             total += loss.item()
@@ -162,3 +195,16 @@ def fit(
                             "history": history, "config": asdict(config)}, handle)
     model.eval()
     return history
+
+
+def _batches(order: np.ndarray, lengths: list[int], config: TrainConfig, rng: np.random.Generator) -> list[list[int]]:
+    """One epoch's batches of item indices: in ``order``, or grouped by length when the config asks."""
+    size = config.batch_size
+    if not config.group_by_length:
+        return [order[start : start + size].tolist() for start in range(0, len(order), size)]
+    window = size * 16
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window].tolist(), key=lambda i: lengths[i])
+        batches += [chunk[i : i + size] for i in range(0, len(chunk), size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
