@@ -45,6 +45,9 @@ def test_padded_row_equals_the_row_alone(name, length):
 def test_gradients_reach_every_trainable_parameter(name):
     torch.manual_seed(2)
     adapter = adapters.build(name, dim=DIM)
+    with torch.no_grad():  # away from the initialisation (a zero query gives the key no gradient at step 0)
+        for parameter in adapter.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
     x = torch.randn(2, 20, DIM, requires_grad=True)
     mask = torch.ones(2, 20, dtype=torch.bool)
     mask[1, 12:] = False
@@ -70,12 +73,29 @@ def test_windowed_mean_and_custom_factors():
 def test_attn_q_mean_is_equation_1():
     torch.manual_seed(3)
     adapter = adapters.build("attn_q_mean", dim=DIM)
+    with torch.no_grad():  # away from the identity initialisation, so every projection shows
+        for parameter in adapter.parameters():
+            parameter.normal_(0.0, 0.2)
     x = torch.randn(1, 9, DIM)
     q = adapter.query(x.mean(dim=1))  # (1, d)
     scores = adapter.key(x)[0] @ q[0] / DIM**0.5  # (T,)
     expected = adapter.out(torch.softmax(scores, dim=0) @ adapter.value(x)[0])
     y, _ = adapter(x)
     torch.testing.assert_close(y[0, 0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_LENGTHS))
+def test_every_adapter_starts_as_a_pooling_that_keeps_a_constant_sequence(name):
+    torch.manual_seed(4)
+    adapter = adapters.build(name, dim=DIM)
+    value = torch.randn(DIM)
+    y, y_mask = adapter(value.expand(2, 10, DIM).clone(), torch.ones(2, 10, dtype=torch.bool))
+    torch.testing.assert_close(y[y_mask], value.expand(int(y_mask.sum()), DIM), rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 10, DIM)  # and a convex combination of the frames in general: inside their range
+    y, _ = adapter(x)
+    assert bool((y <= x.amax(dim=1, keepdim=True) + 1e-5).all() and (y >= x.amin(dim=1, keepdim=True) - 1e-5).all())
+    if name.startswith("attn"):  # uniform attention at first: exactly the mean
+        torch.testing.assert_close(y[0, 0], x[0].mean(dim=0), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

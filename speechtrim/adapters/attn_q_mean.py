@@ -15,6 +15,10 @@ from speechtrim.adapters.base import ADAPTERS, LengthAdapter, masked_mean
 class AttnQMeanAdapter(LengthAdapter):
     """Scaled dot-product attention whose single query is the projected mean of the real frames.
 
+    The query map starts at zero (uniform attention) and, with ``hidden == dim``, the value and output maps as
+    identity, so the adapter starts as mean pooling and the projector before it gets a clean gradient from the
+    first step; the key map is random, and the query learns from the first step.
+
     Args:
         dim: embedding width.
         hidden: attention width d_k (default ``dim``, as in the paper's Annex A).
@@ -31,6 +35,13 @@ class AttnQMeanAdapter(LengthAdapter):
         self.key = nn.Linear(dim, hidden)
         self.value = nn.Linear(dim, hidden)
         self.out = nn.Linear(hidden, dim)
+        with torch.no_grad():  # a zero query makes the attention uniform at first: the adapter starts as the mean
+            self.query.weight.zero_()
+            self.query.bias.zero_()
+            if hidden == dim:  # and value and output maps that start as identity make it exactly the mean
+                for linear in (self.value, self.out):
+                    linear.weight.copy_(torch.eye(dim))
+                    linear.bias.zero_()
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, frames, _ = x.shape

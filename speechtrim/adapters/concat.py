@@ -14,6 +14,9 @@ from speechtrim.adapters.base import ADAPTERS, LengthAdapter, lengths_mask
 class ConcatAdapter(LengthAdapter):
     """Concatenate each run of ``factor`` frames (padding frames zeroed) and apply Linear(factor*dim -> dim).
 
+    The linear map is initialised to average the stacked frames (so the projector before it gets a clean gradient
+    from the first step); training then moves it anywhere.
+
     Args:
         dim: embedding width.
         factor: frames stacked into one token (2 halves the length, as in the paper).
@@ -25,6 +28,9 @@ class ConcatAdapter(LengthAdapter):
             raise ValueError(f"factor must be an int >= 1, got {factor!r}")
         self.factor = factor
         self.proj = nn.Linear(factor * dim, dim)
+        with torch.no_grad():  # starts as the average of the stacked frames, so training starts from a pooling
+            self.proj.weight.copy_(torch.eye(dim).repeat(1, factor) / factor)
+            self.proj.bias.zero_()
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, frames, dim = x.shape

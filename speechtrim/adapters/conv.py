@@ -12,6 +12,9 @@ from speechtrim.adapters.base import ADAPTERS, LengthAdapter, lengths_mask
 class ConvAdapter(LengthAdapter):
     """Conv1d(dim -> dim, kernel_size, stride, padding=kernel_size // 2) over the frames; padding frames zeroed.
 
+    Initialised as strided subsampling (identity on the centre tap), so the projector before it gets a clean
+    gradient from the first step; training then moves it anywhere.
+
     Args:
         dim: embedding width.
         stride: time stride (2 halves the length, as in the paper).
@@ -26,6 +29,10 @@ class ConvAdapter(LengthAdapter):
             raise ValueError(f"kernel_size must be an odd int >= 1, got {kernel_size!r}")
         self.stride = stride
         self.conv = nn.Conv1d(dim, dim, kernel_size, stride=stride, padding=kernel_size // 2)
+        with torch.no_grad():  # starts as strided subsampling: identity on the centre tap, zero elsewhere
+            self.conv.weight.zero_()
+            self.conv.weight[:, :, kernel_size // 2] = torch.eye(dim)
+            self.conv.bias.zero_()
 
     def _forward(self, x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (x * mask.unsqueeze(-1).to(x.dtype)).transpose(1, 2)  # (B, D, T)
