@@ -20,6 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``speechtrim`` console script."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not hasattr(args, "run"):
         parser.print_help()
@@ -84,15 +85,40 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data", default="synthetic-emotion",
                          help="synthetic-emotion, emodb:DIR, ravdess:DIR, or a .csv/.jsonl manifest")
         sub.add_argument("--preset", default="quick", choices=["quick", "paper"],
-                         help="quick: CPU-sized (2 folds, 3 epochs, smaller synthetic set); paper: Annex A")
+                         help="quick: CPU-sized (96 clips, 2 folds, 2 epochs, higher learning rate); paper: Annex A")
         sub.add_argument("--folds", type=int, default=None, help="override the preset's fold count")
         sub.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
         sub.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")
+        sub.add_argument("--adapter-lr", type=float, default=None,
+                         help="override the preset's learning rate of the adapter's own weights")
+        sub.add_argument("--lr-schedule", choices=["constant", "linear"], default=None,
+                         help="override the preset's learning-rate schedule")
         sub.add_argument("--seed", type=int, default=0, help="seed of folds, initialisation and shuffling")
         sub.add_argument("--encoder", default="base", help="Whisper name for the encoder and transcripts")
         sub.add_argument("--llm", default="smollm2-135m", help="frozen LLM name")
         sub.add_argument("--out", type=Path, default=None, help="results folder (default: results/<command>-<data>)")
         sub.set_defaults(run=_run_adapters)
+
+    embedded = commands.add_parser(
+        "train-embedded",
+        help="train the embedded model's projector (Whisper base -> SmolLM2) on synthetic ASR + emotion, then "
+             "score it on held-out data",
+    )
+    embedded.add_argument("--out", type=Path, default=Path("results/embedded"),
+                          help="folder for the trained model and training.json (the packaged one lives in "
+                               "speechtrim/weights/embedded)")
+    embedded.add_argument("--epochs", type=int, default=None, help="passes over the training data (default 3)")
+    embedded.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-3)")
+    embedded.add_argument("--batch-size", type=int, default=None, help="clips per step (default 8)")
+    embedded.add_argument("--asr-sentences", type=int, default=None,
+                          help="synthetic ASR training sentences (default 1000)")
+    embedded.add_argument("--pool", type=int, default=None, help="encoder frames per audio token (default 4)")
+    embedded.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
+    embedded.add_argument("--eval-limit", type=int, default=None, help="clips per held-out set (default: all)")
+    embedded.add_argument("--work", type=Path, default=None,
+                          help="checkpoint folder; an interrupted run resumes from it (default: the cache)")
+    embedded.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    embedded.set_defaults(run=_run_train_embedded)
 
     bench = commands.add_parser(
         "bench",
@@ -206,7 +232,9 @@ def _run_adapters(args: argparse.Namespace) -> int:
     if unknown or not adapters:
         raise ValueError(f"unknown adapter(s) {unknown or adapters}; choose from {adapter_names()}")
     preset = PRESETS[args.preset]
-    overrides = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr)) if value is not None}
+    overrides = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr),
+                                                ("adapter_lr", args.adapter_lr), ("lr_schedule", args.lr_schedule))
+                 if value is not None}
     config = dataclasses.replace(preset.train, seed=args.seed, **overrides)
     folds = args.folds if args.folds is not None else preset.folds
     dataset = load_dataset(args.data, preset)  # checks every row before any training
@@ -226,6 +254,36 @@ def _run_adapters(args: argparse.Namespace) -> int:
     print(tables)
     print(f"\nchart: {chart}; results: {out}")
     print(json.dumps({"command": args.command, **summary, "chart": str(chart)}, default=str))
+    return 0
+
+
+def _run_train_embedded(args: argparse.Namespace) -> int:
+    import dataclasses
+    import shlex
+
+    import torch
+
+    from speechtrim.train.embedded import EmbeddedRecipe, train_embedded
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    recipe = EmbeddedRecipe()
+    overrides = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr),
+                                                ("batch_size", args.batch_size)) if value is not None}
+    train = dataclasses.replace(recipe.train, seed=args.seed, **overrides)
+    fields = {key: value for key, value in (("asr_sentences", args.asr_sentences), ("pool", args.pool))
+              if value is not None}
+    recipe = dataclasses.replace(recipe, train=train, **fields)
+    command = "speechtrim " + " ".join(shlex.quote(part) for part in args.argv)
+    report = train_embedded(recipe, args.out, args.work, command=command, eval_limit=args.eval_limit)
+    held_out = report["held_out"]
+    print(f"held-out synthetic ASR WER {held_out['synthetic-asr']['wer']:.3f}, "
+          f"pocketsphinx (real) WER {held_out['pocketsphinx']['wer']:.3f}, "
+          f"synthetic emotion accuracy {held_out['synthetic-emotion']['accuracy']:.3f}; saved to {args.out}")
+    print(json.dumps({"command": "train-embedded", "out": str(args.out),
+                      **{key: report[key] for key in ("held_out", "history", "train_seconds")}}))
     return 0
 
 
@@ -300,10 +358,13 @@ def _run_select_layer(args: argparse.Namespace) -> int:
 
 
 def _embedded_speechlm(folder: Path | None):
-    from speechtrim.hf.speechlm import build_speechlm, load_speechlm
+    from speechtrim.bench.runner import EMBEDDED_WEIGHTS
+    from speechtrim.hf.speechlm import CONFIG_FILE, build_speechlm, load_speechlm
 
     if folder is not None:
         return load_speechlm(folder)
+    if (EMBEDDED_WEIGHTS / CONFIG_FILE).is_file():
+        return load_speechlm(EMBEDDED_WEIGHTS)
     logger.warning("no trained SpeechLM given (--speechlm): using the packaged encoder and LLM with an untrained "
                    "projector; layer rankings are only meaningful for a trained one")
     return build_speechlm()

@@ -1,0 +1,92 @@
+"""Training the embedded model (issue 5) end to end on a tiny SpeechLM: data mix, held-out scores, saved files."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from speechtrim.data.synthetic_asr import SENTENCES, fortune_sentences, training_sentences
+from speechtrim.eval.harness import EvalItem, EvalSet
+from speechtrim.hf.speechlm import SpeechLM
+from speechtrim.prompts import ASR_PROMPT, EMOTION_ANSWER_PREFIX
+from speechtrim.train.embedded import EmbeddedRecipe, train_embedded, training_items
+from speechtrim.train.trainer import TrainConfig
+from tests.tiny_speechlm import tiny_speechlm
+
+
+def tiny_build(encoder="tiny", llm="tiny", adapter="none", adapter_params=None, pool=1, seed=0):
+    base = tiny_speechlm(seed=seed)
+    model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer, adapter=adapter, pool=pool)
+    model.recipe = {"encoder": encoder, "llm": llm, "adapter": adapter, "adapter_params": adapter_params or {},
+                    "pool": pool}
+    return model
+
+
+def tiny_eval_set(spec, limit=None):
+    rng = np.random.default_rng(0)
+    audio = [(0.1 * rng.standard_normal(8000)).astype(np.float32) for _ in range(3)]
+    if spec == "synthetic-emotion":
+        items = [EvalItem(f"e{i}", a, label, "what the emotion : <audio>", EMOTION_ANSWER_PREFIX, synthetic=True)
+                 for i, (a, label) in enumerate(zip(audio, ["angry", "sad", "happy"]))]
+        return EvalSet(spec, "emotion", items, ("angry", "happy", "sad"), synthetic=True)
+    return EvalSet(spec, "asr", [EvalItem(f"a{i}", a, "the audio", ASR_PROMPT) for i, a in enumerate(audio)])
+
+
+@pytest.fixture
+def tiny_world(monkeypatch, tmp_cache):
+    import speechtrim.assets.whisper as whisper_assets
+    import speechtrim.eval.harness as harness
+    import speechtrim.hf.speechlm as speechlm_module
+
+    monkeypatch.setattr(speechlm_module, "build_speechlm", tiny_build)
+    monkeypatch.setattr(whisper_assets, "whisper_cache_dir", lambda name: tmp_cache / f"whisper-{name}")
+    monkeypatch.setattr(harness, "load_eval_set", tiny_eval_set)
+    return speechlm_module
+
+
+def test_training_sentences_are_distinct_seeded_and_never_held_out():
+    sentences = training_sentences(300, seed=3)
+    assert len(set(sentences)) == 300 and sentences == training_sentences(300, seed=3)
+    assert not {s.lower() for s in sentences} & {s.lower() for s in SENTENCES}
+    assert sentences != training_sentences(300, seed=4)
+    assert all(5 <= len(s.split()) <= 16 and not any(c.isdigit() for c in s) for s in sentences)
+
+
+def test_training_text_names_the_missing_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
+        fortune_sentences(tmp_path / "no-fortunes")
+    with pytest.raises(ValueError, match="count must be between"):
+        training_sentences(0)
+
+
+def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world, tmp_path):
+    recipe = EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, emotion_voices=1,
+                            emotion_sentences=1, emotion_repeat=1,
+                            train=TrainConfig(epochs=2, batch_size=4, grad_accum=1, lr=1e-3))
+    items, data = training_items(tiny_build(pool=2), recipe, progress=False)
+    assert data["asr"]["clips"] == 3 and data["emotion"]["clips"] == 24 and len(items) == 27
+    repeated, _ = training_items(tiny_build(pool=2), dataclasses.replace(recipe, emotion_repeat=3), progress=False)
+    assert len(repeated) == 3 + 3 * 24
+    assert [item.assistant_prefix for item in items[:3]] == [""] * 3 and items[0].prompt == ASR_PROMPT
+    assert {item.assistant_prefix for item in items[3:]} == {EMOTION_ANSWER_PREFIX}
+    assert all(item.target.strip() in data["emotion"]["labels"] for item in items[3:])
+
+    report = train_embedded(recipe, tmp_path / "model", tmp_path / "work", command="speechtrim train-embedded",
+                            progress=False)
+    saved = json.loads((tmp_path / "model" / "training.json").read_text())
+    assert saved["command"] == "speechtrim train-embedded" and saved["recipe"]["train"]["seed"] == 0
+    assert [row["epoch"] for row in saved["history"]] == [1, 2]
+    assert set(saved["held_out"]) == {"synthetic-asr", "pocketsphinx", "synthetic-emotion"}
+    assert 0.0 <= saved["held_out"]["synthetic-emotion"]["accuracy"] <= 1.0
+    assert saved["held_out"]["synthetic-asr"]["wer"] >= 0.0 and report["held_out"] == saved["held_out"]
+    loaded = tiny_world.load_speechlm(tmp_path / "model")
+    assert loaded.pool == 2 and loaded.system_prompt == ""
+    assert loaded.projector.weight.shape[1] == 2 * loaded.encoder.config.d_model
+    assert not torch.equal(loaded.projector.weight, tiny_build(pool=2).projector.weight)  # it trained
+
+
+def test_the_held_out_emotion_seed_is_refused():
+    with pytest.raises(ValueError, match="held-out emotion set"):
+        EmbeddedRecipe(emotion_seed=0)
