@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from speechtrim.hf.attach import Attachment
 from speechtrim.hf.kv_evict import kv_cache_bytes, shrink_states
-from speechtrim.hf.layers import attn_implementation
+from speechtrim.hf.layers import attn_implementation, cache_argument
 from speechtrim.ops.plan import plan_from_slots
 from speechtrim.ops.select import count_to_remove, evict_plan
 from tests.tiny_models import AUDIO_TOKEN, audio_prompt, tiny_llama, tiny_qwen2_audio, tiny_voxtral
@@ -97,7 +97,7 @@ def test_full_cache_tensors_are_freed(llama):
     refs = {}
 
     def remember(module, args, kwargs, output):  # registered first, so it runs before the eviction hook
-        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        layer = cache_argument(kwargs).layers[module.layer_idx]
         refs[module.layer_idx] = (weakref.ref(layer.keys), weakref.ref(layer.values))
 
     handles = [layer.self_attn.register_forward_hook(remember, with_kwargs=True) for layer in llama.model.layers]

@@ -28,7 +28,7 @@ from torch import nn
 
 from speechtrim.eval.harness import EvalItem
 from speechtrim.hf.kv_evict import kv_cache_bytes
-from speechtrim.hf.layers import text_backbone
+from speechtrim.hf.layers import CACHE_KWARG, returned_cache, text_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -246,7 +246,7 @@ def _score(decoder: nn.Module, logits: torch.Tensor, cache: Any, prepared: Prepa
             rest = torch.tensor([ids[:-1]], device=mask.device)  # (1, L-1)
             steps = torch.arange(1, len(ids), device=mask.device)
             out = decoder(input_ids=rest, attention_mask=torch.cat([mask, mask.new_ones(1, len(ids) - 1)], 1),
-                          position_ids=last + steps, past_key_values=copy.deepcopy(cache), use_cache=True)
+                          position_ids=last + steps, use_cache=True, **{CACHE_KWARG: copy.deepcopy(cache)})
             log_probs = torch.log_softmax(out.logits[0].float(), dim=-1)  # (L-1, V)
             total = total + log_probs.gather(-1, torch.tensor(ids[1:], device=mask.device)[:, None]).sum()
         scores.append(total)
@@ -269,7 +269,7 @@ def _run_once(model: Any, prepared: Prepared, reducer: Any, candidates: list[str
         out = decoder(**prepared.kwargs, use_cache=True, **_last_logits_only(decoder))
         _sync(device)
         prefill_s = time.perf_counter() - started
-        cache = out.past_key_values
+        cache = returned_cache(out)
         cache_bytes = kv_cache_bytes(cache)
         logits = out.logits[:, -1]  # (1, V)
         label = None
@@ -285,8 +285,8 @@ def _run_once(model: Any, prepared: Prepared, reducer: Any, candidates: list[str
         while len(generated) < max_new_tokens and generated[-1] not in eos:
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             position = position + 1
-            out = decoder(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
-                          use_cache=True)
+            out = decoder(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True,
+                          **{CACHE_KWARG: cache})
             token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
             generated.append(int(token))
         _sync(device)

@@ -52,7 +52,7 @@ from speechtrim.hf.checks import (  # SUPPORTED_ATTENTION, TESTED_FAMILIES, POSI
     warn_untested_family,
 )
 from speechtrim.hf.kv_evict import CachePlanFn, evict_after_prefill
-from speechtrim.hf.layers import TextBackbone, set_text_attn_implementation, text_backbone
+from speechtrim.hf.layers import TextBackbone, cache_argument, set_text_attn_implementation, text_backbone
 from speechtrim.hf.masks import decode_mask, prefill_mask
 from speechtrim.hf.positions import (
     POSITION_MODES,  # noqa: F401
@@ -242,7 +242,7 @@ class Attachment:
         return None
 
     def _decoder_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        cache = kwargs.get("past_key_values")
+        cache = cache_argument(kwargs)
         mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
         check_decoder_inputs(cache, mask)
         embeds = kwargs.get("inputs_embeds")
@@ -295,7 +295,7 @@ class Attachment:
             if state is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]  # (B, T_l, D)
-            cache = kwargs.get("past_key_values")
+            cache = cache_argument(kwargs)
             cached = cache.get_seq_length(layer_idx) if cache is not None else 0
             if cached == 0:
                 hidden, kwargs = self._prefill_layer(layer_idx, hidden, kwargs, state)
@@ -312,7 +312,7 @@ class Attachment:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             state = self._state
             tap = state.cache_taps.pop(layer_idx, None) if state is not None else None
-            cache = kwargs.get("past_key_values")
+            cache = cache_argument(kwargs)
             if tap is None or cache is None:
                 return None  # decode step, no prefill tap, or use_cache=False: nothing to evict
             plan = evict_after_prefill(layer_idx, tap, cache, state, self.cache_plan_fn, self.backbone.depth)

@@ -114,7 +114,7 @@ def check_decoder_inputs(cache: object, mask: object) -> None:
     """Refuse caches other than DynamicCache and attention masks other than the 2-D (B, T) padding mask.
 
     Args:
-        cache: the decoder's ``past_key_values`` (None = no cache).
+        cache: the decoder's KV cache (None = no cache).
         mask: the decoder's ``attention_mask`` (None = no padding).
     """
     from transformers.cache_utils import DynamicCache

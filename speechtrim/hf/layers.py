@@ -9,10 +9,29 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
+import transformers
+from packaging.version import Version
 from torch import nn
 
 logger = logging.getLogger(__name__)
+
+# transformers 5.24 renamed the KV-cache argument and output field ``past_key_values`` to ``cache`` (the old name
+# still works, with a warning, until 5.40). speechtrim passes the current name and reads either.
+CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+
+
+def cache_argument(kwargs: dict[str, Any]) -> Any:
+    """The KV cache a decoder or decoder-layer forward was called with, under either name (None: no cache)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def returned_cache(output: Any) -> Any:
+    """The KV cache a forward returned (``output.cache`` from transformers 5.24, ``output.past_key_values`` before)."""
+    cache = getattr(output, "cache", None) if CACHE_KWARG == "cache" else None
+    return cache if cache is not None else output.past_key_values
 
 # Attribute names that lead from a wrapper towards its text decoder, tried in this order.
 _WRAPPER_ATTRIBUTES = ("thinker", "language_model", "text_model", "model", "decoder", "text_decoder")

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from speechtrim.adapters import LengthAdapter, build
+from speechtrim.hf.layers import CACHE_KWARG, returned_cache
 
 logger = logging.getLogger(__name__)
 
@@ -263,14 +264,14 @@ class SpeechLM(nn.Module):
         for index, ids in enumerate(candidate_ids):
             scores[:, index] = first[:, ids[0]]
             if len(ids) > 1:  # continue from the prompt's cache; copy it so each candidate starts fresh
-                cache = _copy_cache(out.past_key_values)
+                cache = _copy_cache(returned_cache(out))
                 attention = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(scores), len(ids) - 1)], 1)
                 positions = batch.position_ids[:, -1:] + torch.arange(1, len(ids), device=self.device)
                 rest = self.llm(
                     input_ids=ids[:-1].unsqueeze(0).expand(len(scores), -1),
                     attention_mask=attention,
                     position_ids=positions,
-                    past_key_values=cache,
+                    **{CACHE_KWARG: cache},
                 ).logits.float()  # (B, len-1, V)
                 log_probs = torch.log_softmax(rest, dim=-1)
                 scores[:, index] += log_probs.gather(-1, ids[1:].expand(len(scores), -1).unsqueeze(-1)).squeeze(-1).sum(1)
