@@ -34,8 +34,8 @@ class Preset:
 
 
 PRESETS = {
-    "quick": Preset((("pocketsphinx", 2),), (0.1, 0.3, 0.5), 12, 1),
-    "default": Preset((("pocketsphinx", 3), ("synthetic-emotion", 4)), (0.1, 0.2, 0.3, 0.4, 0.5), 24, 1),
+    "quick": Preset((("pocketsphinx", 2),), (0.1, 0.3, 0.5), 32, 1),
+    "default": Preset((("pocketsphinx", 3), ("synthetic-emotion", 4)), (0.1, 0.2, 0.3, 0.4, 0.5), 40, 1),
 }
 
 
