@@ -107,8 +107,8 @@ def _build_parser() -> argparse.ArgumentParser:
     embedded.add_argument("--out", type=Path, default=Path("results/embedded"),
                           help="folder for the trained model and training.json (the packaged one lives in "
                                "speechtrim/weights/embedded)")
-    embedded.add_argument("--epochs", type=int, default=None, help="passes over the training data (default 3)")
-    embedded.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 3e-3)")
+    embedded.add_argument("--epochs", type=int, default=None, help="passes over the training data (default 2)")
+    embedded.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-2, decaying linearly)")
     embedded.add_argument("--batch-size", type=int, default=None, help="clips per step (default 8)")
     embedded.add_argument("--asr-sentences", type=int, default=None,
                           help="synthetic ASR training sentences (default 1000)")

@@ -53,8 +53,9 @@ class EmbeddedRecipe:
     emotion_seed: int = 1
     emotion_voices: int = 3
     emotion_sentences: int = 4
-    emotion_repeat: int = 2
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=3, batch_size=8, grad_accum=1, lr=3e-3))
+    emotion_repeat: int = 3
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=2, batch_size=8, grad_accum=1, lr=1e-2, lr_schedule="linear", group_by_length=True))
 
     def __post_init__(self) -> None:
         from speechtrim.data.synthetic_emotion import SyntheticEmotionRecipe
