@@ -85,7 +85,7 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--data", default="synthetic-emotion",
                          help="synthetic-emotion, emodb:DIR, ravdess:DIR, or a .csv/.jsonl manifest")
         sub.add_argument("--preset", default="quick", choices=["quick", "paper"],
-                         help="quick: CPU-sized (96 clips, 2 folds, 2 epochs, higher learning rate); paper: Annex A")
+                         help="quick: CPU-sized (96 clips, 2 folds, 3 epochs, higher learning rate); paper: Annex A")
         sub.add_argument("--folds", type=int, default=None, help="override the preset's fold count")
         sub.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
         sub.add_argument("--lr", type=float, default=None, help="override the preset's learning rate")

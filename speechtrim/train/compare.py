@@ -37,11 +37,9 @@ class Preset:
 PRESETS = {
     "quick": Preset(
         folds=2,
-        train=TrainConfig(epochs=2, batch_size=4, grad_accum=1, lr=3e-2, adapter_lr=1e-4, lr_schedule="linear",
-                          group_by_length=True),
+        train=TrainConfig(epochs=3, batch_size=4, grad_accum=1, lr=1e-2, adapter_lr=1e-4),
         synthetic={"voices_per_language": 2, "sentences_per_language": 2},
-        description="CPU-sized: 96 synthetic clips, 2 folds, 2 epochs, lr 3e-2 (projector) and 1e-4 (adapter) "
-                    "decaying linearly, batches grouped by length",
+        description="CPU-sized: 96 synthetic clips, 2 folds, 3 epochs, lr 1e-2 (projector) and 1e-4 (adapter)",
     ),
     "paper": Preset(
         folds=5,
