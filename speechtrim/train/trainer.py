@@ -52,7 +52,9 @@ class TrainConfig:
         lr_schedule: "constant" (Annex A names none) or "linear" (decays from ``lr`` towards 0 over the run, as
             Hugging Face's Trainer does by default; steadier ends for short runs at a high learning rate).
         group_by_length: batch clips of similar length together (sorted within windows of 16 batches, the
-            batches then shuffled): less padding, so fewer wasted tokens per step.
+            batches then shuffled): less padding, so fewer wasted tokens per step. Beware when length carries the
+            label (emotions change the speaking rate): batches then hold mostly one class, which hurt the quick
+            compare-adapters preset (BENCHMARKS.md).
         seed: seeds Python, NumPy and torch, and the shuffling.
     """
 
