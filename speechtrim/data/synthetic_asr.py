@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -134,9 +135,13 @@ def load_synthetic_asr(recipe: SyntheticASRRecipe = SyntheticASRRecipe()) -> lis
     Args:
         recipe: sentences and voices to render.
     """
-    folder = cache_root() / f"synthetic-asr-{recipe.key()}"
+    return _rendered_clips(cache_root() / f"synthetic-asr-{recipe.key()}", lambda folder: _render(recipe, folder))
+
+
+def _rendered_clips(folder: Path, render: Callable[[Path], None]) -> list[SyntheticClip]:
+    """The clips of a rendered set, rendering it into ``folder`` first when its manifest is missing."""
     if not (folder / "manifest.jsonl").is_file():
-        _render(recipe, folder)
+        render(folder)
     clips = []
     with open(folder / "manifest.jsonl", encoding="utf-8") as handle:
         for line in handle:
@@ -186,15 +191,8 @@ class SyntheticASRTrainRecipe:
 
 def load_synthetic_asr_train(recipe: SyntheticASRTrainRecipe = SyntheticASRTrainRecipe()) -> list[SyntheticClip]:
     """Render the training set once into the cache and return its clips (disjoint from ``load_synthetic_asr``)."""
-    folder = cache_root() / f"synthetic-asr-train-{recipe.key()}"
-    if not (folder / "manifest.jsonl").is_file():
-        _render_train(recipe, folder)
-    clips = []
-    with open(folder / "manifest.jsonl", encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            clips.append(SyntheticClip(row["id"], folder / row["audio"], row["transcript"], row["voice"]))
-    return clips
+    return _rendered_clips(cache_root() / f"synthetic-asr-train-{recipe.key()}",
+                           lambda folder: _render_train(recipe, folder))
 
 
 def _render_train(recipe: SyntheticASRTrainRecipe, folder: Path) -> None:
