@@ -8,7 +8,6 @@ Only the projector and the adapter are trainable; the encoder and the LLM are fr
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,24 +17,31 @@ import torch
 from torch import nn
 
 from speechtrim.adapters import LengthAdapter, build
+from speechtrim.assets.whisper import valid_frames
 from speechtrim.hf.layers import CACHE_KWARG, returned_cache
+from speechtrim.hf.prefix import KeyValues, PrefixCache, as_cache
 
 logger = logging.getLogger(__name__)
 
 AUDIO_MARKER = "<audio>"
-FRAMES_PER_SECOND = 50  # Whisper encoder output rate
 WINDOW_SECONDS = 30.0
 
 
 @dataclass
 class PromptBatch:
-    """A left-padded batch of prompts with spliced audio, ready for the LLM."""
+    """A left-padded batch of prompts with spliced audio, ready for the LLM.
+
+    With ``prefix`` (``build_inputs(..., prefix_cache=...)``) the text in front of the audio is not in
+    ``inputs_embeds``: its cached keys and values (P_max positions, left-padded) come first, and ``attention_mask``
+    covers both, (B, P_max + T).
+    """
 
     inputs_embeds: torch.Tensor  # (B, T, D_llm)
-    attention_mask: torch.Tensor  # (B, T) long, 0 on left padding
-    position_ids: torch.Tensor  # (B, T) long, counting real tokens only
-    audio_spans: list[list[tuple[int, int]]]  # per row: [(start, end)] of the audio tokens
+    attention_mask: torch.Tensor  # (B, T) long, 0 on left padding; (B, P_max + T) with a prefix
+    position_ids: torch.Tensor  # (B, T) long, counting real tokens only (prefix included)
+    audio_spans: list[list[tuple[int, int]]]  # per row: [(start, end)] of the audio tokens in inputs_embeds
     extra: dict[str, Any] = field(default_factory=dict)
+    prefix: KeyValues | None = None  # per layer: (B, heads, P_max, head_dim) keys and values of the prompt's start
 
 
 class SpeechLM(nn.Module):
@@ -115,7 +121,7 @@ class SpeechLM(nn.Module):
             list(audios), sampling_rate=sample_rate, return_tensors="pt"
         ).input_features.to(self.device, self.encoder.dtype)  # (B, n_mels, 3000)
         hidden = self.encoder(input_features=features).last_hidden_state  # (B, 1500, D_enc)
-        lengths = torch.tensor([min(math.ceil(s * FRAMES_PER_SECOND), hidden.shape[1]) for s in seconds])
+        lengths = torch.tensor([min(valid_frames(len(audio), sample_rate), hidden.shape[1]) for audio in audios])
         lengths = lengths.clamp(min=1)
         longest = int(lengths.max())
         mask = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T_max)
@@ -159,6 +165,7 @@ class SpeechLM(nn.Module):
         audio_mask: torch.Tensor,
         targets: list[str] | None = None,
         assistant_prefix: str | list[str] = "",
+        prefix_cache: PrefixCache | None = None,
     ) -> PromptBatch:
         """Splice each row's real audio embeddings into its prompt; left-pad the batch.
 
@@ -169,6 +176,9 @@ class SpeechLM(nn.Module):
                 are returned in ``extra["target_spans"]`` and the token ids in ``extra["target_ids"]``.
             assistant_prefix: text the assistant's turn starts with, before any target; one for every row or a
                 list with one per row (a batch that mixes tasks).
+            prefix_cache: take the keys and values of the text in front of the audio from this cache instead of
+                running the LLM over it (same result, less work when prompts repeat: training, scoring). The
+                batch then works with ``loss`` and ``score``, not with ``generate`` or token reducers.
         A row whose mask is all False gets no audio tokens (the text-only baseline).
         """
         if len(prompts) != audio_embeds.shape[0]:
@@ -181,12 +191,17 @@ class SpeechLM(nn.Module):
         spans: list[list[tuple[int, int]]] = []
         target_spans: list[tuple[int, int]] = []
         target_ids: list[torch.Tensor] = []
+        prefix_ids: list[torch.Tensor] = []
         for row, prompt in enumerate(prompts):
             before, after = self.render_prompt(prompt, prefixes[row]).split(AUDIO_MARKER)
             before_ids = self._ids(before)
             after_ids = self._ids(after)
             audio = audio_embeds[row, audio_mask[row]]  # (n_audio, D)
             pieces = [embedding(before_ids), audio.to(embedding.weight.dtype), embedding(after_ids)]
+            if prefix_cache is not None:  # the text before the audio comes from the cache, unless nothing follows
+                cached = before_ids if len(audio) or len(after_ids) or targets is not None else before_ids[:0]
+                prefix_ids.append(cached)
+                pieces[0], before_ids = embedding(before_ids[len(cached) :]), before_ids[len(cached) :]
             length = len(before_ids) + len(audio) + len(after_ids)
             if targets is not None:
                 answer_ids = self._ids(targets[row])
@@ -214,7 +229,16 @@ class SpeechLM(nn.Module):
         extra: dict[str, Any] = {}
         if targets is not None:
             extra = {"target_spans": target_spans, "target_ids": target_ids}
-        return PromptBatch(inputs, attention, positions, spans, extra)
+        prefix = None
+        if prefix_cache is not None and any(len(ids) for ids in prefix_ids):
+            prefix, prefix_mask = prefix_cache.batch(prefix_ids)
+            positions = positions + prefix_mask.sum(dim=1, keepdim=True)
+            attention = torch.cat([prefix_mask, attention], dim=1)
+        return PromptBatch(inputs, attention, positions, spans, extra, prefix)
+
+    def _prefix_kwargs(self, batch: PromptBatch) -> dict[str, Any]:
+        """The LLM keyword that passes a fresh cache holding the batch's prefix (none without one)."""
+        return {} if batch.prefix is None else {CACHE_KWARG: as_cache(batch.prefix, self.llm.config)}
 
     def _ids(self, text: str) -> torch.Tensor:
         return torch.tensor(self.tokenizer(text, add_special_tokens=False).input_ids, dtype=torch.long, device=self.device)
@@ -238,6 +262,7 @@ class SpeechLM(nn.Module):
         logits = self.llm(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
             logits_to_keep=length - first,  # the LM head runs only where a target token is predicted
+            **self._prefix_kwargs(batch),
         ).logits  # (B, T - first, V)
         losses = []
         for row, ((start, end), ids) in enumerate(zip(batch.extra["target_spans"], batch.extra["target_ids"])):
@@ -257,6 +282,7 @@ class SpeechLM(nn.Module):
             position_ids=batch.position_ids,
             use_cache=True,
             logits_to_keep=1,  # only the last position's next-token distribution is read
+            **self._prefix_kwargs(batch),
         )
         first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
         candidate_ids = [self._ids(text) for text in candidates]
@@ -280,6 +306,8 @@ class SpeechLM(nn.Module):
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int = 64, **generate_kwargs: Any) -> list[str]:
         """Greedy (or any ``generate`` option) continuation of each prompt, decoded to text."""
+        if batch.prefix is not None:
+            raise ValueError("generate() runs the whole prompt in one prefill: build the batch without prefix_cache")
         generate_kwargs.setdefault("do_sample", False)
         if self.tokenizer.pad_token_id is not None:
             generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)

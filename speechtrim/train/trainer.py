@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from speechtrim.assets.cache import atomic_file
+from speechtrim.hf.prefix import PrefixCache
 from speechtrim.train.encoder_cache import pad_frames
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def fit(
     checkpoint: Path | None = None,
     assistant_prefix: str = "",
     progress: bool = True,
+    prefix_cache: PrefixCache | None = None,
 ) -> list[dict[str, float]]:
     """Train ``model.projector`` and ``model.adapter`` on ``items``; returns the per-epoch history.
 
@@ -123,6 +125,8 @@ def fit(
         assistant_prefix: text the assistant turn starts with before the target (the paper's
             "The emotion of the audio is:").
         progress: show a progress bar.
+        prefix_cache: keys and values of the frozen LLM for the prompt text in front of the audio, computed once
+            per distinct text instead of at every step (same loss and gradients); a fresh one when None.
     """
     if not items:
         raise ValueError("fit() needs at least one training example")
@@ -156,6 +160,7 @@ def fit(
     steps_per_epoch = len(epochs[0])
     updates_per_epoch = math.ceil(steps_per_epoch / config.grad_accum)
     total_updates = updates_per_epoch * config.epochs
+    prefix_cache = PrefixCache(model.llm) if prefix_cache is None else prefix_cache
     model.train()
     for epoch in range(start_epoch, config.epochs):
         total, batches = 0.0, 0
@@ -169,7 +174,8 @@ def fit(
             batch = model.build_inputs([item.prompt for item in chosen], embeds, embeds_mask,
                                        targets=[item.target for item in chosen],
                                        assistant_prefix=[assistant_prefix if item.assistant_prefix is None
-                                                         else item.assistant_prefix for item in chosen])
+                                                         else item.assistant_prefix for item in chosen],
+                                       prefix_cache=prefix_cache)
             loss = model.loss(batch)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
