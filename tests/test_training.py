@@ -212,3 +212,25 @@ def test_tables_chart_and_timing(setup, tmp_path):
     assert "tones (SYNTHETIC)" in tables and "| mean | 0.70 ± 0.01 |" in tables and "| none | 1.20M | +0% |" in tables
     chart = plot(summary, tmp_path / "chart.png")
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_transcribing_stores_the_same_encoder_frames_the_cache_would_compute(tmp_path):
+    from speechtrim.assets.whisper import load_whisper
+    from speechtrim.audio import load_audio
+    from speechtrim.hf.speechlm import SpeechLM
+    from speechtrim.train.compare import transcripts_for
+
+    dataset = tone_dataset(tmp_path, per_class=2)
+    whisper, processor = load_whisper("tiny.en")
+    tiny = tiny_speechlm()
+    model = SpeechLM(whisper.get_encoder(), processor.feature_extractor, tiny.llm, tiny.tokenizer)
+    cache = EncoderCache(model, "tiny.en-test", folder=tmp_path / "frames")
+    texts = transcripts_for(dataset, "tiny.en", tmp_path / "out", cache)
+    assert len(texts) == len(dataset.examples)
+    encode = model.encode
+    model.encode = lambda audios: pytest.fail("the frames should already be stored")
+    stored = cache.get([e.audio_path for e in dataset.examples], progress=False)
+    for example, frames in zip(dataset.examples, stored):
+        expected, mask = encode([load_audio(example.audio_path)])
+        assert frames.shape == (int(mask.sum()), 384)
+        torch.testing.assert_close(frames, expected[0, mask[0]], rtol=1e-2, atol=1e-2)  # stored as float16

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers.modeling_outputs import BaseModelOutput
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
 from speechtrim.assets import whisper as whisper_assets
@@ -240,17 +241,25 @@ def test_transcribe_splits_long_audio_and_joins(tmp_path, monkeypatch):
     batches = []
     word = tokenizer.encode(" hi", add_special_tokens=False)
 
-    def fake_generate(features, **kwargs):
+    def fake_encoder(input_features):  # the tiny encoder takes 16 mel frames, not a real 30 s window
+        return BaseModelOutput(last_hidden_state=input_features.transpose(1, 2))
+
+    def fake_generate(encoder_outputs, **kwargs):
+        features = encoder_outputs.last_hidden_state
         batches.append((tuple(features.shape), kwargs))
         return torch.tensor([[SOT, *word, EOT]] * features.shape[0])
 
+    monkeypatch.setattr(model, "get_encoder", lambda: fake_encoder)
     monkeypatch.setattr(model, "generate", fake_generate)
     audios = [np.zeros(65 * 16000, np.float32), np.zeros(10 * 16000, np.float32), np.zeros(0, np.float32)]
-    texts = transcribe(model, processor, audios, batch_size=3, max_new_tokens=7)
+    encoded = []
+    texts = transcribe(model, processor, audios, batch_size=3, max_new_tokens=7,
+                       on_encoded=lambda index, audio, hidden: encoded.append((index, len(audio), hidden.shape)))
     assert texts == ["hi hi hi", "hi", ""]
     assert [shape[0] for shape, _ in batches] == [3, 1]  # windows 30 + 30 + 5 s, then 10 s
-    assert batches[0][0][1:] == (8, 3000)
+    assert batches[0][0][1:] == (3000, 8)
     assert batches[0][1]["max_new_tokens"] == 7 and "language" not in batches[0][1]
+    assert encoded == [(1, 10 * 16000, (3000, 8))]  # only the clip that fits one window hands its frames on
     with pytest.raises(ValueError, match="English-only"):
         transcribe(model, processor, audios[:1], language="de")
     with pytest.raises(ValueError, match="mono"):

@@ -14,6 +14,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -448,6 +449,7 @@ def transcribe(
     language: str | None = None,
     batch_size: int = 8,
     max_new_tokens: int = 128,
+    on_encoded: Callable[[int, np.ndarray, torch.Tensor], None] | None = None,
 ) -> list[str]:
     """Greedy transcripts of 16 kHz mono clips; clips over 30 s are cut into 30 s windows whose texts are joined.
 
@@ -459,6 +461,9 @@ def transcribe(
             English-only models accept only None or ``"en"``.
         batch_size: windows decoded together.
         max_new_tokens: longest transcript per 30 s window, in tokens.
+        on_encoded: called as ``on_encoded(clip_index, window_audio, encoder_output)`` for each clip that fits one
+            30 s window, with its (1500, D) encoder output, so a caller that also needs the frames (the adapter
+            comparison's encoder cache) does not run the encoder a second time.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
@@ -486,7 +491,11 @@ def transcribe(
             features = extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
             features = features.to(device=model.device, dtype=model.dtype)  # (B, n_mels, 3000)
             with torch.inference_mode():
-                tokens = model.generate(features, **generate_kwargs)  # (B, L) token ids
+                encoded = model.get_encoder()(input_features=features)  # BaseModelOutput, (B, 1500, D)
+                tokens = model.generate(encoder_outputs=encoded, **generate_kwargs)  # (B, L) token ids
+            for row, owner in enumerate(owners[start : start + batch_size]):
+                if on_encoded is not None and owners.count(owner) == 1:
+                    on_encoded(owner, batch[row], encoded.last_hidden_state[row])
             decoded = tokenizer.batch_decode(tokens, skip_special_tokens=True)
             for owner, text in zip(owners[start : start + batch_size], decoded):
                 if text.strip():

@@ -17,6 +17,8 @@ from speechtrim.adapters import build as build_adapter
 from speechtrim.assets.cache import atomic_file, write_json_atomic
 from speechtrim.audio import load_audio
 from speechtrim.data.emotion import Dataset, load_emodb, load_manifest, load_ravdess
+from speechtrim.hf.prefix import PrefixCache
+from speechtrim.train.encoder_cache import EncoderCache
 from speechtrim.train.kfold import TEXT_ONLY, cross_validate, summarise
 from speechtrim.train.trainer import TrainConfig
 
@@ -66,9 +68,13 @@ def load_dataset(spec: str, preset: Preset) -> Dataset:
     raise ValueError(f"unknown data {spec!r}: use synthetic-emotion, emodb:DIR, ravdess:DIR or a .csv/.jsonl manifest")
 
 
-def transcripts_for(dataset: Dataset, whisper_name: str, out_dir: Path) -> list[str]:
-    """Whisper transcription of every clip (the prompt's "Transcription:"), cached in ``out_dir``."""
-    from speechtrim.assets.whisper import load_whisper, transcribe
+def transcripts_for(dataset: Dataset, whisper_name: str, out_dir: Path, frames: EncoderCache | None = None) -> list[str]:
+    """Whisper transcription of every clip (the prompt's "Transcription:"), cached in ``out_dir``.
+
+    With ``frames``, the encoder output of each transcribed clip is also stored there (valid frames only), so the
+    encoder runs once per clip for both the transcript and the adapters' input.
+    """
+    from speechtrim.assets.whisper import load_whisper, transcribe, valid_frames
 
     path = out_dir / f"transcripts-{whisper_name}.json"
     cached: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
@@ -80,8 +86,14 @@ def transcripts_for(dataset: Dataset, whisper_name: str, out_dir: Path) -> list[
         for example in missing:
             by_language.setdefault(example.language if multilingual else None, []).append(example)
         for language, examples in by_language.items():
+
+            def keep_frames(index: int, audio, hidden, examples=examples) -> None:
+                if frames is not None:
+                    frames.store(examples[index].audio_path, hidden[: max(1, valid_frames(len(audio)))].float())
+
             texts = transcribe(model, processor, [load_audio(e.audio_path) for e in examples], language=language,
-                               max_new_tokens=64)  # short sentences; caps hallucination loops on synthetic voices
+                               max_new_tokens=64,  # short sentences; caps hallucination loops on synthetic voices
+                               on_encoded=keep_frames)
             cached.update({e.key: text for e, text in zip(examples, texts)})
             write_json_atomic(path, cached)
     return [cached[e.key] for e in dataset.examples]
@@ -108,19 +120,20 @@ def compare_adapters(
     """
     from speechtrim.assets.whisper import whisper_cache_dir
     from speechtrim.hf.speechlm import build_speechlm
-    from speechtrim.train.encoder_cache import EncoderCache
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base = build_speechlm(encoder, llm)
     base.system_prompt = ""  # the paper's prompt (Annex B) has no system turn; SmolLM2's template would add one
     encoder_id = whisper_cache_dir(encoder).name if "/" not in encoder else encoder.replace("/", "--")
-    frames = EncoderCache(base, encoder_id).get([e.audio_path for e in dataset.examples], progress=progress)
-    transcripts = transcripts_for(dataset, encoder, out_dir)
+    frame_cache = EncoderCache(base, encoder_id)
+    transcripts = transcripts_for(dataset, encoder, out_dir, frame_cache)  # stores the encoder frames on the way
+    frames = frame_cache.get([e.audio_path for e in dataset.examples], progress=progress)
+    prefix_cache = PrefixCache(base.llm)  # the prompts' text before the audio, run once for every adapter and fold
     rows = []
     for name in ((TEXT_ONLY,) if text_only else ()) + tuple(adapters):
         logger.info("cross-validating %s", name)
         results = cross_validate(base, dataset, frames, transcripts, name, out_dir / name, folds, config,
-                                 progress=progress)
+                                 progress=progress, prefix_cache=prefix_cache)
         row = {"adapter": name, **summarise(results), "folds": len(results)}
         width = base.llm.get_input_embeddings().embedding_dim
         projector = sum(p.numel() for p in base.projector.parameters())
