@@ -39,9 +39,9 @@ class Preset:
 PRESETS = {
     "quick": Preset(
         folds=2,
-        train=TrainConfig(epochs=3, batch_size=4, grad_accum=1, lr=1e-2, adapter_lr=1e-4),
+        train=TrainConfig(epochs=3, batch_size=4, grad_accum=1, lr=1e-2, adapter_lr=1e-5),
         synthetic={"voices_per_language": 2, "sentences_per_language": 2},
-        description="CPU-sized: 96 synthetic clips, 2 folds, 3 epochs, lr 1e-2 (projector) and 1e-4 (adapter)",
+        description="CPU-sized: 96 synthetic clips, 2 folds, 3 epochs, lr 1e-2 (projector) and 1e-5 (adapter)",
     ),
     "paper": Preset(
         folds=5,

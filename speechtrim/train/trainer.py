@@ -43,9 +43,11 @@ class TrainConfig:
         batch_size: examples per forward pass.
         grad_accum: forward passes per optimiser step.
         lr: AdamW learning rate.
-        adapter_lr: learning rate of the length adapter's own weights (None: ``lr``). The attention adapters'
-            square maps start as identity and drift into noise at a learning rate the projector needs for a short
-            run, so the CPU preset gives them a lower one.
+        adapter_lr: learning rate of the length adapter's own weights (None: ``lr``). A short run needs a high
+            projector rate, and its outputs then grow far beyond the LLM's token embeddings (row norm ~130 against
+            ~3 after the quick preset), which saturates the attention adapters' softmax (one frame gets 0.9-0.98
+            of the weight at an adapter rate of 1e-4); the CPU preset therefore keeps the adapters near their
+            pooling start with 1e-5.
         betas: AdamW betas.
         eps: AdamW epsilon.
         weight_decay: AdamW weight decay.
