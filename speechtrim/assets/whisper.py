@@ -12,9 +12,10 @@ import functools
 import json
 import logging
 import re
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -484,6 +485,7 @@ def transcribe(
         windows.extend(pieces)
         owners.extend([index] * len(pieces))
     texts: list[list[str]] = [[] for _ in audios]
+    windows_per_clip = Counter(owners)
     extractor, tokenizer = processor.feature_extractor, processor.tokenizer
     with tqdm(total=len(windows), desc="transcribe", unit="window", disable=not windows) as bar:
         for start in range(0, len(windows), batch_size):
@@ -494,7 +496,7 @@ def transcribe(
                 encoded = model.get_encoder()(input_features=features)  # BaseModelOutput, (B, 1500, D)
                 tokens = model.generate(encoder_outputs=encoded, **generate_kwargs)  # (B, L) token ids
             for row, owner in enumerate(owners[start : start + batch_size]):
-                if on_encoded is not None and owners.count(owner) == 1:
+                if on_encoded is not None and windows_per_clip[owner] == 1:
                     on_encoded(owner, batch[row], encoded.last_hidden_state[row])
             decoded = tokenizer.batch_decode(tokens, skip_special_tokens=True)
             for owner, text in zip(owners[start : start + batch_size], decoded):

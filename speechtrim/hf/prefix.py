@@ -54,10 +54,9 @@ class PrefixCache:
         out = self.llm(input_ids=ids.unsqueeze(0), use_cache=True, logits_to_keep=1)
         layers = [(layer.keys[0].detach(), layer.values[0].detach()) for layer in returned_cache(out).layers]
         self._entries[key] = layers
-        self._bytes += sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
+        self._bytes += _nbytes(layers)
         while self._bytes > self.max_bytes and len(self._entries) > 1:
-            _, dropped = self._entries.popitem(last=False)
-            self._bytes -= sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in dropped)
+            self._bytes -= _nbytes(self._entries.popitem(last=False)[1])
         return layers
 
     def batch(self, prefixes: list[torch.Tensor]) -> tuple[KeyValues, torch.Tensor]:
@@ -82,6 +81,10 @@ class PrefixCache:
                     mask[row, longest - length :] = 1
             batched.append((batch_keys, batch_values))
         return batched, mask
+
+
+def _nbytes(layers: KeyValues) -> int:
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
 
 
 def as_cache(key_values: KeyValues, config) -> object:

@@ -44,6 +44,11 @@ class PromptBatch:
     prefix: KeyValues | None = None  # per layer: (B, heads, P_max, head_dim) keys and values of the prompt's start
 
 
+def audio_frames(num_samples: int, available: int, sample_rate: int = 16000) -> int:
+    """Encoder frames kept for a clip of ``num_samples``: those carrying audio, at least 1, at most ``available``."""
+    return max(1, min(valid_frames(num_samples, sample_rate), available))
+
+
 class SpeechLM(nn.Module):
     """A frozen Whisper encoder and frozen causal LLM joined by a trainable projector and length adapter.
 
@@ -121,8 +126,7 @@ class SpeechLM(nn.Module):
             list(audios), sampling_rate=sample_rate, return_tensors="pt"
         ).input_features.to(self.device, self.encoder.dtype)  # (B, n_mels, 3000)
         hidden = self.encoder(input_features=features).last_hidden_state  # (B, 1500, D_enc)
-        lengths = torch.tensor([min(valid_frames(len(audio), sample_rate), hidden.shape[1]) for audio in audios])
-        lengths = lengths.clamp(min=1)
+        lengths = torch.tensor([audio_frames(len(audio), hidden.shape[1], sample_rate) for audio in audios])
         longest = int(lengths.max())
         mask = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T_max)
         return hidden[:, :longest].float(), mask.to(self.device)
@@ -197,11 +201,11 @@ class SpeechLM(nn.Module):
             before_ids = self._ids(before)
             after_ids = self._ids(after)
             audio = audio_embeds[row, audio_mask[row]]  # (n_audio, D)
-            pieces = [embedding(before_ids), audio.to(embedding.weight.dtype), embedding(after_ids)]
             if prefix_cache is not None:  # the text before the audio comes from the cache, unless nothing follows
                 cached = before_ids if len(audio) or len(after_ids) or targets is not None else before_ids[:0]
                 prefix_ids.append(cached)
-                pieces[0], before_ids = embedding(before_ids[len(cached) :]), before_ids[len(cached) :]
+                before_ids = before_ids[len(cached) :]
+            pieces = [embedding(before_ids), audio.to(embedding.weight.dtype), embedding(after_ids)]
             length = len(before_ids) + len(audio) + len(after_ids)
             if targets is not None:
                 answer_ids = self._ids(targets[row])

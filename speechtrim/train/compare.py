@@ -7,6 +7,7 @@ encoder outputs and transcripts are cached, each finished fold is kept.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -68,13 +69,14 @@ def load_dataset(spec: str, preset: Preset) -> Dataset:
     raise ValueError(f"unknown data {spec!r}: use synthetic-emotion, emodb:DIR, ravdess:DIR or a .csv/.jsonl manifest")
 
 
-def transcripts_for(dataset: Dataset, whisper_name: str, out_dir: Path, frames: EncoderCache | None = None) -> list[str]:
+def transcripts_for(dataset: Dataset, whisper_name: str, out_dir: Path,
+                    frame_cache: EncoderCache | None = None) -> list[str]:
     """Whisper transcription of every clip (the prompt's "Transcription:"), cached in ``out_dir``.
 
-    With ``frames``, the encoder output of each transcribed clip is also stored there (valid frames only), so the
+    With ``frame_cache``, the encoder output of each transcribed clip is also stored there (valid frames only), so the
     encoder runs once per clip for both the transcript and the adapters' input.
     """
-    from speechtrim.assets.whisper import load_whisper, transcribe, valid_frames
+    from speechtrim.assets.whisper import load_whisper, transcribe
 
     path = out_dir / f"transcripts-{whisper_name}.json"
     cached: dict[str, str] = json.loads(path.read_text()) if path.is_file() else {}
@@ -86,17 +88,20 @@ def transcripts_for(dataset: Dataset, whisper_name: str, out_dir: Path, frames: 
         for example in missing:
             by_language.setdefault(example.language if multilingual else None, []).append(example)
         for language, examples in by_language.items():
-
-            def keep_frames(index: int, audio, hidden, examples=examples) -> None:
-                if frames is not None:
-                    frames.store(examples[index].audio_path, hidden[: max(1, valid_frames(len(audio)))].float())
-
+            keep = None if frame_cache is None else functools.partial(_store_frames, frame_cache, examples)
             texts = transcribe(model, processor, [load_audio(e.audio_path) for e in examples], language=language,
                                max_new_tokens=64,  # short sentences; caps hallucination loops on synthetic voices
-                               on_encoded=keep_frames)
+                               on_encoded=keep)
             cached.update({e.key: text for e, text in zip(examples, texts)})
             write_json_atomic(path, cached)
     return [cached[e.key] for e in dataset.examples]
+
+
+def _store_frames(frame_cache: EncoderCache, examples: list, index: int, audio, hidden) -> None:
+    """``transcribe``'s ``on_encoded``: keep the clip's valid encoder frames, as ``SpeechLM.encode`` would."""
+    from speechtrim.hf.speechlm import audio_frames
+
+    frame_cache.store(examples[index].audio_path, hidden[: audio_frames(len(audio), hidden.shape[0])].float())
 
 
 def compare_adapters(

@@ -46,18 +46,21 @@ class EncoderCache:
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
             frames, mask = self.model.encode([load_audio(path) for _, path in chunk])  # (b, T, D), (b, T)
-            for row, (_, path) in enumerate(chunk):
-                self.store(path, frames[row, mask[row]])
+            for row, (key, _) in enumerate(chunk):
+                self._write(key, frames[row, mask[row]])
             bar.update(len(chunk))
         bar.close()
         return [load_file(self._file(key))["frames"].float() for key in keys]
 
     def store(self, path: Path, frames: torch.Tensor) -> None:
         """Keep the valid frames (T, D) of ``path`` computed elsewhere (e.g. while transcribing the same clip)."""
-        file = self._file(_content_key(path))
-        if not file.is_file():
-            with atomic_file(file, mode="wb") as handle:
-                handle.write(_serialise(frames.detach().cpu().to(torch.float16)))
+        key = _content_key(path)
+        if not self._file(key).is_file():
+            self._write(key, frames)
+
+    def _write(self, key: str, frames: torch.Tensor) -> None:
+        with atomic_file(self._file(key), mode="wb") as handle:
+            handle.write(_serialise(frames.detach().cpu().to(torch.float16)))
 
     def _file(self, key: str) -> Path:
         return self.folder / f"{key}.safetensors"
