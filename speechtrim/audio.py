@@ -161,6 +161,8 @@ def load_audio(
         where = "array input"
         if sample_rate is None:
             raise AudioError(f"{where}: an array has no sample rate; pass sample_rate=, e.g. load_audio(x, 16000)")
+        if isinstance(sample_rate, bool) or float(sample_rate) != int(sample_rate):
+            raise AudioError(f"{where}: sample_rate must be a whole number of Hz, got {sample_rate!r}")
         samples, rate, channels_last = _array_to_float(source, where), int(sample_rate), False
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source).expanduser()

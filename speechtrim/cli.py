@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -25,14 +26,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    terminated: list[int] = []
+
+    def on_sigterm(signum: int, frame: object) -> None:  # timeout, CI and container stops: handled like Ctrl-C
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
+        _quiet_libraries(args)
         return args.run(args)
     except (ValueError, FileNotFoundError) as error:
         print(f"speechtrim {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"speechtrim {args.command}: interrupted", file=sys.stderr)
-        return 130
+        how = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"speechtrim {args.command}: {how}; finished work is kept (rerun the same command to resume)",
+              file=sys.stderr)
+        return 143 if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _reducer_names() -> list[str]:
+    from speechtrim import reducers
+
+    return reducers.names()
+
+
+def _adapter_names() -> list[str]:
+    from speechtrim import adapters
+
+    return adapters.names()
+
+
+def _quiet_libraries(args: argparse.Namespace) -> None:
+    """Without ``-v``, transformers' warnings stay out of the output; ``--no-progress`` also hides its bars."""
+    from transformers.utils import logging as transformers_logging
+
+    if not args.verbose:
+        transformers_logging.set_verbosity_error()
+    if getattr(args, "no_progress", False):
+        transformers_logging.disable_progress_bar()
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -57,6 +92,8 @@ def _build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--language", default=None, help="language code for multilingual models, e.g. en")
     transcribe.add_argument("--batch-size", type=int, default=8, help="clips per forward pass")
     transcribe.add_argument("--output", type=Path, default=None, help="also write one JSON line per clip to this file")
+    transcribe.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    transcribe.add_argument("--no-progress", action="store_true", help="hide progress bars")
     transcribe.set_defaults(run=_run_transcribe)
 
     select = commands.add_parser(
@@ -68,16 +105,21 @@ def _build_parser() -> argparse.ArgumentParser:
     select.add_argument("--data", default="pocketsphinx", choices=["pocketsphinx", "synthetic-emotion"],
                         help="calibration clips")
     select.add_argument("--clips", type=int, default=8, help="calibration clips to use")
-    select.add_argument("--method", default="fastadasp", help="reducer whose operation is measured")
+    select.add_argument("--method", default="fastadasp",
+                        help=f"reducer whose operation is measured: {', '.join(_reducer_names())}")
     select.add_argument("--ratio", type=float, default=0.5, help="its merge ratio during calibration")
     select.add_argument("--layers", default=None, help="candidate layers, e.g. 1-10 or 2,3,9 (default: all but 0)")
+    select.add_argument("--force", action="store_true",
+                        help="replace a stored selection even when it was calibrated on more clips or layers")
+    select.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    select.add_argument("--no-progress", action="store_true", help="hide progress bars")
     select.set_defaults(run=_run_select_layer)
 
     for name, helptext in (("train", "cross-validate one length adapter for emotion recognition"),
                            ("compare-adapters", "cross-validate every length adapter and the text-only baseline")):
         sub = commands.add_parser(name, help=helptext)
         if name == "train":
-            sub.add_argument("--adapter", required=True, help="length adapter (speechtrim.adapters.names())")
+            sub.add_argument("--adapter", required=True, help=f"length adapter: {', '.join(_adapter_names())}")
             sub.add_argument("--save", type=Path, default=None, help="also train on all data and save the model here")
         else:
             sub.add_argument("--adapters", default=",".join(("none", "mean", "concat", "conv", "attn_mean",
@@ -101,17 +143,21 @@ def _build_parser() -> argparse.ArgumentParser:
 
     embedded = commands.add_parser(
         "train-embedded",
-        help="train the embedded model's projector (Whisper base -> SmolLM2) on synthetic ASR + emotion, then "
-             "score it on held-out data",
+        help="train the embedded speech LLM (Whisper base -> vocabulary projector -> SmolLM2 with LoRA) on "
+             "synthetic ASR + emotion: a CTC stage, then a joint stage; then score it on held-out data",
     )
     embedded.add_argument("--out", type=Path, default=Path("results/embedded"),
                           help="folder for the trained model and training.json (the packaged one lives in "
                                "speechtrim/weights/embedded)")
-    embedded.add_argument("--epochs", type=int, default=None, help="passes over the training data (default 2)")
-    embedded.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 1e-2, decaying linearly)")
-    embedded.add_argument("--batch-size", type=int, default=None, help="clips per step (default 8)")
+    embedded.add_argument("--ctc-steps", type=int, default=None, help="steps of the CTC stage (default 600)")
+    embedded.add_argument("--joint-steps", type=int, default=None, help="steps of the joint stage (default 600)")
+    embedded.add_argument("--lr", type=float, default=None,
+                          help="projector learning rate of the joint stage (default 3e-4, warm-up then cosine)")
+    embedded.add_argument("--batch-size", type=int, default=None, help="clips per joint-stage step (default 16)")
+    embedded.add_argument("--lora-rank", type=int, default=None,
+                          help="LoRA rank on the LLM's linear layers (default 8; 0 keeps the LLM frozen)")
     embedded.add_argument("--asr-sentences", type=int, default=None,
-                          help="synthetic ASR training sentences (default 1000)")
+                          help="synthetic ASR training sentences (default: every usable fortune sentence)")
     embedded.add_argument("--pool", type=int, default=None, help="encoder frames per audio token (default 4)")
     embedded.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     embedded.add_argument("--eval-limit", type=int, default=None, help="clips per held-out set (default: all)")
@@ -131,7 +177,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--limit", type=int, default=None, help="clips per set (default: the preset's)")
     bench.add_argument("--methods", default=None,
                        help="comma-separated methods (default all): none, fastadasp (= fastadasp-sparse, "
-                            "-constant, -decay) or one of them, and every registered reducer")
+                            "-constant, -decay) or one of them, and every registered reducer: "
+                            f"{', '.join(_reducer_names())}")
     bench.add_argument("--targets", default=None, help="target prefill-FLOPs reductions, e.g. 0.1,0.3,0.5")
     bench.add_argument("--model", default="embedded",
                        help="embedded (default, offline), a saved SpeechLM folder, or a Hugging Face speech LLM id")
@@ -181,6 +228,9 @@ def _run_transcribe(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.output is not None and args.output.is_dir():
+        raise ValueError(f"--output {args.output} is a folder; pass a file name such as {args.output / 'hyps.jsonl'}")
+    _apply_threads(args)
     if args.audio:
         clips = [(Path(path).stem, load_audio(path), None) for path in args.audio]
         data_name = "files"
@@ -191,7 +241,8 @@ def _run_transcribe(args: argparse.Namespace) -> int:
         data_name = "pocketsphinx-testdata (real read speech)"
     model, processor = load_whisper(args.model)
     started = time.perf_counter()
-    hypotheses = transcribe(model, processor, [audio for _, audio, _ in clips], language=args.language, batch_size=args.batch_size)
+    hypotheses = transcribe(model, processor, [audio for _, audio, _ in clips], language=args.language, batch_size=args.batch_size,
+                             progress=not args.no_progress)
     seconds = time.perf_counter() - started
     audio_seconds = sum(duration_seconds(audio) for _, audio, _ in clips)
     rows = []
@@ -201,11 +252,6 @@ def _run_transcribe(args: argparse.Namespace) -> int:
             row["reference"] = reference
             row["wer"] = round(wer([reference], [hypothesis]), 4)
         rows.append(row)
-    if args.output is not None:
-        from speechtrim.assets.cache import atomic_file
-
-        with atomic_file(args.output) as handle:
-            handle.writelines(json.dumps(row) + "\n" for row in rows)
     headers = ["id", "seconds", "wer", "reference", "hypothesis"] if clips[0][2] is not None else ["id", "seconds", "hypothesis"]
     print(f"Whisper {args.model} on {data_name}: {len(clips)} clips, {audio_seconds:.1f} s of audio\n")
     print(_markdown_table(headers, [[row.get(key, "") for key in headers] for row in rows]))
@@ -217,8 +263,24 @@ def _run_transcribe(args: argparse.Namespace) -> int:
         summary["normalizer"] = "whisper-english"
         print(f"\nWER {summary['wer']:.3f} (Whisper English normalisation of references and hypotheses)")
     print(f"real-time factor {summary['rtf']:.3f} on this machine ({seconds:.1f} s for {audio_seconds:.1f} s of audio)")
+    if args.output is not None:  # after the table is printed: an output error never loses the transcripts
+        from speechtrim.assets.cache import atomic_file
+
+        with atomic_file(args.output) as handle:
+            handle.writelines(json.dumps(row) + "\n" for row in rows)
+        summary["output"] = str(args.output)
     print(json.dumps(summary))
     return 0
+
+
+def _apply_threads(args: argparse.Namespace) -> None:
+    """``--threads`` (torch CPU threads) of the commands that have it."""
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
 
 def _run_adapters(args: argparse.Namespace) -> int:
@@ -270,12 +332,14 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     recipe = EmbeddedRecipe()
-    overrides = {key: value for key, value in (("epochs", args.epochs), ("lr", args.lr),
+    ctc = dataclasses.replace(recipe.ctc, seed=args.seed,
+                              **({"steps": args.ctc_steps} if args.ctc_steps is not None else {}))
+    overrides = {key: value for key, value in (("steps", args.joint_steps), ("lr", args.lr),
                                                 ("batch_size", args.batch_size)) if value is not None}
-    train = dataclasses.replace(recipe.train, seed=args.seed, **overrides)
-    fields = {key: value for key, value in (("asr_sentences", args.asr_sentences), ("pool", args.pool))
-              if value is not None}
-    recipe = dataclasses.replace(recipe, train=train, **fields)
+    joint = dataclasses.replace(recipe.joint, seed=args.seed, **overrides)
+    fields = {key: value for key, value in (("asr_sentences", args.asr_sentences), ("pool", args.pool),
+                                            ("lora_rank", args.lora_rank)) if value is not None}
+    recipe = dataclasses.replace(recipe, ctc=ctc, joint=joint, **fields)
     command = "speechtrim " + " ".join(shlex.quote(part) for part in args.argv)
     report = train_embedded(recipe, args.out, args.work, command=command, eval_limit=args.eval_limit)
     held_out = report["held_out"]
@@ -294,13 +358,21 @@ def _run_bench(args: argparse.Namespace) -> int:
         if text is None:
             return None
         try:
-            return tuple(float(part) for part in text.split(",") if part.strip())
+            values = tuple(float(part) for part in text.split(",") if part.strip())
         except ValueError:
-            raise ValueError(f"{option} takes comma-separated numbers such as 0.1,0.3,0.5, got {text!r}") from None
+            values = ()
+        if not values:
+            example = "30,60,120" if option == "--scaling-lengths" else "0.1,0.3,0.5"
+            raise ValueError(f"{option} takes comma-separated numbers such as {example}, got {text!r}")
+        return values
 
+    data = [part for part in args.data.split(",") if part] if args.data else None
+    if data is not None and len(set(data)) != len(data):
+        twice = sorted({name for name in data if data.count(name) > 1})
+        raise ValueError(f"--data names {', '.join(twice)} more than once; name each set once")
     options = BenchOptions(
         preset="quick" if args.quick else "default",
-        data=[part for part in args.data.split(",") if part] if args.data else None, limit=args.limit,
+        data=data, limit=args.limit,
         methods=[part for part in args.methods.split(",") if part] if args.methods else None,
         targets=numbers(args.targets, "--targets"), model=args.model, speechlm=args.speechlm, out=args.out,
         layer=args.layer, max_new_tokens=args.max_new_tokens, repeats=args.repeats, device=args.device,
@@ -316,6 +388,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         print(f"plot: {summary['plot']}; rows: {summary['jsonl']}")
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps({"command": "bench", **summary}, default=str))
+    if summary.get("failed_rows"):
+        print(f"speechtrim bench: {summary['failed_rows']} row(s) failed; their errors are in {summary['jsonl']}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -325,6 +401,14 @@ def _run_select_layer(args: argparse.Namespace) -> int:
 
     if args.clips < 1:
         raise ValueError(f"--clips must be >= 1, got {args.clips}")
+    if not 0.0 < args.ratio < 1.0:
+        raise ValueError(f"--ratio must be in (0, 1), got {args.ratio}")
+    from speechtrim import reducers
+
+    if args.method not in reducers.names():
+        raise ValueError(f"unknown --method {args.method!r}; choose from {reducers.names()}")
+    layers = _parse_layers(args.layers) if args.layers else None
+    _apply_threads(args)
     model = _embedded_speechlm(args.speechlm)
     if args.data == "pocketsphinx":
         from speechtrim.data.realspeech import load_pocketsphinx_clips
@@ -338,14 +422,18 @@ def _run_select_layer(args: argparse.Namespace) -> int:
         step = max(len(dataset) // args.clips, 1)
         chosen = dataset.examples[::step][: args.clips]
         clips = [(load_audio(e.audio_path), emotion_prompt(e.transcript, dataset.labels)) for e in chosen]
+    from speechtrim.layer_selection import check_overwrite
+
+    calibration = {"data": args.data, "clips": len(clips)}
+    check_overwrite(model.llm, calibration, layers, force=args.force)  # before the slow part
     batches = []
     for start in range(0, len(clips), 4):
         chunk = clips[start : start + 4]
         batch = model.prepare([audio for audio, _ in chunk], [prompt for _, prompt in chunk])
         batches.append({"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask,
                         "position_ids": batch.position_ids, "audio_spans": batch.audio_spans})
-    layers = _parse_layers(args.layers) if args.layers else None
-    best, entropies = select_layer(model.llm, batches, layers, args.method, args.ratio)
+    best, entropies = select_layer(model.llm, batches, layers, args.method, args.ratio,
+                                   progress=not args.no_progress, calibration=calibration)
     ranked = sorted(entropies, key=entropies.get)
     print(f"Transfer entropy of {args.method} (ratio {args.ratio}) per layer, {len(clips)} {args.data} clips:\n")
     print(_markdown_table(["rank", "layer", "transfer_entropy"],

@@ -97,6 +97,10 @@ def simulate_lengths(
     return lengths
 
 
+class TargetUnreachable(ValueError):
+    """A FLOPs-reduction target that a schedule cannot reach on a prompt (the bench shows it as '—')."""
+
+
 def solve_ratio(
     target_reduction: float, num_text: int, num_audio: int, schedule: str, first_layer: int, num_layers: int,
     d: int, m: int, tolerance: float = 1e-9,
@@ -134,7 +138,7 @@ def solve_ratio(
         return 0.0
     most = reduction(math.nextafter(1.0, 0.0))
     if most < target_reduction:
-        raise ValueError(
+        raise TargetUnreachable(
             f"a {target_reduction:.1%} FLOPs reduction is unreachable with schedule {schedule!r} from layer "
             f"{first_layer} of {num_layers} ({num_audio} audio + {num_text} text tokens): the most it can cut is "
             f"{most:.1%}. Lower the target, start at an earlier layer, or use a denser schedule."

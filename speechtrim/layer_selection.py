@@ -117,15 +117,14 @@ def _final_attention_entropy(model: nn.Module, backbone: Any, kwargs: dict[str, 
 
 
 def model_key(model: nn.Module) -> str:
-    """A stable identity of a model's weights and shape, for storing its layer selection."""
+    """A stable identity of a model's weights (all of them: a LoRA merged into the LLM changes it), for storing its
+    layer selection."""
+    from speechtrim.fingerprint import module_fingerprint
     from speechtrim.hf.layers import text_backbone
 
     backbone = text_backbone(model)
     config = getattr(model, "config", backbone.config)
-    embedding = model.get_input_embeddings().weight.detach()
-    fingerprint = f"{getattr(config, 'model_type', '')}|{getattr(config, 'name_or_path', '')}|{backbone.depth}|" \
-                  f"{backbone.hidden_size}|{float(embedding[:64].double().sum()):.10e}"
-    return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{getattr(config, 'model_type', '')}|{module_fingerprint(model)}".encode()).hexdigest()[:16]
 
 
 def selection_path(model: nn.Module) -> Path:
@@ -133,13 +132,45 @@ def selection_path(model: nn.Module) -> Path:
     return cache_root() / "layer-selection" / f"{model_key(model)}.json"
 
 
-def save_selection(model: nn.Module, entropies: dict[int, float], method: str, ratio: float) -> Path:
-    """Store a TE ranking so that ``layer="auto"`` picks its best layer; returns the file."""
+def save_selection(model: nn.Module, entropies: dict[int, float], method: str, ratio: float,
+                   calibration: dict | None = None) -> Path:
+    """Store a TE ranking so that ``layer="auto"`` picks its best layer; returns the file.
+
+    Args:
+        model: the decoder the ranking is for.
+        entropies: transfer entropy per candidate layer.
+        method, ratio: the reducer operation measured.
+        calibration: what it was measured on (e.g. {"data": "pocketsphinx", "clips": 8}), recorded in the file.
+    """
     ranked = sorted(entropies, key=lambda layer: entropies[layer])
     path = selection_path(model)
     write_json_atomic(path, {"selected_layer": ranked[0], "ranking": ranked, "method": method, "ratio": ratio,
+                             "calibration": calibration or {}, "candidates": sorted(entropies),
                              "transfer_entropy": {str(layer): value for layer, value in entropies.items()}})
     return path
+
+
+def check_overwrite(model: nn.Module, calibration: dict, layers: Sequence[int] | None, force: bool = False) -> None:
+    """Refuse (ValueError) to replace a stored selection calibrated on more clips or more candidate layers than the
+    new one would be, unless ``force``: every later ``layer="auto"`` would otherwise use the weaker ranking."""
+    path = selection_path(model)
+    if force or not path.is_file():
+        return
+    stored = json.loads(path.read_text())
+    stored_clips = int(stored.get("calibration", {}).get("clips", 0))
+    stored_layers = len(stored.get("candidates", stored.get("ranking", [])))
+    new_layers = len(layers) if layers is not None else text_backbone_depth(model) - 1
+    if stored_clips > calibration.get("clips", 0) or stored_layers > new_layers:
+        raise ValueError(f"{path} holds a selection calibrated on {stored_clips} clips and {stored_layers} candidate "
+                         f"layers; this run has {calibration.get('clips', 0)} clips and {new_layers} layers. Pass "
+                         "--force to replace it, or calibrate on at least as much")
+
+
+def text_backbone_depth(model: nn.Module) -> int:
+    """Decoder layers of ``model``'s text backbone."""
+    from speechtrim.hf.layers import text_backbone
+
+    return text_backbone(model).depth
 
 
 def selected_layer(model: nn.Module) -> int:
@@ -155,11 +186,11 @@ def selected_layer(model: nn.Module) -> int:
 
 def select_layer(
     model: nn.Module, batches: Iterable[dict[str, Any]], layers: Sequence[int] | None = None,
-    method: str = "fastadasp", ratio: float = 0.5, progress: bool = True,
+    method: str = "fastadasp", ratio: float = 0.5, progress: bool = True, calibration: dict | None = None,
 ) -> tuple[int, dict[int, float]]:
     """Compute TE for each candidate layer, store the ranking for ``layer="auto"``, return (best layer, TE)."""
     entropies = transfer_entropy(model, batches, layers, method, ratio, progress)
-    save_selection(model, entropies, method, ratio)
+    save_selection(model, entropies, method, ratio, calibration)
     best = min(entropies, key=lambda layer: entropies[layer])
     logger.info("transfer entropy selects layer %d of %s", best, sorted(entropies))
     return best, entropies

@@ -106,6 +106,8 @@ def test_interrupted_sweep_resumes(one_thread, model, tmp_path, monkeypatch):
     assert len(rows) == 5 and len(measured) == 2  # only the two unfinished rows ran
     assert [row["method"] for row in rows] == ["none", "fastadasp-sparse", "fastadasp-sparse", "fastv", "fastv"]
     assert len(read_jsonl(jsonl)) == 5
+    lines = jsonl.read_text().splitlines()  # the torn line was removed: the file is valid JSONL again
+    assert len(lines) == 5 and all(isinstance(json.loads(line), dict) for line in lines)
 
 
 def test_unreachable_target_keeps_sweeping(one_thread, model, tmp_path):
@@ -201,3 +203,88 @@ def test_bench_quick_cli_on_embedded_model(tmp_path, capsys):
     assert rows["fastadasp-sparse"]["flops_reduction"] == pytest.approx(0.5, abs=0.02)
     assert rows["h2o"]["flops_reduction"] == 0.0 and rows["h2o"]["kv_cache_bytes"] < rows["none"]["kv_cache_bytes"]
     assert (tmp_path / "tables.md").is_file() and (tmp_path / "tradeoff.png").is_file()
+
+
+def test_resume_never_reuses_rows_of_other_audio_weights_or_layer(one_thread, tmp_path, monkeypatch):
+    """Rows are keyed by the weights' and clips' content and the integer layer that ran, not by names."""
+    from speechtrim.layer_selection import save_selection
+
+    monkeypatch.setenv("SPEECHTRIM_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(5)
+
+    def manifest(folder, scale):
+        folder.mkdir(parents=True, exist_ok=True)
+        soundfile.write(folder / "c.wav", (scale * rng.standard_normal(12000)).astype(np.float32), 16000)
+        (folder / "good.jsonl").write_text(json.dumps({"audio": "c.wav", "transcript": "the emotion is sad"}) + "\n")
+        return str(folder / "good.jsonl")
+
+    first, other = manifest(tmp_path / "a", 0.1), manifest(tmp_path / "b", 0.3)  # same file name, other audio
+    model = EmbeddedModel(tiny_bench_model(), "tiny", trained=False)
+
+    def bench(data, bench_model, layer=None):
+        options = BenchOptions(preset="quick", data=[data], methods=["fastadasp-sparse"], targets=(0.2,),
+                               out=tmp_path / "out", layer=layer, max_new_tokens=2, progress=False)
+        return run_bench(options, model=bench_model)
+
+    assert bench(first, model)["reused_rows"] == 0
+    assert bench(first, model)["reused_rows"] == 2  # everything the same: reused, and said so
+    assert bench(other, model)["reused_rows"] == 0  # other audio under the same name
+    retrained = EmbeddedModel(tiny_bench_model(seed=1), "tiny", trained=False)  # same name, other weights
+    assert bench(first, retrained)["reused_rows"] == 0
+    rows = bench(first, model)["rows"]
+    assert rows[1]["layer"] == 2 and rows[1]["layer_source"] == "default"
+    path = save_selection(model.decoder, {1: 0.1, 2: 0.5}, "fastadasp", 0.5)  # a stored selection picks layer 1
+    rows = bench(first, model)["rows"]
+    assert rows[1]["layer"] == 1 and rows[1]["layer_source"] == f"auto: {path}" and not rows[1].get("reused")
+    assert rows[0].get("reused")  # the unreduced row does not depend on the layer
+    tables = (tmp_path / "out" / "tables.md").read_text()
+    # this run's rows only, though the file holds rows of four other models or clips
+    assert tables.count("| none |") == 1 and tables.count("| fastadasp-sparse | 20 |") == 1  # system table
+
+
+def test_fresh_sets_the_old_results_aside_and_a_file_as_out_is_refused(one_thread, model, tmp_path):
+    options = BenchOptions(preset="quick", data=["pocketsphinx"], methods=["fastadasp-sparse"], targets=(0.2,),
+                           out=tmp_path / "out", layer="2", max_new_tokens=2, progress=False, limit=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"key": "old", "model": "tiny"}\n')
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    import speechtrim.bench.sweep as sweep
+
+    original = sweep.run_item
+    sweep.run_item = stop  # interrupted before the first new row
+    try:
+        with pytest.raises(Stop):
+            run_bench(BenchOptions(**{**options.__dict__, "fresh": True}), model=model)
+    finally:
+        sweep.run_item = original
+    assert (out / "results.previous.jsonl").read_text() == '{"key": "old", "model": "tiny"}\n'
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        run_bench(BenchOptions(**{**options.__dict__, "out": tmp_path / "file"}), model=model)
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = ("import argparse, time\nfrom speechtrim import cli\n"
+              "def run(args):\n    print('started', flush=True)\n    time.sleep(60)\n    return 0\n"
+              "parse = argparse.ArgumentParser.parse_args\n"
+              "def patched(self, *a, **k):\n    ns = parse(self, *a, **k)\n    ns.run = run\n    return ns\n"
+              "argparse.ArgumentParser.parse_args = patched\nraise SystemExit(cli.main(['assets', 'status']))\n")
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    assert process.stdout.readline().strip() == "started"
+    time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143 and "terminated (SIGTERM)" in stderr and "Traceback" not in stderr

@@ -66,3 +66,11 @@ def test_transcribe_a_user_file_with_the_multilingual_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert last_json(out)["clips"] == 1 and "wer" not in last_json(out)  # no reference, no WER
     assert "fox" in out.lower() and "lazy dog" in out.lower()
+
+
+def test_python_dash_m_speechtrim_is_the_console_script():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "speechtrim", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "usage: speechtrim" in result.stdout and "bench" in result.stdout

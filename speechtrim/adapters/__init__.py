@@ -20,12 +20,16 @@ def names() -> list[str]:
     return ADAPTERS.names()
 
 
-def build(name: str, dim: int, **params: Any) -> LengthAdapter:
+def build(name: str, dim: int | None = None, **params: Any) -> LengthAdapter:
     """Build the adapter registered as ``name`` for embeddings of width ``dim``.
 
     Args:
         name: one of ``names()``.
-        dim: width of the embeddings the adapter receives (encoder or projector width).
+        dim: width of the embeddings the adapter receives (encoder or projector width); required.
         **params: the adapter's own options (e.g. ``factor`` for concat, ``stride`` for conv).
     """
+    if name not in names():
+        raise ValueError(f"unknown adapter {name!r}; choose one of {names()}")
+    if dim is None:
+        raise ValueError(f"adapters.build({name!r}) needs dim=, the width of the embeddings it receives (e.g. 576)")
     return ADAPTERS.build(name, dim=dim, **params)

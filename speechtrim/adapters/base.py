@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import numbers
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -43,6 +47,21 @@ class LengthAdapter(nn.Module):
     def output_length(self, num_frames: int) -> int:
         """Number of output tokens for ``num_frames`` real input frames."""
         raise NotImplementedError
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every adapter's ``output_length`` refuses a frame count that is not an int >= 0."""
+        super().__init_subclass__(**kwargs)
+        inner = cls.__dict__.get("output_length")
+        if inner is None:
+            return
+
+        @functools.wraps(inner)
+        def checked(self: LengthAdapter, num_frames: int) -> int:
+            if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral) or num_frames < 0:
+                raise ValueError(f"output_length needs a frame count, an int >= 0, got {num_frames!r}")
+            return inner(self, num_frames)
+
+        cls.output_length = checked
 
     @property
     def num_trainable(self) -> int:

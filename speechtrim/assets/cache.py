@@ -83,6 +83,13 @@ def package_version(distribution: str) -> str | None:
         return None
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary folder beside ``final``; on success it is renamed to ``final`` in one step.
@@ -91,7 +98,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    staging.chmod(0o755)
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a shared cache must stay readable
     try:
         yield staging
         if final.exists():
@@ -104,10 +111,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_file(final: Path, mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file beside ``final`` for writing; it replaces ``final`` only when the block succeeds."""
+    """Open a temporary file beside ``final`` for writing; it replaces ``final`` only when the block succeeds.
+
+    The file gets the mode a plain ``open`` would give (0666 less the umask), not ``mkstemp``'s 0600.
+    """
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
     try:
+        os.chmod(staging, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()

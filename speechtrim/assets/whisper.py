@@ -451,6 +451,7 @@ def transcribe(
     batch_size: int = 8,
     max_new_tokens: int = 128,
     on_encoded: Callable[[int, np.ndarray, torch.Tensor], None] | None = None,
+    progress: bool = True,
 ) -> list[str]:
     """Greedy transcripts of 16 kHz mono clips; clips over 30 s are cut into 30 s windows whose texts are joined.
 
@@ -465,6 +466,7 @@ def transcribe(
         on_encoded: called as ``on_encoded(clip_index, window_audio, encoder_output)`` for each clip that fits one
             30 s window, with its (1500, D) encoder output, so a caller that also needs the frames (the adapter
             comparison's encoder cache) does not run the encoder a second time.
+        progress: show a progress bar over the windows.
     """
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
@@ -487,7 +489,7 @@ def transcribe(
     texts: list[list[str]] = [[] for _ in audios]
     windows_per_clip = Counter(owners)
     extractor, tokenizer = processor.feature_extractor, processor.tokenizer
-    with tqdm(total=len(windows), desc="transcribe", unit="window", disable=not windows) as bar:
+    with tqdm(total=len(windows), desc="transcribe", unit="window", disable=not windows or not progress) as bar:
         for start in range(0, len(windows), batch_size):
             batch = windows[start : start + batch_size]
             features = extractor(batch, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features

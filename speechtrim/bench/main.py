@@ -84,24 +84,65 @@ class BenchOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _layer(option: str | None, decoder: Any) -> int | str:
-    if option is None:
-        from speechtrim.layer_selection import selection_path
+DEFAULT_LAYER = 2
 
-        return "auto" if selection_path(decoder).is_file() else 2
-    if option == "auto":
-        return "auto"
+
+def _layer(option: str | None, decoder: Any) -> tuple[int, str]:
+    """The integer first reduction layer and where it came from: "given", "auto: <selection file>" or "default".
+
+    No ``--layer`` takes the stored transfer-entropy selection when there is one, else layer 2; "auto" requires one.
+    """
+    from speechtrim.hf.layers import text_backbone
+    from speechtrim.layer_selection import selected_layer, selection_path
+
+    depth = text_backbone(decoder).depth
+    if option not in (None, "auto") and not 0 <= int(option) < depth:
+        raise ValueError(f"--layer {option} is outside the model's {depth} decoder layers; pass 0 to {depth - 1}")
+
+    if option is None or option == "auto":
+        path = selection_path(decoder)
+        if path.is_file():
+            return selected_layer(decoder), f"auto: {path}"
+        if option == "auto":
+            selected_layer(decoder)  # raises the message that says how to make one
+        return DEFAULT_LAYER, "default"
     try:
-        return int(option)
+        return int(option), "given"
     except ValueError:
         raise ValueError(f"--layer takes a layer number or 'auto', got {option!r}") from None
 
 
 def _check_options(options: BenchOptions) -> Preset:
+    """Refuse every bad option before anything is loaded, with the fix in the message."""
+    import math
+    import re
+
     if options.preset not in PRESETS:
         raise ValueError(f"unknown preset {options.preset!r}; use one of {sorted(PRESETS)}")
     if options.limit is not None and options.limit < 1:
         raise ValueError(f"--limit must be >= 1 clip, got {options.limit}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", options.device):
+        raise ValueError(f"--device must be cpu, cuda or cuda:N, got {options.device!r}")
+    if options.targets is not None:
+        bad = [t for t in options.targets if not (math.isfinite(t) and 0.0 < t < 1.0)]
+        if bad or not options.targets:
+            raise ValueError(f"--targets takes FLOPs reductions in (0, 1) such as 0.1,0.3,0.5; got "
+                             f"{list(options.targets) or 'none'}")
+    for name, value in (("--max-new-tokens", options.max_new_tokens), ("--repeats", options.repeats)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if options.scaling:
+        bad = [s for s in options.scaling_lengths if not (math.isfinite(s) and s > 0)]
+        if bad or not options.scaling_lengths:
+            raise ValueError(f"--scaling-lengths takes audio lengths in seconds such as 30,60,120; got "
+                             f"{list(options.scaling_lengths) or 'none'}")
+    if options.layer is not None and options.layer != "auto":
+        try:
+            layer = int(options.layer)
+        except ValueError:
+            raise ValueError(f"--layer takes a layer number or 'auto', got {options.layer!r}") from None
+        if layer < 0:
+            raise ValueError(f"--layer must be >= 0 or 'auto', got {layer}")
     if options.device.startswith("cuda"):
         import torch
 
@@ -129,6 +170,9 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
     # Validate every name before loading anything heavy: method names, then data.
     select_methods(options.methods, 2)
     out = Path(options.out) if options.out is not None else Path("results") / f"bench-{options.preset}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; bench writes a folder (results.jsonl, tables.md, tradeoff.png): "
+                         "pass a folder path")
     if options.scaling:
         return _run_scaling(options, out, model)
     from speechtrim.eval.harness import load_eval_set
@@ -141,30 +185,35 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
 
         model = load_bench_model(options.model, options.speechlm, options.device)
     config = SweepConfig(targets=tuple(options.targets or preset.targets),
-                         methods=select_methods(options.methods, _layer(options.layer, model.decoder)),
+                         methods=select_methods(options.methods, *_layer(options.layer, model.decoder)),
                          max_new_tokens=options.max_new_tokens or preset.max_new_tokens,
                          repeats=options.repeats or preset.repeats)
     jsonl = out / "results.jsonl"
-    if options.fresh and jsonl.exists():
-        jsonl.unlink()
+    previous = out / "results.previous.jsonl"
+    if options.fresh and jsonl.exists():  # set aside, never deleted: an early interrupt must not lose them
+        jsonl.replace(previous)
+        logger.warning("--fresh: the earlier results are kept in %s", previous)
     from speechtrim.bench.report import markdown_tables, plot, write_tables
     from speechtrim.bench.sweep import run_sweep
 
+    this_run: list[dict] = []  # the tables describe this run's rows only, never older ones in the same file
     try:
-        rows = run_sweep(model, sets, config, jsonl, progress=options.progress)
+        rows = run_sweep(model, sets, config, jsonl, progress=options.progress, on_row=this_run.append)
     finally:  # tables and plot of whatever is finished, even when interrupted
-        from speechtrim.bench.sweep import read_jsonl
-
-        finished = [row for row in read_jsonl(jsonl).values() if row.get("model") == model.name]
-        if finished:
-            write_tables(markdown_tables(finished, model.name), out / "tables.md")
-            plot(finished, out / "tradeoff.png", model.name)
+        if this_run:
+            write_tables(markdown_tables(this_run, model.name), out / "tables.md")
+            plot(this_run, out / "tradeoff.png", model.name)
+    reused = sum(1 for row in rows if row.get("reused"))
+    if reused:
+        logger.warning("reused %d of %d rows from %s (same weights, clips, method, layer and settings)", reused,
+                       len(rows), jsonl)
     data = ", ".join(dataset.describe() for dataset in sets)
     import torch
 
     return {"model": model.name, "trained": model.trained, "data": data, "device": options.device,
             "threads": torch.get_num_threads(), "max_new_tokens": config.max_new_tokens, "repeats": config.repeats,
             "jsonl": str(jsonl), "tables": str(out / "tables.md"), "plot": str(out / "tradeoff.png"),
+            "reused_rows": reused, "failed_rows": sum(1 for row in rows if row.get("failed")),
             "rows": [_public(row) for row in rows]}
 
 
@@ -187,7 +236,7 @@ def _run_scaling(options: BenchOptions, out: Path, model: Any) -> dict[str, Any]
 
     clips = [utterance.load() for utterance in load_pocketsphinx_clips()]
     names = options.methods or ["fastadasp-sparse"]
-    methods = [m for m in select_methods(names, _layer(options.layer, model.decoder)) if m.reducer is not None]
+    methods = [m for m in select_methods(names, *_layer(options.layer, model.decoder)) if m.reducer is not None]
     if len(methods) != 1:
         raise ValueError(f"--scaling compares one method with the unreduced model; got {[m.name for m in methods]}")
     target = (options.targets or (0.5,))[0]

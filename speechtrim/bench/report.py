@@ -42,6 +42,16 @@ def _groups(rows: Sequence[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
+def _with_interval(row: dict, field: str, percent: bool) -> str:
+    """A score cell, with its 95 % bootstrap interval over clips when the row has one: ``12.3 [8.1–17.0]``."""
+    cell = _cell(row.get(field), percent)
+    interval = row.get(f"{field}_ci")
+    if interval is None or row.get(field) is None:
+        return cell
+    low, high = (_cell(float(value), percent, 1) for value in interval)
+    return f"{cell} [{low}–{high}]"
+
+
 def _grid(rows: list[dict], field: str, percent: bool, title: str, arrow: str) -> str:
     targets = sorted({row["target"] for row in rows if row.get("reducer") is not None})
     base = next((row for row in rows if row.get("reducer") is None), None)
@@ -53,12 +63,15 @@ def _grid(rows: list[dict], field: str, percent: bool, title: str, arrow: str) -
     headers = [f"{title} {arrow}"] + [f"{100 * target:.0f}%" for target in targets]
     lines = []
     if base is not None:
-        lines.append(["Full Token Baseline", _cell(base.get(field), percent)] + [""] * (len(targets) - 1))
+        lines.append(["Full Token Baseline", _with_interval(base, field, percent)] + [""] * (len(targets) - 1))
     for method in methods:
         line = [method]
         for target in targets:
             row = cells.get((method, target))
-            line.append("—" if row is None or row.get("error") else _cell(row.get(field), percent))
+            if row is not None and row.get("failed"):
+                line.append("error")
+            else:
+                line.append("—" if row is None or row.get("error") else _with_interval(row, field, percent))
         lines.append(line)
     return _table(headers, lines)
 
@@ -77,7 +90,8 @@ def markdown_tables(rows: Sequence[dict], model: str) -> str:
         untrained = " — UNTRAINED projector: task metric meaningless" if first.get("trained") is False else ""
         parts.append(f"## {data} ({task}, {first.get('clips')} clips, {kind}) on {model}{untrained}\n")
         parts.append("Columns: target prefill-FLOPs reduction (FastAdaSP eq. 10; h2o: eviction ratio). "
-                     "'—' = target unreachable.\n")
+                     "'—' = target unreachable; 'error' = the row failed (see results.jsonl). "
+                     f"[low–high] = 95 % bootstrap interval over the {first.get('clips')} clips (1000 resamples).\n")
         metric = first["metric_name"]
         higher = first.get("metric_higher_is_better", metric != "wer")
         percent = metric in ("wer", "accuracy")
@@ -124,7 +138,8 @@ def write_tables(text: str, path: Path) -> Path:
 
 
 def plot(rows: Sequence[dict], path: Path, model: str) -> Path:
-    """Trade-off plot, one panel per data set: task metric vs measured FLOPs reduction, one line per method.
+    """Trade-off plot, one column per data set: task metric (top) and fidelity to the unreduced model (bottom)
+    against the measured FLOPs reduction, one line per method, with 95 % bootstrap intervals as error bars.
 
     Args:
         rows: sweep rows.
@@ -137,27 +152,34 @@ def plot(rows: Sequence[dict], path: Path, model: str) -> Path:
     from matplotlib.figure import Figure
 
     groups = _groups(rows)
-    figure = Figure(figsize=(6 * max(len(groups), 1), 4.5))
+    columns = max(len(groups), 1)
+    figure = Figure(figsize=(6 * columns, 9))
     for index, ((data, task), group) in enumerate(groups.items()):
-        axes = figure.add_subplot(1, max(len(groups), 1), index + 1)
         base = next((row for row in group if row.get("reducer") is None), None)
         methods = []
         for row in group:
             if row.get("reducer") is not None and row["method"] not in methods:
                 methods.append(row["method"])
-        for method in methods:
-            points = sorted((100 * row["flops_reduction"], row["metric"]) for row in group
-                            if row["method"] == method and not row.get("error") and row.get("metric") is not None)
-            if points:
-                axes.plot(*zip(*points), marker="o", label=method)
-        if base is not None and base.get("metric") is not None:
-            axes.axhline(base["metric"], color="black", linestyle="--", label="full tokens")
         kind = "synthetic" if group[0].get("synthetic") else "real"
-        axes.set_title(f"{data} ({task}, {kind})")
-        axes.set_xlabel("measured prefill FLOPs reduction (%)")
-        axes.set_ylabel(group[0]["metric_name"])
-        axes.grid(alpha=0.3)
-        axes.legend(fontsize=7)
+        for panel, (field, label) in enumerate((("metric", group[0]["metric_name"]),
+                                                ("fidelity", group[0].get("fidelity_name", "fidelity")))):
+            axes = figure.add_subplot(2, columns, panel * columns + index + 1)
+            for method in methods:
+                points = sorted((100 * row["flops_reduction"], row[field], row.get(f"{field}_ci")) for row in group
+                                if row["method"] == method and not row.get("error") and row.get(field) is not None)
+                if not points:
+                    continue
+                x, y, intervals = zip(*points)
+                low = [value - (interval or (value, value))[0] for value, interval in zip(y, intervals)]
+                high = [(interval or (value, value))[1] - value for value, interval in zip(y, intervals)]
+                axes.errorbar(x, y, yerr=[low, high], marker="o", capsize=2, label=method, alpha=0.85)
+            if base is not None and base.get(field) is not None and field == "metric":
+                axes.axhline(base[field], color="black", linestyle="--", label="full tokens")
+            axes.set_title(f"{data} ({task}, {kind}, {group[0].get('clips')} clips)")
+            axes.set_xlabel("measured prefill FLOPs reduction (%)")
+            axes.set_ylabel(label if field == "metric" else f"fidelity: {label}")
+            axes.grid(alpha=0.3)
+            axes.legend(fontsize=6)
     figure.suptitle(f"speechtrim bench: {model}")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")

@@ -68,6 +68,16 @@ class EmbeddedModel:
         self.name = name
         self.trained = trained
         self.tokenizer = speechlm.tokenizer
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of every weight of the model (encoder, projector, adapter, LLM): what bench rows are keyed by."""
+        if self._fingerprint is None:
+            from speechtrim.fingerprint import module_fingerprint
+
+            self._fingerprint = module_fingerprint(self.speechlm)
+        return self._fingerprint
 
     @property
     def decoder(self) -> nn.Module:
@@ -114,6 +124,16 @@ class HubModel:
         self.processor = AutoProcessor.from_pretrained(name)
         self.tokenizer = self.processor.tokenizer
         self.model = AutoModelForMultimodalLM.from_pretrained(name, dtype="auto").to(device).eval()
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of every weight of the model: what bench rows are keyed by."""
+        if self._fingerprint is None:
+            from speechtrim.fingerprint import module_fingerprint
+
+            self._fingerprint = module_fingerprint(self.model)
+        return self._fingerprint
 
     @property
     def decoder(self) -> nn.Module:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from speechtrim import reducers
 from speechtrim.bench.runner import ItemRun, Prepared, median_encode, run_item
-from speechtrim.eval.harness import FIDELITY, PRIMARY_METRIC, EvalSet, fidelity, task_scores
+from speechtrim.eval.harness import FIDELITY, PRIMARY_METRIC, EvalSet, fidelity, score_interval, task_scores
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class Method:
         layer: first reduction layer, or "auto" (transfer-entropy selection).
         keyed_by: "flops": a column is a target prefill-FLOPs reduction (the ratio is solved per prompt);
             "ratio": a column is the reducer's own ratio (h2o's eviction ratio).
+        layer_source: where ``layer`` came from: "given", "default", or "auto: <selection file>".
     """
 
     name: str
@@ -58,6 +59,7 @@ class Method:
     schedule: str = "none"
     layer: int | str = 2
     keyed_by: str = "flops"
+    layer_source: str = "given"
 
     def build(self, target: float) -> Any:
         """The reducer for one column of the tables (None for the unreduced model)."""
@@ -68,33 +70,35 @@ class Method:
         return reducers.build(self.reducer, flops_reduction=target, layer=self.layer, schedule=self.schedule)
 
 
-def all_methods(layer: int | str = 2) -> list[Method]:
+def all_methods(layer: int | str = 2, layer_source: str = "given") -> list[Method]:
     """The unreduced model, FastAdaSP's three strategies and every other registered reducer.
 
     Args:
         layer: first reduction layer of the layer-based methods (h2o always covers every layer from 0).
+        layer_source: where ``layer`` came from (recorded in every row).
     """
-    methods = [Method("none", None), Method("fastadasp-sparse", "fastadasp", "none", layer),
-               Method("fastadasp-constant", "fastadasp", "constant", layer),
-               Method("fastadasp-decay", "fastadasp", "decay", layer)]
+    methods = [Method("none", None), Method("fastadasp-sparse", "fastadasp", "none", layer, layer_source=layer_source),
+               Method("fastadasp-constant", "fastadasp", "constant", layer, layer_source=layer_source),
+               Method("fastadasp-decay", "fastadasp", "decay", layer, layer_source=layer_source)]
     for name in reducers.names():
         if name == "fastadasp":
             continue
         if name == "h2o":  # every layer's cache from layer 0, keyed by its eviction ratio
-            methods.append(Method(name, name, "constant", 0, "ratio"))
+            methods.append(Method(name, name, "constant", 0, "ratio", layer_source="fixed: every layer"))
         else:
-            methods.append(Method(name, name, "none", layer))
+            methods.append(Method(name, name, "none", layer, layer_source=layer_source))
     return methods
 
 
-def select_methods(names: Sequence[str] | None, layer: int | str = 2) -> list[Method]:
+def select_methods(names: Sequence[str] | None, layer: int | str = 2, layer_source: str = "given") -> list[Method]:
     """The methods named (``fastadasp`` = its three strategies); None = all. The unreduced model always comes first.
 
     Args:
         names: method names, e.g. ["fastadasp", "fastv"].
         layer: first reduction layer.
+        layer_source: where ``layer`` came from (recorded in every row).
     """
-    known = all_methods(layer)
+    known = all_methods(layer, layer_source)
     if not names:
         return known
     by_name = {method.name: [method] for method in known}
@@ -137,31 +141,68 @@ class SweepConfig:
             self.methods = [Method("none", None), *self.methods]
 
 
-def row_key(model_name: str, data: EvalSet, method: Method, target: float, config: SweepConfig) -> str:
-    """What makes a row's result: model, data, method settings, target and generation length."""
-    return (f"{model_name}|{data.name}:{data.task}:{len(data)}|{method.name}|{method.schedule}|{method.layer}|"
-            f"{method.keyed_by}|"
-            f"{target:.3f}|max_new={config.max_new_tokens}")
+def data_fingerprint(data: EvalSet) -> str:
+    """A hash of everything of an evaluation set that decides a row: task, labels, and per clip its samples,
+    reference, prompt and assistant prefix (the set's name and file names play no part)."""
+    from speechtrim.fingerprint import array_fingerprint, json_fingerprint
+
+    return json_fingerprint({"task": data.task, "labels": list(data.labels),
+                             "clips": [[array_fingerprint(item.audio), item.reference, item.prompt,
+                                        item.assistant_prefix] for item in data.items]})
+
+
+def row_key(model_fingerprint: str, data_hash: str, method: Method, target: float, config: SweepConfig) -> str:
+    """A hash of everything that makes a row's result: the model's weights, the clips, the method with its integer
+    layer, the target, the generation length and timing repeats, and the software versions."""
+    from importlib.metadata import version
+
+    import torch
+
+    from speechtrim.fingerprint import json_fingerprint
+
+    return json_fingerprint({"model": model_fingerprint, "data": data_hash, "method": dataclasses.asdict(method),
+                             "target": round(float(target), 6), "max_new_tokens": config.max_new_tokens,
+                             "repeats": config.repeats, "speechtrim": version("speechtrim"),
+                             "transformers": version("transformers"), "torch": torch.__version__})
 
 
 def read_jsonl(path: Path) -> dict[str, dict]:
-    """Rows already written, by key; a torn last line (an interrupted write) is skipped with a warning."""
+    """Rows already written, by key; a line that is not a complete JSON object (a write cut short) is skipped."""
     rows: dict[str, dict] = {}
     if not path.is_file():
         return rows
     with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                logger.warning("%s line %d is not complete JSON (an interrupted write?); it will be redone", path,
-                               number)
-                continue
-            if "key" in row:
+        for line in handle:
+            row = _parse_row(line)
+            if row is not None and "key" in row:
                 rows[row["key"]] = row
     return rows
+
+
+def _parse_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def repair_jsonl(path: Path) -> int:
+    """Drop the lines of ``path`` that are not complete JSON objects (a torn last line after a crash), rewriting
+    the file atomically so it is valid JSONL again; returns how many lines were dropped."""
+    from speechtrim.assets.cache import atomic_file
+
+    if not path.is_file():
+        return 0
+    lines = path.read_text(encoding="utf-8").splitlines()
+    good = [line for line in lines if line.strip() and _parse_row(line) is not None]
+    dropped = sum(1 for line in lines if line.strip()) - len(good)
+    if dropped:
+        with atomic_file(path) as handle:
+            handle.writelines(line + "\n" for line in good)
+        logger.warning("%s: removed %d line(s) that were not complete JSON objects (an interrupted write); those "
+                       "rows are redone", path, dropped)
+    return dropped
 
 
 def append_jsonl(path: Path, row: dict) -> None:
@@ -197,8 +238,8 @@ def summarise(data: EvalSet, method: Method, target: float, runs: list[ItemRun],
     total = sum(p.encode_s for p in prepared) + sum(prefill) + sum(decode)
     peaks = [run.peak_mem_mb for run in runs if run.peak_mem_mb is not None]
     row: dict[str, Any] = {
-        "method": method.name, "schedule": method.schedule, "layer": method.layer, "reducer": method.reducer,
-        "task": data.task, "data": data.name, "synthetic": data.synthetic, "clips": len(data),
+        "method": method.name, "schedule": method.schedule, "layer": method.layer,
+        "layer_source": method.layer_source, "reducer": method.reducer, "task": data.task, "data": data.name, "synthetic": data.synthetic, "clips": len(data),
         "target": 0.0 if method.reducer is None else float(target), "keyed_by": method.keyed_by,
         "flops_reduction": _mean([run.flops_reduction for run in runs]),
         "flops_reduction_min": float(min(run.flops_reduction for run in runs)),
@@ -207,6 +248,8 @@ def summarise(data: EvalSet, method: Method, target: float, runs: list[ItemRun],
         "scores": scores,
         "fidelity_name": fidelity_name, "fidelity_higher_is_better": fidelity_higher,
         "fidelity": fidelity(data.task, [r.output for r in reference], outputs),
+        "metric_ci": score_interval(data.task, [item.reference for item in data.items], outputs),
+        "fidelity_ci": score_interval(data.task, [r.output for r in reference], outputs),
         "encode_ms": 1000 * _mean([p.encode_s for p in prepared]),
         "prefill_ms": 1000 * _mean(prefill), "decode_ms": 1000 * _mean(decode),
         "tokens_per_s": steps / sum(decode) if steps and sum(decode) > 0 else None,
@@ -253,16 +296,19 @@ def run_sweep(model: Any, sets: Sequence[EvalSet], config: SweepConfig, jsonl: P
     Returns:
         every row of this sweep, in order (reused rows included).
     """
+    repair_jsonl(jsonl)
     done = read_jsonl(jsonl)
     reduced = [m for m in config.methods if m.reducer is not None]
     plan = [(data, method, target) for data in sets for method in reduced for target in config.targets]
+    weights = model.fingerprint
+    hashes = {id(data): data_fingerprint(data) for data in sets}
 
     def own_config(data: EvalSet) -> SweepConfig:
         if data.candidates:  # label tasks decode a short answer only
             return dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, LABEL_NEW_TOKENS))
         return config
 
-    todo = sum(row_key(model.name, d, m, t, own_config(d)) not in done for d, m, t in plan)
+    todo = sum(row_key(weights, hashes[id(d)], m, t, own_config(d)) not in done for d, m, t in plan)
     bar = tqdm(total=todo + len(sets), desc="bench", unit="row", disable=not progress)
     rows: list[dict] = []
     try:
@@ -279,19 +325,19 @@ def run_sweep(model: Any, sets: Sequence[EvalSet], config: SweepConfig, jsonl: P
             full = [run_item(model, p, None, candidates, own.max_new_tokens, own.repeats) for p in prepared]
             bar.update(1)
             base_method = next(m for m in config.methods if m.reducer is None)
-            key = row_key(model.name, data, base_method, 0.0, own)
+            key = row_key(weights, hashes[id(data)], base_method, 0.0, own)
             row = {**summarise(data, base_method, 0.0, full, prepared, full), "key": key, "model": model.name,
                    "trained": model.trained}
             if key not in done:
                 append_jsonl(jsonl, row)
-            rows.append(done.get(key, row))
+            rows.append({**done[key], "reused": True} if key in done else row)
             if on_row:
                 on_row(rows[-1])
             for method in reduced:
                 for target in config.targets:
-                    key = row_key(model.name, data, method, target, own)
+                    key = row_key(weights, hashes[id(data)], method, target, own)
                     if key in done:
-                        rows.append(done[key])
+                        rows.append({**done[key], "reused": True})
                         if on_row:
                             on_row(rows[-1])
                         continue
@@ -317,16 +363,22 @@ def _safe_run(model: Any, prepared: Prepared, reducer: Any, candidates: list[str
 
 def _measure(model: Any, data: EvalSet, method: Method, target: float, prepared: list[Prepared],
              full: list[ItemRun], config: SweepConfig) -> dict[str, Any]:
-    """One row; a reducer that cannot reach the target on some clip gives a row with ``error`` and no numbers."""
+    """One row. A reducer that cannot reach the target on some clip gives a row with ``error`` (shown as '—');
+    any other ValueError gives a row with ``failed`` (shown as 'error' and counted in the exit status)."""
+    from speechtrim.flops import TargetUnreachable
+
     reducer = method.build(target)
     try:
         runs = [run_item(model, p, reducer, data.candidates, config.max_new_tokens, config.repeats)
                 for p in prepared]
     except ValueError as error:
-        logger.warning("%s at %.0f%% on %s: %s", method.name, 100 * target, data.name, error)
+        unreachable = isinstance(error, TargetUnreachable)
+        (logger.info if unreachable else logger.error)("%s at %.0f%% on %s: %s", method.name, 100 * target,
+                                                         data.name, error)
         metric_name, _ = PRIMARY_METRIC[data.task]
         return {"method": method.name, "schedule": method.schedule, "layer": method.layer,
-                "reducer": method.reducer, "task": data.task, "data": data.name, "synthetic": data.synthetic,
-                "clips": len(data), "target": float(target), "error": str(error), "metric_name": metric_name,
+                "layer_source": method.layer_source, "reducer": method.reducer, "task": data.task,
+                "data": data.name, "synthetic": data.synthetic, "clips": len(data), "target": float(target),
+                "error": str(error), "failed": not unreachable, "metric_name": metric_name,
                 **{key: None for key in ROW_KEYS if key not in ("method", "schedule", "task", "metric_name")}}
     return summarise(data, method, target, runs, prepared, full)

@@ -6,8 +6,6 @@ empty set raises a ``DatasetError`` that names the row and the fix.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -68,21 +66,9 @@ def load_manifest(path: str | os.PathLike, labels: Sequence[str] | None = None, 
     manifest = Path(path)
     if not manifest.is_file():
         raise DatasetError(f"manifest {manifest} does not exist")
-    suffix = manifest.suffix.lower()
-    if suffix == ".csv":
-        with open(manifest, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-    elif suffix in (".jsonl", ".json"):
-        rows = []
-        with open(manifest, encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise DatasetError(f"{manifest} line {number}: not valid JSON ({error.msg})") from None
-    else:
-        raise DatasetError(f"manifest {manifest}: use a .csv (with a header row) or .jsonl file, got {suffix!r}")
+    from speechtrim.data.manifest import read_manifest
+
+    rows = read_manifest(manifest, DatasetError)
     examples = []
     for number, row in enumerate(rows, start=1):
         where = f"{manifest} row {number}"

@@ -13,8 +13,6 @@ label agreement (emotion).
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -142,20 +140,9 @@ def load_eval_set(spec: str, limit: int | None = None, target_language: str = "G
 
 
 def _manifest_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise EvalDataError(f"manifest {path} does not exist; check the path")
-    if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise EvalDataError(f"{path} line {number}: not valid JSON ({error.msg}); fix that line") from None
-    return rows
+    from speechtrim.data.manifest import read_manifest
+
+    return read_manifest(path, EvalDataError)
 
 
 def _row_task(row: dict, where: str) -> str:
@@ -170,6 +157,10 @@ def _row_task(row: dict, where: str) -> str:
         return "translation"
     if row.get("transcript") or row.get("text"):
         return "asr"
+    if any(column in row for column in ("transcript", "text", "label", "translation")):
+        empty = [column for column in ("transcript", "text", "label", "translation") if column in row]
+        raise EvalDataError(f"{where}: the {' / '.join(repr(c) for c in empty)} value is empty; fill it in or drop "
+                            "the row")
     raise EvalDataError(f"{where}: needs a 'transcript' (or 'text'), 'label' or 'translation' column, "
                         f"got {sorted(row)}")
 
@@ -237,6 +228,23 @@ def task_scores(task: str, references: Sequence[str], outputs: Sequence[str]) ->
         return {"bleu": float(sacrebleu.corpus_bleu(list(outputs), [list(references)]).score),
                 "chrf": float(sacrebleu.corpus_chrf(list(outputs), [list(references)]).score)}
     raise ValueError(f"unknown task {task!r}; use one of {list(TASKS)}")
+
+
+def score_interval(task: str, references: Sequence[str], outputs: Sequence[str], resamples: int = 1000,
+                   seed: int = 0) -> tuple[float, float] | None:
+    """95 % bootstrap interval over clips of the task's primary score (WER, accuracy or agreement with
+    ``references``); None for translation (BLEU is not a ratio of per-clip counts) or fewer than two clips."""
+    from speechtrim.eval.metrics import bootstrap_interval
+    from speechtrim.eval.text import wer_counts
+
+    if task == "asr":
+        edits, words = wer_counts(list(references), list(outputs))
+        return bootstrap_interval(edits, words, resamples, seed)
+    if task == "emotion":
+        wrong = [float(reference != output) for reference, output in zip(references, outputs)]
+        interval = bootstrap_interval(wrong, [1.0] * len(wrong), resamples, seed)
+        return None if interval is None else (1.0 - interval[1], 1.0 - interval[0])
+    return None
 
 
 def fidelity(task: str, full_outputs: Sequence[str], reduced_outputs: Sequence[str]) -> float | None:

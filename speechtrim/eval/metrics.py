@@ -38,3 +38,30 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and population standard deviation (as papers report over folds)."""
     array = np.asarray(values, dtype=float)
     return float(array.mean()), float(array.std())
+
+
+def bootstrap_interval(errors: Sequence[float], counts: Sequence[float], resamples: int = 1000, seed: int = 0,
+                       confidence: float = 0.95) -> tuple[float, float] | None:
+    """Percentile bootstrap interval over clips of a ratio of sums, sum(errors) / sum(counts).
+
+    Resampling whole clips keeps each clip's words together, so a corpus WER's interval reflects how much the
+    score depends on which clips were drawn. None when there are fewer than two clips.
+
+    Args:
+        errors: per clip, the errors (word edits, or 1 for a wrong label).
+        counts: per clip, what they are counted against (reference words, or 1).
+        resamples: bootstrap draws.
+        seed: seed of the draws (the interval is reproducible).
+        confidence: coverage of the interval.
+    """
+    errors_array, counts_array = np.asarray(errors, dtype=float), np.asarray(counts, dtype=float)
+    if errors_array.shape != counts_array.shape:
+        raise ValueError(f"{errors_array.shape} errors but {counts_array.shape} counts")
+    if len(errors_array) < 2:
+        return None
+    draws = np.random.default_rng(seed).integers(0, len(errors_array), size=(resamples, len(errors_array)))
+    totals = counts_array[draws].sum(axis=1)
+    ratios = errors_array[draws].sum(axis=1) / np.where(totals > 0, totals, np.nan)
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.nanpercentile(ratios, [tail, 100 - tail])
+    return float(low), float(high)

@@ -85,3 +85,23 @@ def wer(references: list[str], hypotheses: list[str], normalize: bool = True) ->
     result = jiwer.process_words([ref for ref, _ in kept], [hyp for _, hyp in kept])
     words = result.hits + result.substitutions + result.deletions
     return (result.substitutions + result.deletions + result.insertions + insertions) / words
+
+
+def wer_counts(references: list[str], hypotheses: list[str], normalize: bool = True) -> tuple[list[int], list[int]]:
+    """Per pair: word edits (substitutions + deletions + insertions) and reference words, so that
+    ``sum(edits) / sum(words)`` is ``wer(references, hypotheses)`` (a pair with an empty reference counts its
+    hypothesis words as insertions against 0 words)."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"got {len(references)} references but {len(hypotheses)} hypotheses")
+    edits, words = [], []
+    for reference, hypothesis in zip(references, hypotheses):
+        if normalize:
+            reference, hypothesis = normalize_english(reference), normalize_english(hypothesis)
+        if not reference.split():
+            edits.append(len(hypothesis.split()))
+            words.append(0)
+            continue
+        result = jiwer.process_words(reference, hypothesis)
+        edits.append(result.substitutions + result.deletions + result.insertions)
+        words.append(result.hits + result.substitutions + result.deletions)
+    return edits, words

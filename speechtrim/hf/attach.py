@@ -34,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
@@ -67,6 +68,9 @@ from speechtrim.hf.state import PrefillState, prefill_span_ids
 from speechtrim.ops.plan import Plan, apply_plan, compose_plans
 
 logger = logging.getLogger(__name__)
+
+# decoders that have a reducer attached right now (reducers do not stack); weak, so models are never kept alive
+_ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 PlanFn = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], "Plan | None"]
 
@@ -167,13 +171,20 @@ class Attachment:
         """Validate the model, switch the attention backend if scores are needed, and register every hook."""
         if self.attached:
             raise ValueError("this Attachment is already attached; use it once per `with` block.")
+        if self.backbone.decoder in _ATTACHED:
+            raise ValueError("a speechtrim reducer is already attached to this model; reducers do not stack: leave "
+                             "the first one's `with` block before attaching another")
         self._check_model()
+        _ATTACHED.add(self.backbone.decoder)
+        self._claimed = True
         try:
             current = str(getattr(self.backbone.config, "_attn_implementation", None) or "eager")
             if (self.score_layers or self.cache_layers) and current != BACKEND_NAME:
                 register_backend()
                 if current == "eager":
-                    logger.info("attention scores are tapped from SDPA: switching the text decoder from eager")
+                    logger.warning("this method reads attention scores, which speechtrim taps from SDPA: the text "
+                                   "decoder runs SDPA instead of its eager attention while attached, so even ratio=0 "
+                                   "is not bit-identical to the eager model (it is to the model under SDPA)")
                 self._previous_attention = set_text_attn_implementation(self.model, BACKEND_NAME)
             self._eager = str(self.backbone.config._attn_implementation) == "eager"
             for wrapper in self._input_modules():
@@ -192,6 +203,9 @@ class Attachment:
 
     def detach(self) -> None:
         """Remove every hook, restore the attention implementation, and forget per-call state."""
+        if getattr(self, "_claimed", False):
+            _ATTACHED.discard(self.backbone.decoder)
+            self._claimed = False
         try:
             while self._handles:
                 self._handles.pop().remove()

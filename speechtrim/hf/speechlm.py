@@ -20,10 +20,12 @@ from speechtrim.adapters import LengthAdapter, build
 from speechtrim.assets.whisper import valid_frames
 from speechtrim.hf.layers import CACHE_KWARG, returned_cache
 from speechtrim.hf.prefix import KeyValues, PrefixCache, as_cache
+from speechtrim.models.vocab_projector import VocabProjector, ctc_greedy
 
 logger = logging.getLogger(__name__)
 
 AUDIO_MARKER = "<audio>"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WINDOW_SECONDS = 30.0
 
 
@@ -62,6 +64,9 @@ class SpeechLM(nn.Module):
         pool: stack this many adjacent encoder frames before the projector (1 = none); the projector's input is
             ``pool * encoder_width``.
         system_prompt: the chat's system turn; None keeps the tokenizer template's default, "" gives an empty one.
+        projector: "linear" (one linear layer) or "vocab" (``VocabProjector``: outputs in the LLM's embedding space,
+            with a CTC head over the LLM's vocabulary; ``projector_params`` must hold its ``vocab_ids``).
+        projector_params: options of the projector.
     """
 
     def __init__(
@@ -74,6 +79,8 @@ class SpeechLM(nn.Module):
         adapter_params: dict[str, Any] | None = None,
         pool: int = 1,
         system_prompt: str | None = None,
+        projector: str = "linear",
+        projector_params: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(pool, int) or pool < 1:
@@ -86,7 +93,12 @@ class SpeechLM(nn.Module):
         self.system_prompt = system_prompt
         encoder_width = int(encoder.config.d_model)
         llm_width = int(llm.get_input_embeddings().embedding_dim)
-        self.projector = nn.Linear(pool * encoder_width, llm_width)
+        if projector == "linear":
+            self.projector = nn.Linear(pool * encoder_width, llm_width)
+        elif projector == "vocab":
+            self.projector = VocabProjector(pool * encoder_width, llm_width, **(projector_params or {}))
+        else:
+            raise ValueError(f"projector must be 'linear' or 'vocab', got {projector!r}")
         self.adapter = adapter if isinstance(adapter, nn.Module) else build(adapter, dim=llm_width, **(adapter_params or {}))
         for frozen in (self.encoder, self.llm):
             frozen.requires_grad_(False)
@@ -101,7 +113,12 @@ class SpeechLM(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.projector.weight.device
+        return next(self.projector.parameters()).device
+
+    @property
+    def has_ctc_head(self) -> bool:
+        """Whether the projector scores the LLM's vocabulary (CTC), as ``ctc_logits`` needs."""
+        return isinstance(self.projector, VocabProjector)
 
     # ---- audio -> embeddings -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -131,17 +148,78 @@ class SpeechLM(nn.Module):
         mask = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T_max)
         return hidden[:, :longest].float(), mask.to(self.device)
 
+    def pool_frames(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stack ``pool`` adjacent frames: (B, T, D_enc) -> (B, ceil(T/pool), pool * D_enc), with the new mask."""
+        if self.pool == 1:
+            return frames, mask
+        batch, length, width = frames.shape
+        pad = (-length) % self.pool
+        frames = nn.functional.pad(frames * mask.unsqueeze(-1), (0, 0, 0, pad))
+        frames = frames.reshape(batch, (length + pad) // self.pool, self.pool * width)
+        lengths = torch.div(mask.sum(dim=1) + self.pool - 1, self.pool, rounding_mode="floor")
+        mask = torch.arange(frames.shape[1], device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
+        return frames, mask
+
+    def project(self, frames: torch.Tensor, mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Pool and project: (B, T, D_enc) -> embeddings (B, T', D_llm), mask (B, T'), CTC logits (B, T', K+1) or
+        None (a linear projector has no CTC head)."""
+        frames, mask = self.pool_frames(frames, mask)
+        if isinstance(self.projector, VocabProjector):
+            projected, logits = self.projector(frames, self.llm.get_input_embeddings().weight)
+            return projected, mask, logits
+        return self.projector(frames), mask, None
+
     def embed_audio(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projector (after optional frame pooling) then length adapter: (B, T, D_enc) -> (B, T', D_llm)."""
-        if self.pool > 1:
-            batch, length, width = frames.shape
-            pad = (-length) % self.pool
-            frames = nn.functional.pad(frames * mask.unsqueeze(-1), (0, 0, 0, pad))
-            frames = frames.reshape(batch, (length + pad) // self.pool, self.pool * width)
-            lengths = torch.div(mask.sum(dim=1) + self.pool - 1, self.pool, rounding_mode="floor")
-            mask = torch.arange(frames.shape[1], device=mask.device).unsqueeze(0) < lengths.unsqueeze(1)
-        projected = self.projector(frames)  # (B, T/pool, D_llm)
+        projected, mask, _ = self.project(frames, mask)
         return self.adapter(projected, mask)
+
+    @torch.no_grad()
+    def ctc_logits(self, audios: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The CTC head's logits over ``projector.vocab_ids`` + blank, (B, T', K+1), and the valid tokens per row (B,).
+
+        The head scores the same audio tokens the LLM receives (one per ``pool`` encoder frames), so a reducer can
+        read which of them carry a token and which are blank. Raises ValueError for a model without a CTC head.
+        """
+        if not self.has_ctc_head:
+            raise ValueError("this SpeechLM's projector has no CTC head (projector='linear'); the embedded model "
+                             "and models built with projector='vocab' have one")
+        frames, mask = self.encode(audios)
+        _, mask, logits = self.project(frames, mask)
+        return logits, mask.sum(dim=1)
+
+    def ctc_transcribe(self, audios: list[np.ndarray]) -> list[str]:
+        """Greedy CTC transcripts from the projector's head alone (no LLM): a diagnostic of what the LLM is given."""
+        logits, lengths = self.ctc_logits(audios)
+        ids = ctc_greedy(logits, lengths, self.projector.vocab_ids, self.projector.blank)
+        return [self.tokenizer.decode(row).strip() for row in ids]
+
+    # ---- LoRA on the LLM -----------------------------------------------------------------------------------
+    def add_lora(self, rank: int = 8, alpha: float = 16.0, targets: tuple[str, ...] = LORA_TARGETS) -> None:
+        """Wrap the LLM with trainable LoRA matrices (peft); everything else of the LLM stays frozen."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.has_lora:
+            raise ValueError("this SpeechLM's LLM already has LoRA matrices")
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+        self.llm = get_peft_model(self.llm, config)
+        self.llm.eval()
+        if hasattr(self, "recipe"):
+            self.recipe["lora"] = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+
+    @property
+    def has_lora(self) -> bool:
+        """Whether the LLM is wrapped with unmerged LoRA matrices."""
+        return hasattr(self.llm, "peft_config")
+
+    def merge_lora(self) -> None:
+        """Fold the LoRA matrices into the LLM's weights: the LLM is a plain transformers model again."""
+        if not self.has_lora:
+            raise ValueError("this SpeechLM's LLM has no LoRA matrices to merge")
+        self.llm = self.llm.merge_and_unload()
+        self.llm.requires_grad_(False)
+        self.llm.eval()
 
     # ---- prompts -------------------------------------------------------------------------------------------
     def render_prompt(self, user_text: str, assistant_prefix: str = "") -> str:
@@ -336,7 +414,8 @@ CONFIG_FILE = "speechlm.json"
 
 def build_speechlm(
     encoder: str = "base", llm: str = "smollm2-135m", adapter: str = "none",
-    adapter_params: dict[str, Any] | None = None, pool: int = 1, seed: int = 0,
+    adapter_params: dict[str, Any] | None = None, pool: int = 1, seed: int = 0, projector: str = "linear",
+    projector_params: dict[str, Any] | None = None,
 ) -> SpeechLM:
     """A SpeechLM from packaged (or hub) Whisper and LLM names, with a freshly seeded projector and adapter.
 
@@ -347,6 +426,8 @@ def build_speechlm(
         adapter_params: adapter options.
         pool: encoder frames stacked before the projector.
         seed: seed of the trainable parts' initialisation.
+        projector: "linear" or "vocab" (see ``SpeechLM``).
+        projector_params: projector options ("vocab" needs ``vocab_ids``).
     """
     from speechtrim.assets.llm import load_llm
     from speechtrim.assets.whisper import load_whisper
@@ -355,14 +436,35 @@ def build_speechlm(
     language_model, tokenizer = load_llm(llm)
     torch.manual_seed(seed)
     model = SpeechLM(whisper.get_encoder(), processor.feature_extractor, language_model, tokenizer,
-                     adapter=adapter, adapter_params=adapter_params, pool=pool)
+                     adapter=adapter, adapter_params=adapter_params, pool=pool, projector=projector,
+                     projector_params=projector_params)
+    stored_params = {k: v for k, v in (projector_params or {}).items() if k != "vocab_ids"}  # ids live in the weights
     model.recipe = {"encoder": encoder, "llm": llm, "adapter": adapter, "adapter_params": adapter_params or {},
-                    "pool": pool}
+                    "pool": pool, "projector": projector, "projector_params": stored_params}
     return model
 
 
-def save_trained(model: SpeechLM, folder: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Save the trainable projector + adapter (safetensors) and the recipe that rebuilds the rest (JSON)."""
+def trained_state(model: SpeechLM) -> dict[str, torch.Tensor]:
+    """Everything of ``model`` that training changed: projector and adapter weights, and LoRA matrices (``lora.``)."""
+    state = {name: tensor.detach() for name, tensor in model.state_dict().items()
+             if name.startswith(("projector.", "adapter."))}
+    if model.has_lora:
+        from peft import get_peft_model_state_dict
+
+        state.update({f"lora.{name}": tensor.detach() for name, tensor in get_peft_model_state_dict(model.llm).items()})
+    return state
+
+
+def save_trained(model: SpeechLM, folder: str | Path, extra: dict[str, Any] | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
+    """Save the trained parts (safetensors; LoRA matrices unmerged) and the recipe that rebuilds the rest (JSON).
+
+    Args:
+        model: a SpeechLM built by ``build_speechlm`` (it carries its recipe).
+        folder: where to write (atomically).
+        extra: more fields for speechlm.json.
+        dtype: store floating-point weights in this type (e.g. torch.float16 to halve the file); None keeps theirs.
+    """
     from safetensors.torch import save_file
 
     from speechtrim.assets.cache import atomic_dir, write_json_atomic
@@ -372,15 +474,16 @@ def save_trained(model: SpeechLM, folder: str | Path, extra: dict[str, Any] | No
     if recipe is None:
         raise ValueError("this SpeechLM has no recipe (build it with build_speechlm) so it cannot be saved")
     with atomic_dir(folder) as staging:
-        state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()
-                 if name.startswith(("projector.", "adapter."))}
+        state = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
+                 for name, tensor in trained_state(model).items()}
         save_file(state, str(staging / TRAINED_FILE))
         write_json_atomic(staging / CONFIG_FILE, {**recipe, **(extra or {})})
     return folder
 
 
 def load_speechlm(folder: str | Path) -> SpeechLM:
-    """Rebuild a SpeechLM saved by ``save_trained``: packaged encoder and LLM, trained projector and adapter."""
+    """Rebuild a SpeechLM saved by ``save_trained``: packaged encoder and LLM, trained projector and adapter, and
+    the LoRA matrices (if any) merged into the LLM's weights, so the LLM is a plain transformers model."""
     import json
 
     from safetensors.torch import load_file
@@ -389,9 +492,27 @@ def load_speechlm(folder: str | Path) -> SpeechLM:
     if not (folder / CONFIG_FILE).is_file() or not (folder / TRAINED_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a saved SpeechLM: it needs {CONFIG_FILE} and {TRAINED_FILE}")
     recipe = json.loads((folder / CONFIG_FILE).read_text())
+    state = load_file(str(folder / TRAINED_FILE))
+    projector_params = dict(recipe.get("projector_params") or {})
+    if recipe.get("projector", "linear") == "vocab":
+        projector_params["vocab_ids"] = state["projector.vocab_ids"]
     model = build_speechlm(recipe["encoder"], recipe["llm"], recipe["adapter"], recipe.get("adapter_params"),
-                           recipe.get("pool", 1))
-    missing, unexpected = model.load_state_dict(load_file(str(folder / TRAINED_FILE)), strict=False)
+                           recipe.get("pool", 1), projector=recipe.get("projector", "linear"),
+                           projector_params=projector_params)
+    lora_state = {name[len("lora."):]: tensor for name, tensor in state.items() if name.startswith("lora.")}
+    if recipe.get("lora"):
+        from peft import set_peft_model_state_dict
+
+        model.add_lora(**recipe["lora"])
+        result = set_peft_model_state_dict(model.llm, lora_state)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder}: LoRA weights do not fit the recipe (unexpected {result.unexpected_keys})")
+        model.merge_lora()
+        model.recipe["lora"] = recipe["lora"]
+    elif lora_state:
+        raise ValueError(f"{folder}: the weights hold LoRA matrices but speechlm.json has no 'lora' entry")
+    own = {name: tensor for name, tensor in state.items() if not name.startswith("lora.")}
+    missing, unexpected = model.load_state_dict(own, strict=False)
     missing = [name for name in missing if name.startswith(("projector.", "adapter."))]
     if missing or unexpected:
         raise ValueError(f"{folder}: trained weights do not fit the recipe (missing {missing}, unexpected {unexpected})")

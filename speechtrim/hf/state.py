@@ -132,6 +132,12 @@ def prefill_span_ids(
             )
         return span_ids_from_input_ids(input_ids.to(device), token_id)
     else:
+        if token_id is not None:
+            raise ValueError(
+                f"no audio spans for this prefill: the model config's audio token id is {token_id}, but the call "
+                "passed inputs_embeds without input_ids, so speechtrim cannot see where the audio tokens are; pass "
+                "input_ids, or audio_spans= (one list of (start, end) per row) to the reducer."
+            )
         raise ValueError(
             "no audio spans for this prefill: the model config has no audio token id and no input_ids were "
             "seen; pass audio_spans= (one list of (start, end) per row) or audio_token_id= to the reducer."

@@ -143,6 +143,10 @@ class Reducer:
     evicts_cache: ClassVar[bool] = False  # True: plans shrink the KV cache after each layer's attention (H2O)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.schedule, str) and self.ratio not in (None, 0, 0.0):
+            raise ValueError(f"schedule={self.schedule!r} already sets the ratios and would override ratio="
+                             f"{self.ratio}; pass ratio= with a named schedule ('none', 'constant', 'decay'), or "
+                             "the per-layer ratios as schedule= with ratio=0")
         if (self.ratio is None) == (self.flops_reduction is None):
             raise ValueError(
                 "pass exactly one of ratio= (fraction of audio tokens removed per reduction layer, e.g. 0.3) or "

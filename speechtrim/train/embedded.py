@@ -15,14 +15,18 @@ import json
 import logging
 import platform
 import time
+from importlib.metadata import version
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from speechtrim.hf.speechlm import trained_state
+from speechtrim.models.vocab_projector import VocabProjector
 from speechtrim.assets.cache import cache_root, write_json_atomic
-from speechtrim.train.trainer import TrainConfig, TrainItem, fit, seed_everything
+from speechtrim.train.hearing import Example, StageConfig, ctc_stage, ctc_token_ids, joint_stage
+from speechtrim.train.trainer import seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -37,61 +41,96 @@ class EmbeddedRecipe:
         encoder: Whisper name.
         llm: LLM name.
         pool: encoder frames stacked per audio token (4: 12.5 tokens per second).
-        asr_sentences: training sentences of the synthetic ASR training set.
+        asr_sentences: training sentences of the synthetic ASR training set (None: every usable fortune sentence).
         emotion_seed: jitter seed of the synthetic emotion training set (the held-out set uses the default, 0).
         emotion_voices: voices per language of the emotion training set.
         emotion_sentences: sentences per language of the emotion training set.
-        emotion_repeat: times each emotion clip appears per epoch. An emotion answer is one or two tokens against a
-            transcript's dozen, so without repeats the emotion task gets a few per cent of the gradient.
-        train: optimisation settings.
+        emotion_repeat: times each emotion clip appears in the joint stage's pool of examples.
+        projector_hidden: width of the vocabulary projector's MLP.
+        prosody_rank: rank of the projector's residual path (what the text does not carry).
+        lora_rank: rank of the LoRA matrices on every linear layer of the LLM (0: the LLM stays frozen).
+        lora_alpha: LoRA scaling numerator.
+        gap_seconds: silence between clips packed into one encoder window.
+        ctc: stage 1 (CTC head alone).
+        joint: stage 2 (LM loss + CTC through the LLM with LoRA).
+        eval_clips: held-out transcription clips scored at every evaluation of the joint stage (learning curve).
     """
 
     encoder: str = "base"
     llm: str = "smollm2-135m"
     pool: int = 4
-    asr_sentences: int = 1000
+    asr_sentences: int | None = None
     emotion_seed: int = 1
     emotion_voices: int = 3
     emotion_sentences: int = 4
     emotion_repeat: int = 3
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=2, batch_size=8, grad_accum=1, lr=1e-2, lr_schedule="linear", group_by_length=True))
+    projector_hidden: int = 1024
+    prosody_rank: int = 32
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    gap_seconds: float = 1.0
+    ctc: StageConfig = field(default_factory=lambda: StageConfig(
+        steps=600, batch_size=32, lr=2e-3, warmup=30, checkpoint_every=100))
+    joint: StageConfig = field(default_factory=lambda: StageConfig(
+        steps=600, batch_size=16, lr=3e-4, lora_lr=1e-3, warmup=30, ctc_weight=0.3, checkpoint_every=50,
+        evaluate_every=100))
+    eval_clips: int = 8
 
     def __post_init__(self) -> None:
         from speechtrim.data.synthetic_emotion import SyntheticEmotionRecipe
 
         if self.emotion_seed == SyntheticEmotionRecipe().seed:
             raise ValueError(f"emotion_seed {self.emotion_seed} renders the held-out emotion set; use another seed")
-        for name in ("asr_sentences", "emotion_repeat"):
+        if self.asr_sentences is not None and (not isinstance(self.asr_sentences, int) or self.asr_sentences < 1):
+            raise ValueError(f"asr_sentences must be None (all) or an int >= 1, got {self.asr_sentences!r}")
+        for name in ("emotion_repeat", "projector_hidden", "pool"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be an int >= 0 (0: frozen LLM), got {self.lora_rank!r}")
 
 
-def training_items(model: Any, recipe: EmbeddedRecipe, progress: bool = True) -> tuple[list[TrainItem], dict]:
-    """The multitask training examples (encoder frames cached on disk) and a description of the data."""
+def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True) -> tuple[list[Example], list[Example], dict]:
+    """Transcription and emotion examples (encoder frames from packed windows, cached on disk) and a description.
+
+    The projector's vocabulary is set here: the LLM token ids of every training transcript (``ctc_token_ids``).
+    """
     from speechtrim.assets.whisper import whisper_cache_dir
     from speechtrim.data.synthetic_asr import SyntheticASRTrainRecipe, load_synthetic_asr_train
     from speechtrim.data.synthetic_emotion import SyntheticEmotionRecipe, load_synthetic_emotion
     from speechtrim.prompts import ASR_PROMPT, EMOTION_ANSWER_PREFIX, emotion_prompt
     from speechtrim.train.encoder_cache import EncoderCache
+    from speechtrim.train.packing import encode_packed
 
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
     asr_recipe = SyntheticASRTrainRecipe(sentences=recipe.asr_sentences)
     emotion_recipe = SyntheticEmotionRecipe(voices_per_language=recipe.emotion_voices,
                                             sentences_per_language=recipe.emotion_sentences, seed=recipe.emotion_seed)
     asr = load_synthetic_asr_train(asr_recipe)
     emotion = load_synthetic_emotion(emotion_recipe)
-    cache = EncoderCache(model, whisper_cache_dir(recipe.encoder).name)
-    asr_frames = cache.get([clip.audio_path for clip in asr], progress=progress)
-    emotion_frames = cache.get([example.audio_path for example in emotion.examples], progress=progress)
+    timings["render_seconds"] = round(time.perf_counter() - started, 1)
+    started = time.perf_counter()
+    cache = EncoderCache(model, whisper_cache_dir(recipe.encoder).name + f"-packed-gap{recipe.gap_seconds:g}")
+    paths = [clip.audio_path for clip in asr] + [example.audio_path for example in emotion.examples]
+    frames = encode_packed(model, paths, cache, gap_seconds=recipe.gap_seconds, progress=progress)
+    timings["encode_seconds"] = round(time.perf_counter() - started, 1)
+    asr_frames, emotion_frames = frames[: len(asr)], frames[len(asr) :]
+    token_ids = [ctc_token_ids(model.tokenizer, clip.text) for clip in asr]
+    vocab = sorted({token for ids in token_ids for token in ids})
+    index = {token: position for position, token in enumerate(vocab)}
     labels = list(emotion.labels)
-    items = [TrainItem(frames, ASR_PROMPT, clip.text, assistant_prefix="") for frames, clip in zip(asr_frames, asr)]
-    items += [TrainItem(frames, emotion_prompt(example.transcript, labels), " " + example.label,
-                        assistant_prefix=EMOTION_ANSWER_PREFIX)
-              for frames, example in zip(emotion_frames, emotion.examples)] * recipe.emotion_repeat
-    description = {"asr": {**asdict(asr_recipe), "clips": len(asr), "synthetic": True},
+    asr_examples = [Example(f, ASR_PROMPT, clip.text, "", torch.tensor([index[t] for t in ids]))
+                    for f, clip, ids in zip(asr_frames, asr, token_ids)]
+    emotion_examples = [Example(f, emotion_prompt(example.transcript, labels), " " + example.label,
+                                EMOTION_ANSWER_PREFIX)
+                        for f, example in zip(emotion_frames, emotion.examples)]
+    description = {"asr": {**asdict(asr_recipe), "clips": len(asr), "synthetic": True,
+                           "audio_hours": round(sum(len(f) for f in asr_frames) / 50 / 3600, 2)},
                    "emotion": {**asdict(emotion_recipe), "clips": len(emotion), "repeat": recipe.emotion_repeat,
-                             "labels": labels, "synthetic": True}}
-    return items, description
+                               "labels": labels, "synthetic": True},
+                   "vocabulary": len(vocab), "packing": {"gap_seconds": recipe.gap_seconds}, **timings}
+    return asr_examples, emotion_examples, {"vocab_ids": vocab, **description}
 
 
 @torch.no_grad()
@@ -133,52 +172,111 @@ def evaluate(model: Any, limit: int | None = None, batch_size: int = 8, progress
 
 def train_embedded(recipe: EmbeddedRecipe, out: Path, work: Path | None = None, command: str = "",
                    progress: bool = True, eval_limit: int | None = None) -> dict[str, Any]:
-    """Train the embedded model's projector, evaluate it on held-out data and save it to ``out``.
+    """Train the embedded model (vocabulary projector + LoRA), evaluate it on held-out data and save it to ``out``.
 
-    ``out`` gets the weights (``save_trained``: safetensors + speechlm.json) and ``training.json`` (command, recipe,
-    seed, data description, per-epoch loss, held-out scores, time, versions). An interrupted run started again with
-    the same ``work`` folder resumes after its last finished epoch.
+    Stages: render the training sets, encode them in packed windows (both cached), CTC stage, joint stage, held-out
+    evaluation. ``out`` gets the weights (``save_trained``: float16 safetensors + speechlm.json) and
+    ``training.json`` (command, recipe, data, per-stage history with the learning curve, stage times, held-out
+    scores, versions). An interrupted run started again with the same ``work`` folder resumes from its last
+    checkpoint with the same batches.
 
     Args:
         recipe: data and optimisation settings.
         out: folder for the trained model.
-        work: folder for the checkpoint (default: the speechtrim cache).
+        work: folder for the checkpoints (default: the speechtrim cache).
         command: the command line, recorded in training.json.
         progress: show progress bars.
-        eval_limit: clips per held-out set (None: all).
+        eval_limit: clips per held-out set in the final evaluation (None: all).
     """
-    from importlib.metadata import version
-
     from speechtrim.hf.speechlm import build_speechlm, save_trained
 
     started = time.perf_counter()
-    seed_everything(recipe.train.seed)
-    model = build_speechlm(recipe.encoder, recipe.llm, "none", pool=recipe.pool, seed=recipe.train.seed)
+    seed_everything(recipe.joint.seed)
+    model = build_speechlm(recipe.encoder, recipe.llm, "none", pool=recipe.pool, seed=recipe.joint.seed)
     model.system_prompt = ""  # no system turn: SmolLM2's template would otherwise add its own
     model.recipe["system_prompt"] = ""
-    items, data = training_items(model, recipe, progress)
+    asr, emotion, data = training_data(model, recipe, progress)
+    vocab_ids = data.pop("vocab_ids")
+    embeddings = model.llm.get_input_embeddings().weight
+    params = {"hidden": recipe.projector_hidden, "prosody_rank": recipe.prosody_rank,
+              "embedding_std": float(embeddings.std())}
+    torch.manual_seed(recipe.joint.seed)
+    model.projector = VocabProjector(model.pool * int(model.encoder.config.d_model), embeddings.shape[1], vocab_ids,
+                                     **params)
+    model.recipe.update(projector="vocab", projector_params=params)
     work = Path(work) if work is not None else cache_root() / "embedded-training"
     work.mkdir(parents=True, exist_ok=True)
-    logger.info("training the embedded projector on %d clips (%s)", len(items), work)
-    train_started = time.perf_counter()
-    history = fit(model, items, recipe.train, checkpoint=work / "embedded.ckpt", progress=progress)
-    train_seconds = time.perf_counter() - train_started
+    probe = _held_out_probe(model, recipe.eval_clips)
+    stage_seconds: dict[str, float] = {}
+    stage_started = time.perf_counter()
+    logger.info("CTC stage on %d transcription clips (vocabulary %d tokens)", len(asr), len(vocab_ids))
+    ctc_history = ctc_stage(model, asr, recipe.ctc, checkpoint=work / "ctc.ckpt", progress=progress)
+    stage_seconds["ctc"] = round(time.perf_counter() - stage_started, 1)
+    ctc_scores = probe(ctc_only=True)
+    logger.info("after the CTC stage: %s", ctc_scores)
+    if recipe.lora_rank:
+        model.add_lora(rank=recipe.lora_rank, alpha=recipe.lora_alpha)
+    stage_started = time.perf_counter()
+    examples = asr + emotion * recipe.emotion_repeat
+    joint_history = joint_stage(model, examples, recipe.joint, checkpoint=work / "joint.ckpt",
+                                evaluate=probe, progress=progress)
+    stage_seconds["joint"] = round(time.perf_counter() - stage_started, 1)
+    stage_started = time.perf_counter()
     scores = evaluate(model, eval_limit, progress=progress)
+    stage_seconds["evaluate"] = round(time.perf_counter() - stage_started, 1)
     report = {
-        "command": command, "recipe": _jsonable(asdict(recipe)), "data": data, "history": history,
-        "held_out": scores, "train_seconds": round(train_seconds, 1),
+        "command": command, "recipe": _jsonable(asdict(recipe)), "data": data,
+        "history": {"ctc": ctc_history, "ctc_probe": ctc_scores, "joint": joint_history},
+        "held_out": scores, "stage_seconds": {"render": data["render_seconds"], "encode": data["encode_seconds"],
+                                              **stage_seconds},
+        "train_seconds": round(stage_seconds["ctc"] + stage_seconds["joint"], 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "trainable_params": sum(p.numel() for p in model.projector.parameters()),
+        "trainable_params": sum(t.numel() for n, t in trained_state(model).items() if t.is_floating_point()),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "transformers": version("transformers")},
     }
-    save_trained(model, out, {"task": "asr+emotion", "labels": data["emotion"]["labels"], "synthetic_training": True})
+    save_trained(model, out,  # LoRA matrices saved unmerged (small); load_speechlm merges them
+                 {"task": "asr+emotion", "labels": data["emotion"]["labels"], "synthetic_training": True},
+                 dtype=torch.float16)
     write_json_atomic(Path(out) / TRAINING_FILE, report)
     return report
+
+
+def _held_out_probe(model: Any, clips: int) -> Any:
+    """A callback scoring ``clips`` held-out synthetic and up to ``clips`` real clips: WER of the LLM's transcripts
+    (or of the CTC head's greedy output with ``ctc_only``); encoder frames computed once."""
+    from speechtrim.eval.harness import load_eval_set, task_scores
+
+    sets = {}
+    for spec, name in (("synthetic-asr", "wer_synthetic"), ("pocketsphinx", "wer_real")):
+        evalset = load_eval_set(spec, clips)
+        frames, mask = model.encode([item.audio for item in evalset.items])
+        sets[name] = (evalset, frames, mask)
+
+    @torch.no_grad()
+    def probe(ctc_only: bool = False) -> dict[str, float]:
+        from speechtrim.models.vocab_projector import ctc_greedy
+
+        model.eval()
+        scores = {}
+        for name, (evalset, frames, mask) in sets.items():
+            embeds, embeds_mask, logits = model.project(frames, mask)
+            if ctc_only:
+                ids = ctc_greedy(logits, embeds_mask.sum(dim=1), model.projector.vocab_ids, model.projector.blank)
+                outputs = [model.tokenizer.decode(row).strip() for row in ids]
+            else:
+                batch = model.build_inputs([item.prompt for item in evalset.items], embeds, embeds_mask,
+                                           assistant_prefix=[item.assistant_prefix for item in evalset.items])
+                outputs = model.generate(batch, max_new_tokens=48)
+            wer = task_scores("asr", [item.reference for item in evalset.items], outputs)["wer"]
+            scores[("ctc_" if ctc_only else "") + name] = round(float(wer), 4)
+        return scores
+
+    return probe
 
 
 def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=list))
 
 
-__all__ = ["EmbeddedRecipe", "evaluate", "train_embedded", "training_items"]
+__all__ = ["EmbeddedRecipe", "evaluate", "train_embedded", "training_data"]

@@ -40,7 +40,7 @@ class EncoderCache:
 
     def get(self, paths: list[Path], progress: bool = True) -> list[torch.Tensor]:
         """Frames of each file, encoding (and caching) the ones not seen before."""
-        keys = [_content_key(path) for path in paths]
+        keys = [content_key(path) for path in paths]
         missing = sorted({key: path for key, path in zip(keys, paths) if not self._file(key).is_file()}.items())
         bar = tqdm(total=len(missing), desc="encoding audio (cached)", unit="clip", disable=not progress or not missing)
         for start in range(0, len(missing), self.batch_size):
@@ -50,13 +50,25 @@ class EncoderCache:
                 self._write(key, frames[row, mask[row]])
             bar.update(len(chunk))
         bar.close()
-        return [load_file(self._file(key))["frames"].float() for key in keys]
+        return [self.load(key) for key in keys]
 
     def store(self, path: Path, frames: torch.Tensor) -> None:
         """Keep the valid frames (T, D) of ``path`` computed elsewhere (e.g. while transcribing the same clip)."""
-        key = _content_key(path)
+        key = content_key(path)
         if not self._file(key).is_file():
             self._write(key, frames)
+
+    def has(self, key: str) -> bool:
+        """Whether frames for the content key ``key`` (``content_key(path)``) are stored."""
+        return self._file(key).is_file()
+
+    def put(self, key: str, frames: torch.Tensor) -> None:
+        """Store the valid frames (T, D) under the content key ``key``."""
+        self._write(key, frames)
+
+    def load(self, key: str) -> torch.Tensor:
+        """The stored frames (T, D) of ``key``, float32."""
+        return load_file(self._file(key))["frames"].float()
 
     def _write(self, key: str, frames: torch.Tensor) -> None:
         with atomic_file(self._file(key), mode="wb") as handle:
@@ -77,7 +89,8 @@ def pad_frames(frames: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     return batch, mask
 
 
-def _content_key(path: Path) -> str:
+def content_key(path: Path) -> str:
+    """The cache key of an audio file: the first 24 hex digits of its SHA-256."""
     digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
     return digest[:24]
 
@@ -86,4 +99,4 @@ def _serialise(tensor: torch.Tensor) -> bytes:
     return save({"frames": tensor.contiguous()})
 
 
-__all__ = ["EncoderCache", "pad_frames"]
+__all__ = ["EncoderCache", "content_key", "pad_frames"]

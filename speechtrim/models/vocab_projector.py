@@ -1,0 +1,98 @@
+"""A projector whose outputs live in the LLM's input-embedding space, aligned to it by CTC over the LLM's vocabulary.
+
+After LegoSLM (Ma et al., 2025): an MLP maps each pooled encoder frame to a vector h_t; its score for a token v is
+h_t . E_v against the LLM's frozen (tied) input embeddings E, plus a learned blank, trained with CTC on the
+transcript's LLM tokens. The LLM then receives the posterior-weighted mix of the embeddings,
+    e_t = sum_v p_t(v) E_v + p_t(blank) b,
+which sits on the embedding manifold the LLM was trained on, plus a low-rank "prosody" path from the frames
+(zero at initialisation) that carries what the text does not (speaking rate, pitch, loudness: the emotion task).
+One output per input frame: the audio span keeps its length, which the token reducers need.
+
+The vocabulary is the LLM token ids that occur in the training transcripts (``vocab_ids``), saved with the weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class VocabProjector(nn.Module):
+    """Frames (B, T, D_in) -> LLM-space embeddings (B, T, D_llm), with CTC logits over ``vocab_ids`` + blank.
+
+    Args:
+        input_dim: width of a pooled encoder frame.
+        llm_dim: the LLM's embedding width.
+        vocab_ids: the LLM token ids the head can emit (K of them); the blank is index K.
+        hidden: width of the MLP's hidden layer.
+        prosody_rank: rank of the residual frame path (0: none).
+        embedding_std: standard deviation of the LLM's token embeddings (initial scale of the blank vectors).
+    """
+
+    def __init__(self, input_dim: int, llm_dim: int, vocab_ids: torch.Tensor | list[int], hidden: int = 1024,
+                 prosody_rank: int = 64, embedding_std: float = 0.13) -> None:
+        super().__init__()
+        vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.long)
+        if vocab_ids.ndim != 1 or len(vocab_ids) == 0 or len(torch.unique(vocab_ids)) != len(vocab_ids):
+            raise ValueError(f"vocab_ids must be a non-empty 1-D list of distinct token ids, got {len(vocab_ids)}")
+        if hidden < 1 or prosody_rank < 0:
+            raise ValueError(f"need hidden >= 1 and prosody_rank >= 0, got {hidden} and {prosody_rank}")
+        self.register_buffer("vocab_ids", vocab_ids)
+        self.mlp = nn.Sequential(nn.Linear(input_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim))
+        self.blank_key = nn.Parameter(torch.randn(llm_dim) * embedding_std)  # scores the blank
+        self.blank_embedding = nn.Parameter(torch.randn(llm_dim) * embedding_std)  # what the LLM gets for it
+        self.prosody = None
+        if prosody_rank:
+            self.prosody = nn.Sequential(nn.Linear(input_dim, prosody_rank, bias=False),
+                                         nn.Linear(prosody_rank, llm_dim, bias=False))
+            nn.init.zeros_(self.prosody[1].weight)
+
+    @property
+    def blank(self) -> int:
+        """Index of the blank in the logits' last axis."""
+        return len(self.vocab_ids)
+
+    def logits(self, frames: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """CTC logits (B, T, K + 1) of ``frames`` (B, T, D_in) against the LLM's ``embeddings`` (V, D_llm)."""
+        hidden = self.mlp(frames)  # (B, T, D_llm)
+        keys = torch.cat([embeddings[self.vocab_ids].to(hidden.dtype), self.blank_key.unsqueeze(0)])  # (K+1, D)
+        return hidden @ keys.T  # (B, T, K+1)
+
+    def forward(self, frames: torch.Tensor, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM inputs (B, T, D_llm) and the CTC logits (B, T, K + 1) they were mixed from."""
+        logits = self.logits(frames, embeddings)
+        values = torch.cat([embeddings[self.vocab_ids].to(logits.dtype), self.blank_embedding.unsqueeze(0)])
+        mixed = torch.softmax(logits, dim=-1) @ values  # (B, T, D_llm)
+        if self.prosody is not None:
+            mixed = mixed + self.prosody(frames)
+        return mixed, logits
+
+
+def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[torch.Tensor], blank: int) -> torch.Tensor:
+    """Mean CTC loss per target token.
+
+    Args:
+        logits: (B, T, K + 1) from ``VocabProjector.logits``.
+        lengths: (B,) valid frames per row.
+        targets: per row, the transcript as indices into the projector's vocabulary (not LLM ids).
+        blank: the blank index.
+    """
+    log_probs = torch.log_softmax(logits.float(), dim=-1).transpose(0, 1)  # (T, B, K+1)
+    target_lengths = torch.tensor([len(t) for t in targets])
+    flat = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)
+    total = nn.functional.ctc_loss(log_probs, flat, lengths.cpu(), target_lengths, blank=blank, reduction="sum",
+                                   zero_infinity=True)
+    return total / max(1, int(target_lengths.sum()))
+
+
+def ctc_greedy(logits: torch.Tensor, lengths: torch.Tensor, vocab_ids: torch.Tensor, blank: int) -> list[list[int]]:
+    """Best-path decoding: per row, the LLM token ids left after merging repeats and dropping blanks."""
+    best = logits.argmax(dim=-1)  # (B, T)
+    decoded = []
+    for row, length in zip(best, lengths.tolist()):
+        path = row[:length]
+        keep = torch.ones_like(path, dtype=torch.bool)
+        keep[1:] = path[1:] != path[:-1]
+        tokens = path[keep & (path != blank)]
+        decoded.append(vocab_ids[tokens].tolist())
+    return decoded

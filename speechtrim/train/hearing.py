@@ -1,0 +1,272 @@
+"""The two training stages that teach the embedded speech LLM to hear.
+
+1. ``ctc_stage``: the ``VocabProjector`` alone learns, by CTC over the LLM's own token ids, to say which token each
+   audio position carries. No LLM forward pass: cheap, and it aligns the audio to the LLM's embedding space.
+2. ``joint_stage``: the LLM's next-token loss through the whole model (projector + LoRA matrices on the LLM), with
+   the CTC loss kept as an auxiliary term on the transcription rows, on a mix of transcription and emotion examples.
+
+Both are step-based with a batch schedule drawn up front from the seed, checkpoint atomically every
+``checkpoint_every`` steps and on interruption (Ctrl-C, SIGTERM), and resume from the checkpoint with identical
+batches. ``evaluate_every`` steps an optional callback records held-out scores against training minutes (the
+learning curve in training.json).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from speechtrim.assets.cache import atomic_file
+from speechtrim.models.vocab_projector import ctc_loss
+from speechtrim.train.encoder_cache import pad_frames
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StageConfig:
+    """Optimisation settings of one stage.
+
+    Args:
+        steps: optimiser steps.
+        batch_size: examples per step.
+        lr: AdamW learning rate of the projector (warm-up, then cosine decay to 10 %).
+        lora_lr: learning rate of the LoRA matrices (None: ``lr``).
+        warmup: steps of linear warm-up.
+        ctc_weight: weight of the CTC loss next to the LM loss (joint stage only).
+        max_grad_norm: gradient clipping.
+        checkpoint_every: steps between checkpoints.
+        evaluate_every: steps between calls of the evaluation callback (0: never).
+        seed: seed of the batch schedule.
+    """
+
+    steps: int
+    batch_size: int
+    lr: float
+    lora_lr: float | None = None
+    warmup: int = 20
+    ctc_weight: float = 0.3
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 50
+    evaluate_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not self.lr > 0 or (self.lora_lr is not None and not self.lora_lr > 0):
+            raise ValueError(f"lr and lora_lr must be > 0, got {self.lr} and {self.lora_lr}")
+
+
+@dataclass
+class Example:
+    """One training example: encoder frames (T, D_enc), the user prompt with ``<audio>``, the answer, the assistant
+    prefix, and for transcription rows the CTC target (indices into the projector's vocabulary)."""
+
+    frames: torch.Tensor
+    prompt: str
+    target: str
+    assistant_prefix: str = ""
+    ctc_target: torch.Tensor | None = None
+
+
+def ctc_text(sentence: str) -> str:
+    """What the CTC head spells: lower case, words and apostrophes only, single spaces."""
+    return " ".join(re.sub(r"[^a-z' ]+", " ", sentence.lower()).split())
+
+
+def ctc_token_ids(tokenizer: Any, sentence: str) -> list[int]:
+    """LLM token ids of ``ctc_text(sentence)``, every word in its space-led form."""
+    return tokenizer(" " + ctc_text(sentence), add_special_tokens=False).input_ids
+
+
+def _lr_factor(step: int, config: StageConfig) -> float:
+    if step < config.warmup:
+        return (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _schedule(count: int, config: StageConfig) -> list[list[int]]:
+    """Every step's example indices, drawn up front (epochs of seeded permutations) so a resumed run sees the same."""
+    rng = np.random.default_rng(config.seed)
+    order: list[int] = []
+    while len(order) < config.steps * config.batch_size:
+        order += rng.permutation(count).tolist()
+    return [order[step * config.batch_size : (step + 1) * config.batch_size] for step in range(config.steps)]
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _run_stage(name: str, model: torch.nn.Module, examples: list[Example], config: StageConfig,
+               loss_fn: Callable[[list[Example]], dict[str, torch.Tensor]], parameters: list[dict],
+               checkpoint: Path | None, evaluate: Callable[[], dict[str, float]] | None,
+               progress: bool) -> list[dict[str, float]]:
+    """The shared loop: schedule, AdamW, warm-up + cosine, clipping, checkpoints, resume, evaluation callback."""
+    from speechtrim.hf.speechlm import trained_state
+
+    if not examples:
+        raise ValueError(f"the {name} stage needs at least one example")
+    optimizer = torch.optim.AdamW(parameters, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    history: list[dict[str, float]] = []
+    start, spent = 0, 0.0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] != asdict(config) or state["examples"] != len(examples):
+            raise ValueError(f"checkpoint {checkpoint} was made with other settings or data ({state['config']}, "
+                             f"{state['examples']} examples); delete it or use another work folder")
+        _load_trained(model, state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start, spent = state["history"], state["step"], state["seconds"]
+        logger.info("%s stage: resuming %s at step %d", name, checkpoint, start)
+    trainable = [p for group in parameters for p in group["params"]]
+
+    def save(step: int, seconds: float) -> None:
+        if checkpoint is None:
+            return
+        with atomic_file(checkpoint, mode="wb") as handle:
+            torch.save({"model": trained_state(model), "optimizer": optimizer.state_dict(), "step": step,
+                        "seconds": seconds, "history": history, "config": asdict(config),
+                        "examples": len(examples)}, handle)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise _Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    schedule = _schedule(len(examples), config)
+    began = time.perf_counter() - spent
+    running: dict[str, float] = {}
+    completed = start  # steps whose optimiser update is done
+    bar = tqdm(total=config.steps, initial=start, desc=f"{name} stage", unit="step", disable=not progress)
+    model.train()
+    try:
+        for step in range(start, config.steps):
+            losses = loss_fn([examples[i] for i in schedule[step]])
+            total = losses["loss"]
+            if not torch.isfinite(total):
+                raise FloatingPointError(f"{name} stage: loss became {total.item()} at step {step + 1}; the last "
+                                         f"checkpoint ({checkpoint}) is kept; lower the learning rate")
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, config.max_grad_norm)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * _lr_factor(step, config)
+            optimizer.step()
+            completed = step + 1
+            for key, value in losses.items():
+                running[key] = running.get(key, 0.0) + float(value.detach())
+            running["n"] = running.get("n", 0.0) + 1
+            bar.update(1)
+            bar.set_postfix({key: f"{value / running['n']:.3f}" for key, value in running.items() if key != "n"})
+            done = step + 1
+            if done % config.checkpoint_every == 0 or done == config.steps or (
+                    config.evaluate_every and done % config.evaluate_every == 0):
+                record = {"step": done, "minutes": round((time.perf_counter() - began) / 60, 2),
+                          **{key: round(value / running["n"], 4) for key, value in running.items() if key != "n"}}
+                running = {}
+                if evaluate is not None and config.evaluate_every and (
+                        done % config.evaluate_every == 0 or done == config.steps):
+                    record.update(evaluate())
+                    model.train()
+                history.append(record)
+                logger.info("%s stage: %s", name, record)
+                save(done, time.perf_counter() - began)
+    except (KeyboardInterrupt, _Interrupted):
+        bar.close()
+        save(completed, time.perf_counter() - began)
+        logger.warning("%s stage interrupted after step %d; the checkpoint %s resumes it", name, completed, checkpoint)
+        raise KeyboardInterrupt from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    bar.close()
+    model.eval()
+    return history
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _load_trained(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    own = {name: tensor for name, tensor in state.items() if not name.startswith("lora.")}
+    model.load_state_dict(own, strict=False)
+    lora = {name[len("lora."):]: tensor for name, tensor in state.items() if name.startswith("lora.")}
+    if lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model.llm, lora)
+
+
+def _padded(model: torch.nn.Module, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    frames, mask = pad_frames([example.frames for example in batch])
+    return frames.to(model.device), mask.to(model.device)
+
+
+def ctc_stage(model: torch.nn.Module, examples: list[Example], config: StageConfig, checkpoint: Path | None = None,
+              evaluate: Callable[[], dict[str, float]] | None = None, progress: bool = True) -> list[dict[str, float]]:
+    """Train the projector's CTC head alone on transcription examples (``ctc_target`` set); returns the history."""
+    examples = [example for example in examples if example.ctc_target is not None]
+    projector = model.projector
+    embeddings = model.llm.get_input_embeddings().weight
+
+    def loss_fn(batch: list[Example]) -> dict[str, torch.Tensor]:
+        frames, mask = _padded(model, batch)
+        frames, mask = model.pool_frames(frames, mask)
+        logits = projector.logits(frames, embeddings)  # (B, T', K+1)
+        loss = ctc_loss(logits, mask.sum(dim=1), [example.ctc_target for example in batch], projector.blank)
+        return {"loss": loss, "ctc": loss.detach()}
+
+    groups = [{"params": [p for p in projector.parameters() if p.requires_grad], "lr": config.lr}]
+    return _run_stage("ctc", model, examples, config, loss_fn, groups, checkpoint, evaluate, progress)
+
+
+def joint_stage(model: torch.nn.Module, examples: list[Example], config: StageConfig, checkpoint: Path | None = None,
+                evaluate: Callable[[], dict[str, float]] | None = None, progress: bool = True) -> list[dict[str, float]]:
+    """Train projector and LoRA matrices with the LM loss (+ ``ctc_weight`` x CTC on transcription rows)."""
+    projector = model.projector
+
+    def loss_fn(batch: list[Example]) -> dict[str, torch.Tensor]:
+        frames, mask = _padded(model, batch)
+        embeds, embeds_mask, logits = model.project(frames, mask)
+        embeds, embeds_mask = model.adapter(embeds, embeds_mask)
+        inputs = model.build_inputs([example.prompt for example in batch], embeds, embeds_mask,
+                                    targets=[example.target for example in batch],
+                                    assistant_prefix=[example.assistant_prefix for example in batch])
+        lm = model.loss(inputs)
+        rows = [row for row, example in enumerate(batch) if example.ctc_target is not None]
+        result = {"lm": lm.detach()}
+        total = lm
+        if rows and config.ctc_weight > 0 and logits is not None:
+            ctc = ctc_loss(logits[rows], embeds_mask[rows].sum(dim=1), [batch[row].ctc_target for row in rows],
+                           projector.blank)
+            total = lm + config.ctc_weight * ctc
+            result["ctc"] = ctc.detach()
+        result["loss"] = total
+        return result
+
+    lora = [p for name, p in model.llm.named_parameters() if p.requires_grad and "lora_" in name]
+    groups = [{"params": [p for p in projector.parameters() if p.requires_grad], "lr": config.lr}]
+    if lora:
+        groups.append({"params": lora, "lr": config.lora_lr or config.lr})
+    return _run_stage("joint", model, examples, config, loss_fn, groups, checkpoint, evaluate, progress)
+
+
+__all__ = ["Example", "StageConfig", "ctc_stage", "ctc_text", "ctc_token_ids", "joint_stage"]

@@ -1,0 +1,174 @@
+"""The parts that teach the embedded model to hear: vocabulary projector, CTC, packing, LoRA, the two stages."""
+
+import numpy as np
+import pytest
+import torch
+
+from speechtrim.models.vocab_projector import VocabProjector, ctc_greedy, ctc_loss
+from speechtrim.train.hearing import Example, StageConfig, ctc_stage, ctc_text, joint_stage
+from speechtrim.train.packing import FRAME_SAMPLES, pack_windows
+from tests.tiny_speechlm import WORDS, tiny_speechlm
+
+VOCAB = [WORDS.index(word) for word in ("the", "audio", "is", "happy", "sad")]
+
+
+def vocab_model(seed: int = 0, prosody_rank: int = 4, projector_seed: int = 0):
+    model = tiny_speechlm(seed=seed)
+    torch.manual_seed(projector_seed)
+    model.projector = VocabProjector(32, 48, VOCAB, hidden=16, prosody_rank=prosody_rank)
+    return model
+
+
+def test_projector_mixes_llm_embeddings_by_its_ctc_posteriors():
+    model = vocab_model(prosody_rank=4)
+    embeddings = model.llm.get_input_embeddings().weight
+    frames = torch.randn(2, 5, 32)
+    mixed, logits = model.projector(frames, embeddings)
+    assert mixed.shape == (2, 5, 48) and logits.shape == (2, 5, len(VOCAB) + 1)
+    values = torch.cat([embeddings[VOCAB], model.projector.blank_embedding.unsqueeze(0)])
+    # the prosody path starts at zero, so the output is exactly the posterior mix
+    torch.testing.assert_close(mixed, torch.softmax(logits, -1) @ values)
+    # and the logits are dot products against the LLM's own embeddings of the vocabulary
+    hidden = model.projector.mlp(frames)
+    torch.testing.assert_close(logits[..., :-1], hidden @ embeddings[VOCAB].T)
+
+
+def test_projector_refuses_a_bad_vocabulary():
+    with pytest.raises(ValueError, match="distinct token ids"):
+        VocabProjector(8, 8, [1, 1, 2])
+    with pytest.raises(ValueError, match="distinct token ids"):
+        VocabProjector(8, 8, [])
+
+
+def test_ctc_greedy_merges_repeats_and_drops_blanks():
+    blank = 3
+    path = torch.tensor([[0, 0, 3, 0, 1, 1, 3, 2, 2]])
+    logits = torch.nn.functional.one_hot(path, 4).float()
+    ids = ctc_greedy(logits, torch.tensor([9]), torch.tensor([10, 11, 12]), blank)
+    assert ids == [[10, 10, 11, 12]]
+    # a shorter valid length cuts the path
+    assert ctc_greedy(logits, torch.tensor([4]), torch.tensor([10, 11, 12]), blank) == [[10, 10]]
+
+
+def test_ctc_loss_is_low_for_the_right_path_and_high_for_another():
+    blank = 3
+    path = torch.tensor([[0, 3, 1, 1, 3, 2]])
+    logits = torch.nn.functional.one_hot(path, 4).float() * 20
+    right = ctc_loss(logits, torch.tensor([6]), [torch.tensor([0, 1, 2])], blank)
+    wrong = ctc_loss(logits, torch.tensor([6]), [torch.tensor([2, 1, 0])], blank)
+    assert right < 1e-3 < 1.0 < wrong
+
+
+def test_ctc_text_keeps_words_and_apostrophes_only():
+    assert ctc_text("Don't PANIC, it's  42 o'clock!") == "don't panic it's o'clock"
+
+
+def test_pack_windows_places_clips_on_the_frame_grid_without_overlap():
+    lengths = [16000 * 4, 16000 * 3 + 17, 16000 * 20, 16000 * 9, 100]
+    windows = pack_windows(lengths, gap=16000)
+    placed = sorted(index for window in windows for index, _ in window)
+    assert placed == list(range(len(lengths)))
+    for window in windows:
+        end = -1
+        for index, start in window:
+            assert start % FRAME_SAMPLES == 0 and start > end and start + lengths[index] <= 30 * 16000
+            end = start + lengths[index] + 16000 - 1
+    assert windows[0][0] == (0, 0)
+    with pytest.raises(ValueError, match="longer than"):
+        pack_windows([16000 * 31], gap=0)
+
+
+def test_packed_frames_of_a_lone_clip_equal_solo_encoding(tmp_path):
+    import soundfile
+
+    from speechtrim.train.encoder_cache import EncoderCache
+    from speechtrim.train.packing import encode_packed
+
+    model = vocab_model()
+    rng = np.random.default_rng(0)
+    path = tmp_path / "a.wav"
+    soundfile.write(path, (rng.standard_normal(16000) * 0.1).astype(np.float32), 16000, subtype="FLOAT")
+    frames = encode_packed(model, [path], EncoderCache(model, "tiny-packed", folder=tmp_path), progress=False)[0]
+    solo, mask = model.encode([soundfile.read(path, dtype="float32")[0]])
+    assert frames.shape == (int(mask.sum()), 32)
+    torch.testing.assert_close(frames, solo[0, mask[0]], atol=2e-3, rtol=1e-2)  # cached as float16
+
+
+def _examples(model, count: int = 6):
+    torch.manual_seed(1)
+    prompt = "transcribe this <audio>"
+    examples = []
+    for row in range(count):
+        word = ["happy", "sad"][row % 2]
+        target = torch.tensor([VOCAB.index(WORDS.index("the")), VOCAB.index(WORDS.index(word))])
+        frames = torch.randn(12, 32) + (2.0 if word == "happy" else -2.0)
+        examples.append(Example(frames, prompt, f"the {word}", "", target))
+    return examples
+
+
+def test_the_ctc_stage_lowers_the_ctc_loss_and_resumes_identically(tmp_path):
+    config = StageConfig(steps=8, batch_size=3, lr=1e-2, warmup=2, checkpoint_every=4)
+    model = vocab_model()
+    history = ctc_stage(model, _examples(model), config, checkpoint=tmp_path / "a.ckpt", progress=False)
+    assert [row["step"] for row in history] == [4, 8] and history[-1]["ctc"] < history[0]["ctc"]
+    # a second run interrupted after step 5 (Ctrl-C), then resumed from its checkpoint, ends with the same weights
+    interrupted = StageConfig(**{**config.__dict__, "evaluate_every": 5})
+    calls = []
+
+    def interrupt() -> dict:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return {}
+
+    half = vocab_model()
+    with pytest.raises(KeyboardInterrupt):
+        ctc_stage(half, _examples(half), interrupted, checkpoint=tmp_path / "b.ckpt", evaluate=interrupt,
+                  progress=False)
+    state = torch.load(tmp_path / "b.ckpt", weights_only=False)
+    assert state["step"] == 5
+    state["config"] = config.__dict__  # the evaluation period does not change the weights
+    torch.save(state, tmp_path / "b.ckpt")
+    resumed = vocab_model(projector_seed=5)  # other initial weights: the checkpoint must overwrite them
+    ctc_stage(resumed, _examples(resumed), config, checkpoint=tmp_path / "b.ckpt", progress=False)
+    for (name, a), (_, b) in zip(model.projector.state_dict().items(), resumed.projector.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+    model = vocab_model()
+    ctc_stage(model, _examples(model), StageConfig(steps=2, batch_size=2, lr=1e-3, warmup=1), checkpoint=tmp_path / "c",
+              progress=False)
+    with pytest.raises(ValueError, match="other settings"):
+        ctc_stage(model, _examples(model), StageConfig(steps=2, batch_size=2, lr=2e-3, warmup=1),
+                  checkpoint=tmp_path / "c", progress=False)
+
+
+def test_the_joint_stage_trains_lora_and_projector_and_merging_keeps_the_outputs():
+    model = vocab_model()
+    model.add_lora(rank=2, alpha=4)
+    assert model.has_lora
+    lora_before = {n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_B" in n}
+    frozen_before = {n: p.detach().clone() for n, p in model.llm.named_parameters() if "lora_" not in n}
+    history = joint_stage(model, _examples(model), StageConfig(steps=4, batch_size=3, lr=1e-2, lora_lr=1e-2,
+                                                                warmup=1, checkpoint_every=2), progress=False)
+    assert {"lm", "ctc", "loss"} <= set(history[-1])
+    after = dict(model.llm.named_parameters())
+    assert any(not torch.equal(lora_before[n], after[n]) for n in lora_before)
+    assert all(torch.equal(frozen_before[n], after[n]) for n in frozen_before)
+    frames, mask = torch.randn(2, 12, 32), torch.ones(2, 12, dtype=torch.bool)
+    embeds, embeds_mask = model.embed_audio(frames, mask)
+    batch = model.build_inputs(["transcribe this <audio>"] * 2, embeds, embeds_mask)
+    with torch.no_grad():
+        unmerged = model.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+        model.merge_lora()
+        merged = model.llm(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).logits
+    assert not model.has_lora and type(model.llm).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)
+
+
+def test_ctc_logits_need_a_ctc_head():
+    with pytest.raises(ValueError, match="no CTC head"):
+        tiny_speechlm().ctc_logits([np.zeros(1600, dtype=np.float32)])
+    logits, lengths = vocab_model().ctc_logits([np.zeros(16000, dtype=np.float32)])
+    assert logits.shape[-1] == len(VOCAB) + 1 and lengths.tolist() == [50]
