@@ -63,3 +63,36 @@ def test_inputs_embeds_without_input_ids_names_the_configs_audio_token_id():
     with pytest.raises(ValueError, match=f"audio token id is {AUDIO_TOKEN}, but the call passed inputs_embeds without"):
         with reducers.build("fastv", ratio=0.3, layer=1)(model):
             model(inputs_embeds=embeds)
+
+
+def test_stats_count_each_rows_own_tokens_in_a_padded_batch():
+    from tests.tiny_models import audio_prompt
+
+    model = tiny_llama()
+    inputs = audio_prompt([4, 10])  # row 0 is left-padded by 6
+    with reducers.build("fastv", ratio=0.5, layer=1)(model, audio_token_id=AUDIO_TOKEN) as stats:
+        model(**inputs)
+    short, long = stats.tokens_per_row
+    assert short[0] == 3 + 4 + 4 and long[0] == 3 + 10 + 4  # padding not counted
+    assert stats.tokens_per_layer == short and short[1] == 3 + 2 + 4 and long[1] == 3 + 5 + 4
+
+
+def tiny_gemma3n():
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    config = Gemma3nTextConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=[64] * 4, num_hidden_layers=4, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, hidden_size_per_layer_input=8, vocab_size_per_layer_input=64,
+        num_kv_shared_layers=2, laurel_rank=4, altup_num_inputs=2, activation_sparsity_pattern=[0.0] * 4,
+        layer_types=["sliding_attention", "full_attention"] * 2)
+    return Gemma3nForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("name", ["fastadasp", "fastv", "h2o"])
+def test_gemma3n_is_refused_clearly_before_any_hook(name):
+    model = tiny_gemma3n()
+    layer = model.model.layers[1]
+    with pytest.raises(ValueError, match="Gemma-3n style.*not supported by speechtrim reducers"):
+        with reducers.build(name, ratio=0.3, layer=1)(model, audio_spans=[[(1, 5)]]):
+            pass
+    assert not layer._forward_pre_hooks and not model.model._forward_pre_hooks  # nothing was left attached

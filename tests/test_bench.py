@@ -288,3 +288,39 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 143 and "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+
+
+def test_a_failing_row_is_an_error_not_an_unreachable_dash(one_thread, model, tmp_path, monkeypatch):
+    original = sweep_module.run_item
+
+    def broken(bench_model, prepared, reducer, *args, **kwargs):
+        if reducer is not None and reducer.name == "fastv":
+            raise ValueError("a real bug")
+        return original(bench_model, prepared, reducer, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "run_item", broken)
+    options = BenchOptions(preset="quick", data=["pocketsphinx"], methods=["fastadasp-sparse", "fastv"],
+                           targets=(0.2,), out=tmp_path / "out", layer="2", max_new_tokens=2, progress=False, limit=1)
+    summary = run_bench(options, model=model)
+    assert summary["failed_rows"] == 1
+    rows = {row["method"]: row for row in summary["rows"]}
+    assert rows["fastv"]["failed"] and "a real bug" in rows["fastv"]["error"] and not rows["fastadasp-sparse"].get("error")
+    tables = (tmp_path / "out" / "tables.md").read_text()
+    assert "| fastv | error |" in tables and "'error' = the row failed" in tables
+
+
+def test_results_lines_that_are_json_but_not_objects_are_dropped(tmp_path):
+    from speechtrim.bench.sweep import repair_jsonl
+
+    path = tmp_path / "results.jsonl"
+    path.write_text('{"key": "a", "x": 1}\n[1, 2]\n"text"\n{"key": "b"}\n{"key": "c", "torn\n')
+    assert repair_jsonl(path) == 3 and set(read_jsonl(path)) == {"a", "b"}
+    assert repair_jsonl(path) == 0  # repaired once, quiet afterwards
+
+
+def test_a_layer_beyond_the_model_is_refused_before_the_sweep(one_thread, model, tmp_path):
+    options = BenchOptions(preset="quick", data=["pocketsphinx"], methods=["fastv"], targets=(0.2,),
+                           out=tmp_path / "out", layer="99", max_new_tokens=2, progress=False, limit=1)
+    with pytest.raises(ValueError, match="--layer 99 is outside the model's 4 decoder layers; pass 0 to 3"):
+        run_bench(options, model=model)
+    assert not (tmp_path / "out" / "results.jsonl").exists()

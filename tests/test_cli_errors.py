@@ -121,3 +121,51 @@ def test_help_lists_the_choices(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "attn_q_mean" in capsys.readouterr().out
+
+
+def test_degenerate_clips_are_warned_and_one_label_emotion_sets_refused(tmp_path, caplog):
+    import numpy as np
+    import soundfile
+
+    from speechtrim.eval.harness import EvalDataError, load_manifest_set
+
+    soundfile.write(tmp_path / "short.wav", np.full(160, 0.1, dtype=np.float32), 16000)
+    soundfile.write(tmp_path / "silent.wav", np.zeros(16000, dtype=np.float32), 16000)
+    soundfile.write(tmp_path / "clipped.wav", np.sign(np.sin(np.arange(16000))).astype(np.float32), 16000)
+    rows = [f'{{"audio": "{name}.wav", "transcript": "hello"}}' for name in ("short", "silent", "clipped")]
+    (tmp_path / "asr.jsonl").write_text("\n".join(rows) + "\n")
+    with caplog.at_level("WARNING"):
+        load_manifest_set(tmp_path / "asr.jsonl")
+    for needle in ("only 10 ms long", "silent (peak below 1e-4)", "clipped (over 1 % of the samples"):
+        assert needle in caplog.text
+    (tmp_path / "emo.jsonl").write_text('{"audio": "silent.wav", "label": "happy"}\n' * 2)
+    with pytest.raises(EvalDataError, match="every row has the label 'happy'; an emotion set needs at least two"):
+        load_manifest_set(tmp_path / "emo.jsonl")
+
+
+def test_a_manifest_can_say_its_audio_is_synthetic(tmp_path):
+    import numpy as np
+    import soundfile
+
+    from speechtrim.eval.harness import load_manifest_set
+
+    soundfile.write(tmp_path / "tone.wav", (0.3 * np.sin(np.arange(16000) / 5)).astype(np.float32), 16000)
+    (tmp_path / "m.csv").write_text("audio,transcript,synthetic\ntone.wav,a tone,true\n")
+    evalset = load_manifest_set(tmp_path / "m.csv")
+    assert evalset.synthetic and "SYNTHETIC" in evalset.describe()
+
+
+def test_no_progress_hides_the_transformers_bars_and_warnings_stay_quiet():
+    import argparse
+
+    from transformers.utils import logging as transformers_logging
+
+    from speechtrim.cli import _quiet_libraries
+
+    try:
+        _quiet_libraries(argparse.Namespace(verbose=False, no_progress=True))
+        assert not transformers_logging.is_progress_bar_enabled()
+        assert transformers_logging.get_verbosity() == transformers_logging.ERROR
+    finally:
+        transformers_logging.enable_progress_bar()
+        transformers_logging.set_verbosity_warning()

@@ -172,3 +172,35 @@ def test_ctc_logits_need_a_ctc_head():
         tiny_speechlm().ctc_logits([np.zeros(1600, dtype=np.float32)])
     logits, lengths = vocab_model().ctc_logits([np.zeros(16000, dtype=np.float32)])
     assert logits.shape[-1] == len(VOCAB) + 1 and lengths.tolist() == [50]
+
+
+def test_time_masking_zeroes_about_the_asked_share_of_valid_frames_only():
+    from speechtrim.train.hearing import time_masked
+
+    frames = torch.ones(2, 100, 3)
+    mask = torch.zeros(2, 100, dtype=torch.bool)
+    mask[0, :100] = True
+    mask[1, :40] = True
+    masked = time_masked(frames, mask, 0.2, torch.Generator().manual_seed(0))
+    zeroed = (masked[..., 0] == 0).float().sum(dim=1)
+    assert 5 <= zeroed[0] <= 20 and zeroed[1] <= 10 and bool((masked[1, 40:] == 1).all())
+    again = time_masked(frames, mask, 0.2, torch.Generator().manual_seed(0))
+    assert torch.equal(masked, again) and torch.equal(time_masked(frames, mask, 0.0, None), frames)
+
+
+def test_sigterm_during_a_stage_saves_the_checkpoint(tmp_path):
+    import os
+    import signal
+
+    config = StageConfig(steps=6, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=6, evaluate_every=3)
+
+    def terminate() -> dict:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    model = vocab_model()
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        ctc_stage(model, _examples(model), config, checkpoint=tmp_path / "t.ckpt", evaluate=terminate, progress=False)
+    assert torch.load(tmp_path / "t.ckpt", weights_only=False)["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == before  # the stage's handler is gone again

@@ -475,8 +475,8 @@ def transcribe(
     if multilingual:
         generate_kwargs.update(task="transcribe", language=language)
     elif language not in (None, "en", "english", "<|en|>"):
-        raise ValueError(f"this Whisper is English-only and cannot transcribe language={language!r}; "
-                         "pass language=None or 'en', or load a multilingual model such as 'base'")
+        raise ValueError(f"this Whisper model is English-only and cannot transcribe language {language!r}: drop "
+                         "--language (or pass en), or use a multilingual model such as --model base")
     windows: list[np.ndarray] = []
     owners: list[int] = []
     for index, audio in enumerate(audios):

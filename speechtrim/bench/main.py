@@ -33,9 +33,10 @@ class Preset:
     repeats: int
 
 
-PRESETS = {
-    "quick": Preset((("pocketsphinx", 2),), (0.1, 0.3, 0.5), 32, 1),
-    "default": Preset((("pocketsphinx", 3), ("synthetic-emotion", 4)), (0.1, 0.2, 0.3, 0.4, 0.5), 40, 1),
+PRESETS = {  # ASR on real and held-out synthetic speech, emotion on held-out synthetic prosody
+    "quick": Preset((("pocketsphinx", 4), ("synthetic-asr", 4), ("synthetic-emotion", 8)), (0.1, 0.3, 0.5), 32, 1),
+    "default": Preset((("pocketsphinx", 10), ("synthetic-asr", 24), ("synthetic-emotion", 48)),
+                      (0.1, 0.2, 0.3, 0.4, 0.5), 40, 1),
 }
 
 

@@ -182,7 +182,7 @@ def load_bench_model(model: str = "embedded", speechlm: str | Path | None = None
         folder = Path(model).expanduser()
     if folder is not None:
         if not folder.is_dir():
-            raise FileNotFoundError(f"--speechlm {folder} does not exist; pass a folder saved by save_trained")
+            raise FileNotFoundError(f"--speechlm {folder} does not exist; pass a folder written by `speechtrim train --save` or `speechtrim train-embedded --out`")
         return EmbeddedModel(load_speechlm(folder).to(device), name=str(folder), trained=True)
     if model == "embedded":
         if (EMBEDDED_WEIGHTS / CONFIG_FILE).is_file():

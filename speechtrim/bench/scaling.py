@@ -37,7 +37,8 @@ def long_audio(clips: Sequence[np.ndarray], seconds: float, gap_seconds: float =
         gap_seconds: silence between clips.
     """
     if not clips or seconds <= 0:
-        raise ValueError(f"long_audio needs at least one clip and seconds > 0, got {len(clips)} clips, {seconds} s")
+        raise ValueError(f"the scaling study needs at least one clip and lengths > 0 s (--scaling-lengths), got "
+                         f"{len(clips)} clips and {seconds} s")
     gap = np.zeros(int(gap_seconds * SAMPLE_RATE), dtype=np.float32)
     one_pass = np.concatenate([piece for clip in clips for piece in (clip.astype(np.float32), gap)])  # (T_pass,)
     wanted = int(round(seconds * SAMPLE_RATE))

@@ -165,6 +165,22 @@ def _row_task(row: dict, where: str) -> str:
                         f"got {sorted(row)}")
 
 
+def warn_degenerate(samples: np.ndarray, where: str, sample_rate: int = 16000) -> list[str]:
+    """Warn (and return the reasons) when a clip is unlikely to be usable speech: shorter than 0.1 s, silent, or
+    clipped. Scores on such clips (a WER of 1000 % on 10 ms of audio) say nothing about the model."""
+    problems = []
+    if len(samples) < 0.1 * sample_rate:
+        problems.append(f"only {1000 * len(samples) / sample_rate:.0f} ms long")
+    peak = float(np.max(np.abs(samples))) if len(samples) else 0.0
+    if peak < 1e-4:
+        problems.append("silent (peak below 1e-4)")
+    elif float(np.mean(np.abs(samples) >= 0.999)) > 0.01:
+        problems.append("clipped (over 1 % of the samples at full scale)")
+    if problems:
+        logger.warning("%s: the clip is %s; its scores will not mean much", where, " and ".join(problems))
+    return problems
+
+
 def load_manifest_set(path: str | os.PathLike, limit: int | None = None, target_language: str = "German") -> EvalSet:
     """An evaluation set from a CSV (header row) or JSONL manifest; relative audio paths start at its folder.
 
@@ -183,6 +199,9 @@ def load_manifest_set(path: str | os.PathLike, limit: int | None = None, target_
     task = tasks.pop()
     numbered = _spread(list(enumerate(rows, start=1)), limit)
     labels = sorted({str(row["label"]).strip() for row in rows}) if task == "emotion" else []
+    if task == "emotion" and len(labels) < 2:
+        raise EvalDataError(f"manifest {manifest}: every row has the label {labels[0]!r}; an emotion set needs at least "
+                            "two labels (accuracy against one label is 100 % by construction)")
     items = []
     for number, row in numbered:
         where = f"{manifest} row {number}"
@@ -193,6 +212,7 @@ def load_manifest_set(path: str | os.PathLike, limit: int | None = None, target_
         if not audio_path.is_file():
             raise EvalDataError(f"{where}: audio file {audio_path} does not exist; fix the path or drop the row")
         samples = load_audio(audio_path)
+        warn_degenerate(samples, where)
         clip_id = str(row.get("id") or audio_path.stem)
         if task == "asr":
             items.append(EvalItem(clip_id, samples, str(row.get("transcript") or row.get("text")), ASR_PROMPT))

@@ -80,7 +80,9 @@ class AttachStats:
     """What the last prefill did, layer by layer.
 
     Args:
-        tokens_per_layer: prefill tokens each decoder layer processed in batch row 0 (filler slots excluded).
+        tokens_per_layer: prefill tokens each decoder layer processed in batch row 0 (padding and filler slots
+            excluded: the row's own tokens).
+        rows_tokens_per_layer: per layer, the same count for every batch row.
         removed_per_layer: tokens removed from batch row 0 by the plan taken at each layer (0 where none).
         prefill_calls: prefill forward passes seen while attached.
         cache_tokens_per_layer: valid KV-cache columns each layer holds after prefill in batch row 0 (padding and
@@ -90,6 +92,7 @@ class AttachStats:
     """
 
     tokens_per_layer: list[int] = field(default_factory=list)
+    rows_tokens_per_layer: list[list[int]] = field(default_factory=list)
     removed_per_layer: list[int] = field(default_factory=list)
     prefill_calls: int = 0
     cache_tokens_per_layer: list[int] = field(default_factory=list)
@@ -281,6 +284,7 @@ class Attachment:
         self._state = PrefillState(original_length=length, padding=padding, span_id=span_id)
         depth = self.backbone.depth
         self.stats.tokens_per_layer = [0] * depth
+        self.stats.rows_tokens_per_layer = [[] for _ in range(depth)]
         self.stats.removed_per_layer = [0] * depth
         self.stats.cache_removed_per_layer = [0] * depth
         self.stats.cache_tokens_per_layer = [0] * depth
@@ -368,10 +372,10 @@ class Attachment:
                     )
                 kwargs["position_ids"], *tables = state.compact
                 kwargs["position_embeddings"] = tuple(tables)
-            self.stats.tokens_per_layer[layer_idx] = int(real[0].sum())
-        else:
-            self.stats.tokens_per_layer[layer_idx] = int(hidden.shape[1])
-        self.stats.cache_tokens_per_layer[layer_idx] = int(valid[0].sum()) if valid is not None else hidden.shape[1]
+        real_tokens = valid.sum(dim=1) if valid is not None else torch.full((hidden.shape[0],), hidden.shape[1])
+        self.stats.rows_tokens_per_layer[layer_idx] = [int(count) for count in real_tokens]  # padding excluded
+        self.stats.tokens_per_layer[layer_idx] = int(real_tokens[0])
+        self.stats.cache_tokens_per_layer[layer_idx] = int(real_tokens[0])
         decides = layer_idx + 1 in self.score_layers
         if (decides or layer_idx in self.cache_layers) and hidden.shape[1] > 1:
             tap = AttentionTap(query_valid=valid, keep_keys=decides)

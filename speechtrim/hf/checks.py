@@ -84,6 +84,13 @@ def check_text_decoder(backbone: TextBackbone) -> None:
             f"attention implementation {implementation!r} is not supported by speechtrim reducers; call "
             "model.set_attn_implementation('sdpa') (or load with attn_implementation='sdpa') first."
         )
+    if getattr(config, "altup_num_inputs", None) or getattr(config, "num_kv_shared_layers", 0):
+        raise ValueError(
+            f"{getattr(config, 'model_type', 'this model')} (Gemma-3n style) is not supported by speechtrim reducers: "
+            "its decoder carries 4-D AltUp hidden states (altup, batch, tokens, width) and later layers reuse "
+            "earlier layers' KV caches, which the reducers' per-layer gathers and evictions do not follow yet. Use "
+            "a pre-LLM method, or another tested family (speechtrim.hf.checks.TESTED_FAMILIES)."
+        )
     layer_types = getattr(config, "layer_types", None) or []
     if any(kind != "full_attention" for kind in layer_types):
         raise ValueError(

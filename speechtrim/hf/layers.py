@@ -113,6 +113,14 @@ def find_text_decoder(model: nn.Module) -> nn.Module:
     )
 
 
+def _mlp_width(config: Any) -> int:
+    """The MLP width m of FastAdaSP's FLOPs count; a per-layer list (Gemma-3n) gives its mean."""
+    width = getattr(config, "intermediate_size", None) or 4 * config.hidden_size
+    if isinstance(width, (list, tuple)):
+        return int(round(sum(int(w) for w in width) / len(width)))
+    return int(width)
+
+
 def text_backbone(model: nn.Module) -> TextBackbone:
     """Describe the text decoder of ``model``: its layers, depth and sizes.
 
@@ -132,7 +140,7 @@ def text_backbone(model: nn.Module) -> TextBackbone:
         config=config,
         depth=len(layers),
         hidden_size=int(config.hidden_size),
-        intermediate_size=int(getattr(config, "intermediate_size", 4 * config.hidden_size)),
+        intermediate_size=_mlp_width(config),
         num_heads=num_heads,
         num_kv_heads=int(getattr(config, "num_key_value_heads", None) or num_heads),
         head_dim=head_dim,

@@ -78,7 +78,14 @@ class ReductionStats:
 
     @property
     def tokens_per_layer(self) -> list[int]:
+        """Prefill tokens each layer processed for batch row 0, its padding excluded."""
         return list(self._attach_stats.tokens_per_layer) if self._attach_stats is not None else []
+
+    @property
+    def tokens_per_row(self) -> list[list[int]]:
+        """For every batch row, the prefill tokens each layer processed (padding excluded): (B, layers)."""
+        per_layer = self._attach_stats.rows_tokens_per_layer if self._attach_stats is not None else []
+        return [list(row) for row in zip(*per_layer)] if per_layer and all(per_layer) else []
 
     @property
     def removed_per_layer(self) -> list[int]:

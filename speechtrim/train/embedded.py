@@ -42,6 +42,7 @@ class EmbeddedRecipe:
         llm: LLM name.
         pool: encoder frames stacked per audio token (4: 12.5 tokens per second).
         asr_sentences: training sentences of the synthetic ASR training set (None: every usable fortune sentence).
+        asr_seeds: one rendering of the sentences per seed (other voices, speeds, pitches and noise each time).
         emotion_seed: jitter seed of the synthetic emotion training set (the held-out set uses the default, 0).
         emotion_voices: voices per language of the emotion training set.
         emotion_sentences: sentences per language of the emotion training set.
@@ -60,20 +61,21 @@ class EmbeddedRecipe:
     llm: str = "smollm2-135m"
     pool: int = 4
     asr_sentences: int | None = None
+    asr_seeds: tuple[int, ...] = (0, 1)
     emotion_seed: int = 1
     emotion_voices: int = 3
     emotion_sentences: int = 4
-    emotion_repeat: int = 3
+    emotion_repeat: int = 4
     projector_hidden: int = 1024
     prosody_rank: int = 32
     lora_rank: int = 8
     lora_alpha: float = 16.0
     gap_seconds: float = 1.0
     ctc: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=600, batch_size=32, lr=2e-3, warmup=30, checkpoint_every=100))
+        steps=1500, batch_size=32, lr=2e-3, warmup=50, checkpoint_every=100, time_mask=0.1))
     joint: StageConfig = field(default_factory=lambda: StageConfig(
-        steps=600, batch_size=16, lr=3e-4, lora_lr=1e-3, warmup=30, ctc_weight=0.3, checkpoint_every=50,
-        evaluate_every=100))
+        steps=450, batch_size=16, lr=1e-4, lora_lr=1e-3, warmup=30, ctc_weight=1.0, checkpoint_every=50,
+        evaluate_every=75))
     eval_clips: int = 8
 
     def __post_init__(self) -> None:
@@ -86,6 +88,8 @@ class EmbeddedRecipe:
         for name in ("emotion_repeat", "projector_hidden", "pool"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not self.asr_seeds or len(set(self.asr_seeds)) != len(self.asr_seeds):
+            raise ValueError(f"asr_seeds must be distinct seeds, at least one, got {self.asr_seeds!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
             raise ValueError(f"lora_rank must be an int >= 0 (0: frozen LLM), got {self.lora_rank!r}")
 
@@ -104,10 +108,10 @@ def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True) -> 
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    asr_recipe = SyntheticASRTrainRecipe(sentences=recipe.asr_sentences)
+    asr_recipes = [SyntheticASRTrainRecipe(sentences=recipe.asr_sentences, seed=seed) for seed in recipe.asr_seeds]
     emotion_recipe = SyntheticEmotionRecipe(voices_per_language=recipe.emotion_voices,
                                             sentences_per_language=recipe.emotion_sentences, seed=recipe.emotion_seed)
-    asr = load_synthetic_asr_train(asr_recipe)
+    asr = [clip for asr_recipe in asr_recipes for clip in load_synthetic_asr_train(asr_recipe)]
     emotion = load_synthetic_emotion(emotion_recipe)
     timings["render_seconds"] = round(time.perf_counter() - started, 1)
     started = time.perf_counter()
@@ -125,7 +129,8 @@ def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True) -> 
     emotion_examples = [Example(f, emotion_prompt(example.transcript, labels), " " + example.label,
                                 EMOTION_ANSWER_PREFIX)
                         for f, example in zip(emotion_frames, emotion.examples)]
-    description = {"asr": {**asdict(asr_recipe), "clips": len(asr), "synthetic": True,
+    description = {"asr": {"renderings": [asdict(asr_recipe) for asr_recipe in asr_recipes], "clips": len(asr),
+                           "synthetic": True,
                            "audio_hours": round(sum(len(f) for f in asr_frames) / 50 / 3600, 2)},
                    "emotion": {**asdict(emotion_recipe), "clips": len(emotion), "repeat": recipe.emotion_repeat,
                                "labels": labels, "synthetic": True},

@@ -48,6 +48,8 @@ class StageConfig:
         max_grad_norm: gradient clipping.
         checkpoint_every: steps between checkpoints.
         evaluate_every: steps between calls of the evaluation callback (0: never).
+        time_mask: share of each clip's encoder frames zeroed in 100 ms spans (SpecAugment-style time masking on
+            the cached features; CTC stage only), drawn from the seed and the step so a resumed run sees the same.
         seed: seed of the batch schedule.
     """
 
@@ -60,6 +62,7 @@ class StageConfig:
     max_grad_norm: float = 1.0
     checkpoint_every: int = 50
     evaluate_every: int = 0
+    time_mask: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +71,8 @@ class StageConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not self.lr > 0 or (self.lora_lr is not None and not self.lora_lr > 0):
             raise ValueError(f"lr and lora_lr must be > 0, got {self.lr} and {self.lora_lr}")
+        if not 0.0 <= self.time_mask < 1.0:
+            raise ValueError(f"time_mask must be in [0, 1), got {self.time_mask}")
 
 
 @dataclass
@@ -113,7 +118,7 @@ class _Interrupted(Exception):
 
 
 def _run_stage(name: str, model: torch.nn.Module, examples: list[Example], config: StageConfig,
-               loss_fn: Callable[[list[Example]], dict[str, torch.Tensor]], parameters: list[dict],
+               loss_fn: Callable[[list[Example], int], dict[str, torch.Tensor]], parameters: list[dict],
                checkpoint: Path | None, evaluate: Callable[[], dict[str, float]] | None,
                progress: bool) -> list[dict[str, float]]:
     """The shared loop: schedule, AdamW, warm-up + cosine, clipping, checkpoints, resume, evaluation callback."""
@@ -145,6 +150,8 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[Example], confi
                         "examples": len(examples)}, handle)
 
     def on_term(signum: int, frame: Any) -> None:
+        if callable(previous):  # e.g. the CLI's handler, which records that it was SIGTERM before interrupting
+            previous(signum, frame)
         raise _Interrupted()
 
     previous = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
@@ -156,7 +163,7 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[Example], confi
     model.train()
     try:
         for step in range(start, config.steps):
-            losses = loss_fn([examples[i] for i in schedule[step]])
+            losses = loss_fn([examples[i] for i in schedule[step]], step)
             total = losses["loss"]
             if not torch.isfinite(total):
                 raise FloatingPointError(f"{name} stage: loss became {total.item()} at step {step + 1}; the last "
@@ -220,6 +227,21 @@ def _padded(model: torch.nn.Module, batch: list[Example]) -> tuple[torch.Tensor,
     return frames.to(model.device), mask.to(model.device)
 
 
+def time_masked(frames: torch.Tensor, mask: torch.Tensor, share: float, generator: torch.Generator,
+                span: int = 5) -> torch.Tensor:
+    """``frames`` (B, T, D) with about ``share`` of each row's valid frames zeroed in spans of ``span`` frames."""
+    if share <= 0:
+        return frames
+    keep = torch.ones(frames.shape[:2], dtype=torch.bool)
+    for row, length in enumerate(mask.sum(dim=1).tolist()):
+        spans = int(round(share * length / span))
+        if spans and length > span:
+            starts = torch.randint(0, length - span + 1, (spans,), generator=generator)
+            for start in starts.tolist():
+                keep[row, start : start + span] = False
+    return frames * keep.unsqueeze(-1).to(frames.device, frames.dtype)
+
+
 def ctc_stage(model: torch.nn.Module, examples: list[Example], config: StageConfig, checkpoint: Path | None = None,
               evaluate: Callable[[], dict[str, float]] | None = None, progress: bool = True) -> list[dict[str, float]]:
     """Train the projector's CTC head alone on transcription examples (``ctc_target`` set); returns the history."""
@@ -227,8 +249,10 @@ def ctc_stage(model: torch.nn.Module, examples: list[Example], config: StageConf
     projector = model.projector
     embeddings = model.llm.get_input_embeddings().weight
 
-    def loss_fn(batch: list[Example]) -> dict[str, torch.Tensor]:
+    def loss_fn(batch: list[Example], step: int) -> dict[str, torch.Tensor]:
         frames, mask = _padded(model, batch)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        frames = time_masked(frames, mask, config.time_mask, generator)
         frames, mask = model.pool_frames(frames, mask)
         logits = projector.logits(frames, embeddings)  # (B, T', K+1)
         loss = ctc_loss(logits, mask.sum(dim=1), [example.ctc_target for example in batch], projector.blank)
@@ -243,7 +267,7 @@ def joint_stage(model: torch.nn.Module, examples: list[Example], config: StageCo
     """Train projector and LoRA matrices with the LM loss (+ ``ctc_weight`` x CTC on transcription rows)."""
     projector = model.projector
 
-    def loss_fn(batch: list[Example]) -> dict[str, torch.Tensor]:
+    def loss_fn(batch: list[Example], step: int) -> dict[str, torch.Tensor]:
         frames, mask = _padded(model, batch)
         embeds, embeds_mask, logits = model.project(frames, mask)
         embeds, embeds_mask = model.adapter(embeds, embeds_mask)
