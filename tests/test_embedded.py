@@ -1,6 +1,5 @@
 """Training the embedded model (issue 5) end to end on a tiny SpeechLM: data mix, held-out scores, saved files."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -11,16 +10,20 @@ from speechtrim.data.synthetic_asr import SENTENCES, fortune_sentences, training
 from speechtrim.eval.harness import EvalItem, EvalSet
 from speechtrim.hf.speechlm import SpeechLM
 from speechtrim.prompts import ASR_PROMPT, EMOTION_ANSWER_PREFIX
-from speechtrim.train.embedded import EmbeddedRecipe, train_embedded, training_items
-from speechtrim.train.trainer import TrainConfig
+from speechtrim.train.embedded import EmbeddedRecipe, train_embedded, training_data
+from speechtrim.train.hearing import StageConfig
 from tests.tiny_speechlm import tiny_speechlm
 
 
-def tiny_build(encoder="tiny", llm="tiny", adapter="none", adapter_params=None, pool=1, seed=0):
-    base = tiny_speechlm(seed=seed)
-    model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer, adapter=adapter, pool=pool)
+def tiny_build(encoder="tiny", llm="tiny", adapter="none", adapter_params=None, pool=1, seed=0, projector="linear",
+               projector_params=None):
+    base = tiny_speechlm(seed=0)  # the frozen parts are the packaged ones: the same every time
+    torch.manual_seed(seed)
+    model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer, adapter=adapter, pool=pool,
+                     projector=projector, projector_params=projector_params)
     model.recipe = {"encoder": encoder, "llm": llm, "adapter": adapter, "adapter_params": adapter_params or {},
-                    "pool": pool}
+                    "pool": pool, "projector": projector,
+                    "projector_params": {k: v for k, v in (projector_params or {}).items() if k != "vocab_ids"}}
     return model
 
 
@@ -62,29 +65,40 @@ def test_training_text_names_the_missing_package(tmp_path):
 
 
 def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world, tmp_path):
-    recipe = EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, emotion_voices=1,
-                            emotion_sentences=1, emotion_repeat=1,
-                            train=TrainConfig(epochs=2, batch_size=4, grad_accum=1, lr=1e-3))
-    items, data = training_items(tiny_build(pool=2), recipe, progress=False)
-    assert data["asr"]["clips"] == 3 and data["emotion"]["clips"] == 24 and len(items) == 27
-    repeated, _ = training_items(tiny_build(pool=2), dataclasses.replace(recipe, emotion_repeat=3), progress=False)
-    assert len(repeated) == 3 + 3 * 24
-    assert [item.assistant_prefix for item in items[:3]] == [""] * 3 and items[0].prompt == ASR_PROMPT
-    assert {item.assistant_prefix for item in items[3:]} == {EMOTION_ANSWER_PREFIX}
-    assert all(item.target.strip() in data["emotion"]["labels"] for item in items[3:])
+    recipe = EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, asr_seeds=(0, 1), emotion_voices=1,
+                            emotion_sentences=1, emotion_repeat=1, projector_hidden=16, prosody_rank=2, lora_rank=2,
+                            ctc=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1, time_mask=0.1),
+                            joint=StageConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2,
+                                              evaluate_every=2),
+                            eval_clips=2)
+    asr, emotion, data = training_data(tiny_build(pool=2), recipe, progress=False)
+    assert data["asr"]["clips"] == 6 and len(asr) == 6 and data["emotion"]["clips"] == len(emotion) == 24
+    assert all(example.prompt == ASR_PROMPT and example.ctc_target is not None for example in asr)
+    assert {example.assistant_prefix for example in emotion} == {EMOTION_ANSWER_PREFIX}
+    assert all(example.target.strip() in data["emotion"]["labels"] and example.ctc_target is None
+               for example in emotion)
+    assert data["vocab_ids"] == sorted(set(data["vocab_ids"]))
 
     report = train_embedded(recipe, tmp_path / "model", tmp_path / "work", command="speechtrim train-embedded",
                             progress=False)
     saved = json.loads((tmp_path / "model" / "training.json").read_text())
-    assert saved["command"] == "speechtrim train-embedded" and saved["recipe"]["train"]["seed"] == 0
-    assert [row["epoch"] for row in saved["history"]] == [1, 2]
+    assert saved["command"] == "speechtrim train-embedded" and saved["recipe"]["joint"]["seed"] == 0
+    assert [row["step"] for row in saved["history"]["joint"]] == [2, 4]
+    assert {"wer_synthetic", "wer_real"} <= set(saved["history"]["joint"][-1])  # the learning curve
+    assert set(saved["stage_seconds"]) == {"render", "encode", "ctc", "joint", "evaluate"}
     assert set(saved["held_out"]) == {"synthetic-asr", "pocketsphinx", "synthetic-emotion"}
     assert 0.0 <= saved["held_out"]["synthetic-emotion"]["accuracy"] <= 1.0
     assert saved["held_out"]["synthetic-asr"]["wer"] >= 0.0 and report["held_out"] == saved["held_out"]
     loaded = tiny_world.load_speechlm(tmp_path / "model")
-    assert loaded.pool == 2 and loaded.system_prompt == ""
-    assert loaded.projector.weight.shape[1] == 2 * loaded.encoder.config.d_model
-    assert not torch.equal(loaded.projector.weight, tiny_build(pool=2).projector.weight)  # it trained
+    assert loaded.pool == 2 and loaded.system_prompt == "" and loaded.has_ctc_head and not loaded.has_lora
+    assert loaded.projector.vocab_ids.tolist() == data["vocab_ids"]
+    fresh = tiny_build(pool=2)
+    merged = dict(loaded.llm.named_parameters())
+    assert any(not torch.equal(merged[name], p) for name, p in fresh.llm.named_parameters())  # LoRA merged in
+    # the reloaded model gives the trained model's outputs (float16 storage: close, not equal)
+    frames, mask = torch.randn(1, 10, 32), torch.ones(1, 10, dtype=torch.bool)
+    again = tiny_world.load_speechlm(tmp_path / "model")
+    torch.testing.assert_close(loaded.embed_audio(frames, mask)[0], again.embed_audio(frames, mask)[0])
 
 
 def test_the_held_out_emotion_seed_is_refused():

@@ -113,7 +113,9 @@ def test_bad_input_is_refused_with_a_clear_message():
 def test_saved_projector_and_adapter_reload_with_one_call(tmp_path, monkeypatch):
     import speechtrim.hf.speechlm as speechlm_module
 
-    def tiny_build(encoder, llm, adapter, adapter_params=None, pool=1, seed=0):
+    def tiny_build(encoder, llm, adapter, adapter_params=None, pool=1, seed=0, projector="linear",
+                   projector_params=None):
+        assert projector == "linear" and not projector_params
         model = tiny_speechlm(adapter=adapter, seed=seed + 7, **(adapter_params or {}))
         model.recipe = {"encoder": encoder, "llm": llm, "adapter": adapter, "adapter_params": adapter_params or {},
                         "pool": pool}

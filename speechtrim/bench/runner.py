@@ -54,7 +54,23 @@ class Prepared:
     encode_s: float = 0.0
 
 
-class EmbeddedModel:
+class _Fingerprinted:
+    """A bench model whose ``weights`` module is hashed once into ``fingerprint``, what bench rows are keyed by."""
+
+    weights: nn.Module
+
+    @property
+    def fingerprint(self) -> str:
+        """BLAKE2b of every weight (``speechtrim.fingerprint.module_fingerprint``), computed once."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is None:
+            from speechtrim.fingerprint import module_fingerprint
+
+            cached = self.__dict__["_fingerprint"] = module_fingerprint(self.weights)
+        return cached
+
+
+class EmbeddedModel(_Fingerprinted):
     """speechtrim's SpeechLM (Whisper encoder -> projector -> adapter -> frozen LLM) behind the bench interface.
 
     Args:
@@ -68,16 +84,7 @@ class EmbeddedModel:
         self.name = name
         self.trained = trained
         self.tokenizer = speechlm.tokenizer
-        self._fingerprint: str | None = None
-
-    @property
-    def fingerprint(self) -> str:
-        """A hash of every weight of the model (encoder, projector, adapter, LLM): what bench rows are keyed by."""
-        if self._fingerprint is None:
-            from speechtrim.fingerprint import module_fingerprint
-
-            self._fingerprint = module_fingerprint(self.speechlm)
-        return self._fingerprint
+        self.weights = speechlm  # encoder, projector, adapter and LLM: all of it decides a row
 
     @property
     def decoder(self) -> nn.Module:
@@ -107,7 +114,7 @@ class EmbeddedModel:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
 
-class HubModel:
+class HubModel(_Fingerprinted):
     """A Hugging Face speech LLM with a processor that expands audio placeholder tokens (audio spans from the
     config's audio token id).
 
@@ -124,16 +131,7 @@ class HubModel:
         self.processor = AutoProcessor.from_pretrained(name)
         self.tokenizer = self.processor.tokenizer
         self.model = AutoModelForMultimodalLM.from_pretrained(name, dtype="auto").to(device).eval()
-        self._fingerprint: str | None = None
-
-    @property
-    def fingerprint(self) -> str:
-        """A hash of every weight of the model: what bench rows are keyed by."""
-        if self._fingerprint is None:
-            from speechtrim.fingerprint import module_fingerprint
-
-            self._fingerprint = module_fingerprint(self.model)
-        return self._fingerprint
+        self.weights = self.model
 
     @property
     def decoder(self) -> nn.Module:

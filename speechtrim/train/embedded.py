@@ -42,7 +42,8 @@ class EmbeddedRecipe:
         llm: LLM name.
         pool: encoder frames stacked per audio token (4: 12.5 tokens per second).
         asr_sentences: training sentences of the synthetic ASR training set (None: every usable fortune sentence).
-        asr_seeds: one rendering of the sentences per seed (other voices, speeds, pitches and noise each time).
+        asr_seeds: one rendering per seed, each with its own voices, speeds, pitches and noise (with every sentence
+            in use, each seed speaks all of them; with fewer, each seed draws its own).
         emotion_seed: jitter seed of the synthetic emotion training set (the held-out set uses the default, 0).
         emotion_voices: voices per language of the emotion training set.
         emotion_sentences: sentences per language of the emotion training set.
