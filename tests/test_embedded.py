@@ -70,6 +70,7 @@ def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world
                             ctc=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1, time_mask=0.1),
                             joint=StageConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2,
                                               evaluate_every=2),
+                            balance=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1),
                             eval_clips=2)
     asr, emotion, data = training_data(tiny_build(pool=2), recipe, progress=False)
     assert data["asr"]["clips"] == 6 and len(asr) == 6 and data["emotion"]["clips"] == len(emotion) == 24
@@ -85,7 +86,8 @@ def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world
     assert saved["command"] == "speechtrim train-embedded" and saved["recipe"]["joint"]["seed"] == 0
     assert [row["step"] for row in saved["history"]["joint"]] == [2, 4]
     assert {"wer_synthetic", "wer_real"} <= set(saved["history"]["joint"][-1])  # the learning curve
-    assert set(saved["stage_seconds"]) == {"render", "encode", "ctc", "joint", "evaluate"}
+    assert set(saved["stage_seconds"]) == {"render", "encode", "ctc", "joint", "balance", "evaluate"}
+    assert [row["step"] for row in saved["history"]["balance"]] == [2]
     assert set(saved["held_out"]) == {"synthetic-asr", "pocketsphinx", "synthetic-emotion"}
     assert 0.0 <= saved["held_out"]["synthetic-emotion"]["accuracy"] <= 1.0
     assert saved["held_out"]["synthetic-asr"]["wer"] >= 0.0 and report["held_out"] == saved["held_out"]
@@ -104,3 +106,16 @@ def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world
 def test_the_held_out_emotion_seed_is_refused():
     with pytest.raises(ValueError, match="held-out emotion set"):
         EmbeddedRecipe(emotion_seed=0)
+
+
+def test_the_balance_pool_holds_the_asked_share_of_emotion_rows():
+    from speechtrim.train.embedded import _balanced
+    from speechtrim.train.hearing import Example
+
+    asr = [Example(torch.zeros(2, 4), ASR_PROMPT, f"t{i}", "", torch.tensor([0])) for i in range(100)]
+    emotion = [Example(torch.zeros(2, 4), "e <audio>", " sad", EMOTION_ANSWER_PREFIX) for _ in range(10)]
+    pool = _balanced(asr, emotion, EmbeddedRecipe(balance_emotion_share=0.75))
+    emotional = sum(example.ctc_target is None for example in pool)
+    assert emotional == 30 and len(pool) == 40
+    with pytest.raises(ValueError, match="balance_emotion_share"):
+        _balanced(asr, emotion, EmbeddedRecipe(balance_emotion_share=1.0))

@@ -83,7 +83,7 @@ def package_version(distribution: str) -> str | None:
         return None
 
 
-def _umask() -> int:
+def current_umask() -> int:
     """The process's umask (read by setting it and putting it back)."""
     mask = os.umask(0o022)
     os.umask(mask)
@@ -98,7 +98,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a shared cache must stay readable
+    staging.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; a shared cache must stay readable
     try:
         yield staging
         if final.exists():
@@ -118,7 +118,7 @@ def atomic_file(final: Path, mode: str = "w") -> Iterator[Any]:
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, staging = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
     try:
-        os.chmod(staging, 0o666 & ~_umask())
+        os.chmod(staging, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()

@@ -1,8 +1,11 @@
-"""speechtrim's own speech LLM: Whisper encoder (valid frames) -> linear projector -> length adapter -> frozen LLM.
+"""speechtrim's own speech LLM: Whisper encoder (valid frames) -> projector -> length adapter -> LLM.
 
 The audio embeddings are spliced into a chat prompt at an ``<audio>`` marker and the LLM runs on ``inputs_embeds``.
 The model knows where the audio sits in every row (``audio_spans``), which the token reducers need.
-Only the projector and the adapter are trainable; the encoder and the LLM are frozen.
+The projector is linear, or a ``VocabProjector`` whose outputs live in the LLM's embedding space and which carries a
+CTC head over the LLM's tokens (``ctc_logits``). The encoder and the LLM are frozen; the LLM may get LoRA matrices
+(``add_lora``, peft) that training updates and loading merges (``merge_lora``), so a loaded model's LLM is a plain
+transformers model that every reducer attaches to. The length adapters' experiments keep the LLM frozen.
 """
 
 from __future__ import annotations
@@ -467,7 +470,9 @@ def save_trained(model: SpeechLM, folder: str | Path, extra: dict[str, Any] | No
     """
     from safetensors.torch import save_file
 
-    from speechtrim.assets.cache import atomic_dir, write_json_atomic
+    import os
+
+    from speechtrim.assets.cache import atomic_dir, current_umask, write_json_atomic
 
     folder = Path(folder)
     recipe = getattr(model, "recipe", None)
@@ -477,6 +482,7 @@ def save_trained(model: SpeechLM, folder: str | Path, extra: dict[str, Any] | No
         state = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
                  for name, tensor in trained_state(model).items()}
         save_file(state, str(staging / TRAINED_FILE))
+        os.chmod(staging / TRAINED_FILE, 0o666 & ~current_umask())  # safetensors writes 0600; keep the user's umask
         write_json_atomic(staging / CONFIG_FILE, {**recipe, **(extra or {})})
     return folder
 

@@ -1,8 +1,12 @@
-"""Training of the embedded speech LLM: Whisper base -> pooled linear projector -> SmolLM2-135M-Instruct.
+"""Training of the embedded speech LLM: Whisper base -> pool x4 -> vocabulary projector -> SmolLM2-135M-Instruct.
 
-Encoder and LLM stay frozen; only the projector trains (the length adapter is ``none``), on two tasks at once:
-- transcription of synthetic English sentences (``load_synthetic_asr_train``: fortune sentences, training voices);
+The encoder stays frozen. The projector (``VocabProjector``: outputs in SmolLM2's embedding space, a CTC head over
+SmolLM2's own tokens) trains first alone by CTC, then together with LoRA matrices on SmolLM2 by the next-token loss
+(CTC kept as an auxiliary term); the LoRA is merged into the LLM when the model is loaded. Two tasks at once:
+- transcription of synthetic English sentences (``load_synthetic_asr_train``: every usable Debian fortune
+  sentence, rendered twice by training voices with seeded speed, pitch and noise);
 - emotion recognition on the synthetic emotion set rendered with another seed than the held-out one.
+Encoder frames come from packed 30 s windows (``speechtrim.train.packing``), cached on disk.
 
 Evaluation is on held-out data only: the held-out synthetic ASR set (other sentences, other voices), the 10 real
 pocketsphinx clips, and the default synthetic emotion set (the same voices and sentences as training, new prosody
@@ -15,16 +19,16 @@ import json
 import logging
 import platform
 import time
-from importlib.metadata import version
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from speechtrim.assets.cache import cache_root, write_json_atomic
 from speechtrim.hf.speechlm import trained_state
 from speechtrim.models.vocab_projector import VocabProjector
-from speechtrim.assets.cache import cache_root, write_json_atomic
 from speechtrim.train.hearing import Example, StageConfig, ctc_stage, ctc_token_ids, joint_stage
 from speechtrim.train.trainer import seed_everything
 
@@ -55,6 +59,11 @@ class EmbeddedRecipe:
         gap_seconds: silence between clips packed into one encoder window.
         ctc: stage 1 (CTC head alone).
         joint: stage 2 (LM loss + CTC through the LLM with LoRA).
+        balance: stage 3, the same loss on batches where emotion clips hold ``balance_emotion_share`` of the rows.
+            A one- or two-token emotion answer carries about 1 % of a mixed batch's token-mean loss against the
+            transcripts' dozens of tokens, so after the joint stage the emotion task is near chance; this short
+            stage restores it while the transcription rows keep the ASR skill.
+        balance_emotion_share: share of emotion rows in stage 3.
         eval_clips: held-out transcription clips scored at every evaluation of the joint stage (learning curve).
     """
 
@@ -77,6 +86,9 @@ class EmbeddedRecipe:
     joint: StageConfig = field(default_factory=lambda: StageConfig(
         steps=450, batch_size=16, lr=1e-4, lora_lr=1e-3, warmup=30, ctc_weight=1.0, checkpoint_every=50,
         evaluate_every=75))
+    balance: StageConfig = field(default_factory=lambda: StageConfig(
+        steps=100, batch_size=16, lr=1e-4, lora_lr=5e-4, warmup=10, ctc_weight=1.0, checkpoint_every=25))
+    balance_emotion_share: float = 0.75
     eval_clips: int = 8
 
     def __post_init__(self) -> None:
@@ -217,7 +229,7 @@ def train_embedded(recipe: EmbeddedRecipe, out: Path, work: Path | None = None, 
     stage_started = time.perf_counter()
     logger.info("CTC stage on %d transcription clips (vocabulary %d tokens)", len(asr), len(vocab_ids))
     ctc_history = ctc_stage(model, asr, recipe.ctc, checkpoint=work / "ctc.ckpt", progress=progress)
-    stage_seconds["ctc"] = round(time.perf_counter() - stage_started, 1)
+    stage_seconds["ctc"] = _stage_seconds(ctc_history, stage_started)
     ctc_scores = probe(ctc_only=True)
     logger.info("after the CTC stage: %s", ctc_scores)
     if recipe.lora_rank:
@@ -226,16 +238,21 @@ def train_embedded(recipe: EmbeddedRecipe, out: Path, work: Path | None = None, 
     examples = asr + emotion * recipe.emotion_repeat
     joint_history = joint_stage(model, examples, recipe.joint, checkpoint=work / "joint.ckpt",
                                 evaluate=probe, progress=progress)
-    stage_seconds["joint"] = round(time.perf_counter() - stage_started, 1)
+    stage_seconds["joint"] = _stage_seconds(joint_history, stage_started)
+    stage_started = time.perf_counter()
+    balance_history = joint_stage(model, _balanced(asr, emotion, recipe), recipe.balance,
+                                  checkpoint=work / "balance.ckpt", progress=progress)
+    stage_seconds["balance"] = _stage_seconds(balance_history, stage_started)
     stage_started = time.perf_counter()
     scores = evaluate(model, eval_limit, progress=progress)
     stage_seconds["evaluate"] = round(time.perf_counter() - stage_started, 1)
     report = {
         "command": command, "recipe": _jsonable(asdict(recipe)), "data": data,
-        "history": {"ctc": ctc_history, "ctc_probe": ctc_scores, "joint": joint_history},
+        "history": {"ctc": ctc_history, "ctc_probe": ctc_scores, "joint": joint_history,
+                    "balance": balance_history},
         "held_out": scores, "stage_seconds": {"render": data["render_seconds"], "encode": data["encode_seconds"],
                                               **stage_seconds},
-        "train_seconds": round(stage_seconds["ctc"] + stage_seconds["joint"], 1),
+        "train_seconds": round(stage_seconds["ctc"] + stage_seconds["joint"] + stage_seconds["balance"], 1),
         "total_seconds": round(time.perf_counter() - started, 1),
         "trainable_params": sum(t.numel() for n, t in trained_state(model).items() if t.is_floating_point()),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
@@ -246,6 +263,27 @@ def train_embedded(recipe: EmbeddedRecipe, out: Path, work: Path | None = None, 
                  dtype=torch.float16)
     write_json_atomic(Path(out) / TRAINING_FILE, report)
     return report
+
+
+def _balanced(asr: list[Example], emotion: list[Example], recipe: EmbeddedRecipe) -> list[Example]:
+    """Stage 3's pool: every emotion clip three times and a seeded draw of transcription clips, so that emotion
+    rows are ``balance_emotion_share`` of it."""
+    import numpy as np
+
+    share = recipe.balance_emotion_share
+    if not 0.0 < share < 1.0:
+        raise ValueError(f"balance_emotion_share must be in (0, 1), got {share}")
+    emotion_rows = emotion * 3
+    count = min(len(asr), round(len(emotion_rows) * (1 - share) / share))
+    chosen = np.random.default_rng(recipe.balance.seed).choice(len(asr), size=count, replace=False)
+    return emotion_rows + [asr[i] for i in sorted(chosen.tolist())]
+
+
+def _stage_seconds(history: list[dict], started: float) -> float:
+    """A stage's training time: its history's clock, which a resumed run carries on from the checkpoint, or this
+    process's time when that is longer (evaluation calls included either way)."""
+    recorded = 60 * float(history[-1]["minutes"]) if history else 0.0
+    return round(max(recorded, time.perf_counter() - started), 1)
 
 
 def _held_out_probe(model: Any, clips: int) -> Any:
