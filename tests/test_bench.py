@@ -192,8 +192,9 @@ def test_bad_input_messages(capsys):
 @pytest.mark.slow
 def test_bench_quick_cli_on_embedded_model(tmp_path, capsys):
     """`speechtrim bench --quick` end to end on the embedded model (two methods, one target, one clip: CI-sized)."""
-    code = main(["bench", "--quick", "--methods", "fastadasp-sparse,h2o", "--targets", "0.5", "--limit", "1",
-                 "--max-new-tokens", "4", "--threads", "1", "--no-progress", "--out", str(tmp_path)])
+    code = main(["bench", "--quick", "--data", "pocketsphinx", "--layer", "2", "--methods", "fastadasp-sparse,h2o",
+                 "--targets", "0.5", "--limit", "1", "--max-new-tokens", "4", "--threads", "1", "--no-progress",
+                 "--out", str(tmp_path)])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["command"] == "bench" and summary["model"].startswith("embedded")
