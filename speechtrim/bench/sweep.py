@@ -77,7 +77,8 @@ def all_methods(layer: int | str = 2, layer_source: str = "given") -> list[Metho
         layer: first reduction layer of the layer-based methods (h2o always covers every layer from 0).
         layer_source: where ``layer`` came from (recorded in every row).
     """
-    methods = [Method("none", None), Method("fastadasp-sparse", "fastadasp", "none", layer, layer_source=layer_source),
+    methods = [Method("none", None, layer_source="unreduced"),
+               Method("fastadasp-sparse", "fastadasp", "none", layer, layer_source=layer_source),
                Method("fastadasp-constant", "fastadasp", "constant", layer, layer_source=layer_source),
                Method("fastadasp-decay", "fastadasp", "decay", layer, layer_source=layer_source)]
     for name in reducers.names():
@@ -138,7 +139,7 @@ class SweepConfig:
             raise ValueError("max_new_tokens and repeats must be >= 1 and warmup >= 0, got "
                              f"{self.max_new_tokens}, {self.repeats}, {self.warmup}")
         if not any(method.reducer is None for method in self.methods):
-            self.methods = [Method("none", None), *self.methods]
+            self.methods = [Method("none", None, layer_source="unreduced"), *self.methods]
 
 
 def data_fingerprint(data: EvalSet) -> str:
