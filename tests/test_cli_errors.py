@@ -169,3 +169,9 @@ def test_no_progress_hides_the_transformers_bars_and_warnings_stay_quiet():
     finally:
         transformers_logging.enable_progress_bar()
         transformers_logging.set_verbosity_warning()
+
+
+@pytest.mark.slow
+def test_a_layer_beyond_the_embedded_model_is_refused_before_loading(capsys, no_model_load):
+    assert main(["bench", "--layer", "99"]) == 2
+    assert "--layer 99 is outside the model's 30 decoder layers; pass 0 to 29" in capsys.readouterr().err

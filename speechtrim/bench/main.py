@@ -158,6 +158,22 @@ def _check_options(options: BenchOptions) -> Preset:
     return PRESETS[options.preset]
 
 
+def _packaged_depth(options: BenchOptions) -> int | None:
+    """Decoder layers of the embedded default's LLM, read from its converted config alone (no weights loaded);
+    None for other models, whose depth is checked once they are loaded."""
+    if options.model != "embedded" or options.speechlm is not None:
+        return None
+    from speechtrim.assets.llm import PACKAGED_LLMS, llm_cache_dir
+    from speechtrim.bench.runner import EMBEDDED_WEIGHTS
+
+    try:
+        llm = json.loads((EMBEDDED_WEIGHTS / "speechlm.json").read_text())["llm"]
+        config = json.loads((llm_cache_dir(llm) / "config.json").read_text()) if llm in PACKAGED_LLMS else None
+    except (OSError, KeyError, ValueError):
+        return None
+    return int(config["num_hidden_layers"]) if config else None
+
+
 def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
     """Run the sweep (or the scaling study), write its files, and return the JSON summary.
 
@@ -168,8 +184,11 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
     from speechtrim.bench.sweep import SweepConfig, select_methods
 
     preset = _check_options(options)
-    # Validate every name before loading anything heavy: method names, then data.
+    # Validate every name before loading anything heavy: method names, the layer, then data.
     select_methods(options.methods, 2)
+    depth = _packaged_depth(options) if model is None else None
+    if depth is not None and options.layer not in (None, "auto") and int(options.layer) >= depth:
+        raise ValueError(f"--layer {options.layer} is outside the model's {depth} decoder layers; pass 0 to {depth - 1}")
     out = Path(options.out) if options.out is not None else Path("results") / f"bench-{options.preset}"
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; bench writes a folder (results.jsonl, tables.md, tradeoff.png): "
