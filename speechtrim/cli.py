@@ -323,14 +323,9 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
     import dataclasses
     import shlex
 
-    import torch
-
     from speechtrim.train.embedded import EmbeddedRecipe, train_embedded
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    _apply_threads(args)
     recipe = EmbeddedRecipe()
     ctc = dataclasses.replace(recipe.ctc, seed=args.seed,
                               **({"steps": args.ctc_steps} if args.ctc_steps is not None else {}))

@@ -194,7 +194,10 @@ class SpeechLM(nn.Module):
 
     def ctc_transcribe(self, audios: list[np.ndarray]) -> list[str]:
         """Greedy CTC transcripts from the projector's head alone (no LLM): a diagnostic of what the LLM is given."""
-        logits, lengths = self.ctc_logits(audios)
+        return self.ctc_decode(*self.ctc_logits(audios))
+
+    def ctc_decode(self, logits: torch.Tensor, lengths: torch.Tensor) -> list[str]:
+        """Best-path text of CTC logits (B, T', K+1) with ``lengths`` (B,) valid tokens per row."""
         ids = ctc_greedy(logits, lengths, self.projector.vocab_ids, self.projector.blank)
         return [self.tokenizer.decode(row).strip() for row in ids]
 

@@ -299,15 +299,12 @@ def _held_out_probe(model: Any, clips: int) -> Any:
 
     @torch.no_grad()
     def probe(ctc_only: bool = False) -> dict[str, float]:
-        from speechtrim.models.vocab_projector import ctc_greedy
-
         model.eval()
         scores = {}
         for name, (evalset, frames, mask) in sets.items():
             embeds, embeds_mask, logits = model.project(frames, mask)
             if ctc_only:
-                ids = ctc_greedy(logits, embeds_mask.sum(dim=1), model.projector.vocab_ids, model.projector.blank)
-                outputs = [model.tokenizer.decode(row).strip() for row in ids]
+                outputs = model.ctc_decode(logits, embeds_mask.sum(dim=1))
             else:
                 batch = model.build_inputs([item.prompt for item in evalset.items], embeds, embeds_mask,
                                            assistant_prefix=[item.assistant_prefix for item in evalset.items])
