@@ -204,3 +204,12 @@ def test_sigterm_during_a_stage_saves_the_checkpoint(tmp_path):
         ctc_stage(model, _examples(model), config, checkpoint=tmp_path / "t.ckpt", evaluate=terminate, progress=False)
     assert torch.load(tmp_path / "t.ckpt", weights_only=False)["step"] == 3
     assert signal.getsignal(signal.SIGTERM) == before  # the stage's handler is gone again
+
+
+def test_ctc_transcribe_decodes_the_heads_best_path():
+    model = vocab_model()
+    audio = [np.zeros(16000, dtype=np.float32), np.zeros(8000, dtype=np.float32)]
+    texts = model.ctc_transcribe(audio)
+    logits, lengths = model.ctc_logits(audio)
+    ids = ctc_greedy(logits, lengths, model.projector.vocab_ids, model.projector.blank)
+    assert texts == [model.tokenizer.decode(row).strip() for row in ids] and len(texts) == 2
