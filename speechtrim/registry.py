@@ -18,7 +18,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, type[T]] = {}
 
     def register(self, name: str) -> Callable[[type[T]], type[T]]:
-        """Class decorator that registers ``cls`` under ``name``."""
+        """Class decorator that registers ``cls`` under ``name`` and sets ``cls.name``."""
         if not _NAME.match(name):
             raise ValueError(f"{self.kind} name must be lower_snake_case, got {name!r}")
 
@@ -26,6 +26,7 @@ class Registry(Generic[T]):
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered by {self._entries[name].__qualname__}")
             self._entries[name] = cls
+            cls.name = name  # the name is declared once, here
             return cls
 
         return decorate

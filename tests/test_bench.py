@@ -72,7 +72,7 @@ def test_sweep_rows_keys_targets_fidelity(one_thread, model, tmp_path):
             assert row["prefill_speedup"] == pytest.approx(1.0)
         if row["method"] in STRICT:
             assert abs(row["flops_reduction"] - row["target"]) < 0.03, row
-        if row["method"] == "h2o":  # eviction: prefill untouched, smaller cache
+        if row["keyed_by"] == "ratio":  # cache eviction: prefill untouched, smaller cache
             assert row["flops_reduction"] == 0.0 and row["kv_cache_ratio"] < 1.0
         assert row["rtf"] > 0 and row["prefill_ms"] > 0 and row["kv_cache_bytes"] > 0
         assert row["peak_mem_mb"] is None  # CPU

@@ -213,3 +213,37 @@ def test_ctc_transcribe_decodes_the_heads_best_path():
     logits, lengths = model.ctc_logits(audio)
     ids = ctc_greedy(logits, lengths, model.projector.vocab_ids, model.projector.blank)
     assert texts == [model.tokenizer.decode(row).strip() for row in ids] and len(texts) == 2
+
+
+def test_row_mean_loss_weighs_a_short_answer_like_a_long_one():
+    model = vocab_model()
+    frames, mask = torch.randn(2, 12, 32), torch.ones(2, 12, dtype=torch.bool)
+    embeds, embeds_mask = model.embed_audio(frames, mask)
+    batch = model.build_inputs(["transcribe this <audio>"] * 2, embeds, embeds_mask,
+                               targets=["the audio is happy the audio is sad", "sad"])
+    with torch.no_grad():
+        tokens, rows = model.loss(batch), model.loss(batch, reduction="rows")
+        alone = [model.loss(model.build_inputs(["transcribe this <audio>"], embeds[i : i + 1], embeds_mask[i : i + 1],
+                                               targets=[text])) for i, text in enumerate(["the audio is happy the "
+                                                                                          "audio is sad", "sad"])]
+    torch.testing.assert_close(rows, (alone[0] + alone[1]) / 2)  # each row's token mean, then the mean of rows
+    long_tokens = len(batch.extra["target_ids"][0])
+    short_tokens = len(batch.extra["target_ids"][1])
+    torch.testing.assert_close(tokens, (alone[0] * long_tokens + alone[1] * short_tokens) / (long_tokens + short_tokens))
+    with pytest.raises(ValueError, match="reduction"):
+        model.loss(batch, reduction="sum")
+
+
+def test_the_prosody_path_gets_its_own_learning_rate():
+    model = vocab_model(prosody_rank=4)
+    before = {n: p.detach().clone() for n, p in model.projector.named_parameters()}
+    joint_stage(model, _examples(model), StageConfig(steps=2, batch_size=3, lr=1e-9, prosody_lr=1e-2, warmup=1,
+                                                      lm_reduction="rows", checkpoint_every=2), progress=False)
+    after = dict(model.projector.named_parameters())
+    moved = {n: float((after[n] - before[n]).abs().max()) for n in before}
+    assert moved["prosody.1.weight"] > 1e-4  # starts at zero, moves at its own rate
+    assert moved["mlp.0.weight"] < 1e-6  # the rest of the projector barely moves at lr 1e-9
+    with pytest.raises(ValueError, match="prosody_lr"):
+        StageConfig(steps=1, batch_size=1, lr=1e-3, prosody_lr=0.0)
+    with pytest.raises(ValueError, match="lm_reduction"):
+        StageConfig(steps=1, batch_size=1, lr=1e-3, lm_reduction="sum")

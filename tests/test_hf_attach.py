@@ -10,6 +10,7 @@ from speechtrim.hf.attach import Attachment
 from speechtrim.hf.attention import BACKEND_NAME, register_backend
 from speechtrim.hf.layers import attn_implementation, set_text_attn_implementation, text_backbone
 from speechtrim.ops.plan import identity_plan, plan_from_slots
+from tests.fn_method import FnMethod, scored
 from tests.tiny_models import AUDIO_TOKEN, audio_prompt, tiny_llama, tiny_qwen2, tiny_qwen2_audio, tiny_voxtral
 
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen2_audio": tiny_qwen2_audio, "voxtral": tiny_voxtral}
@@ -45,7 +46,8 @@ def hook_count(model) -> int:
 def test_hooks_removed_after_exit_and_after_exception(llama):
     before = hook_count(llama)
     prompt = audio_prompt([6], seed=1)
-    with Attachment(llama, identity_fn, score_layers={2}, audio_token_id=AUDIO_TOKEN) as attachment:
+    attachment = Attachment(llama, scored(identity_fn, {2}), audio_token_id=AUDIO_TOKEN)
+    with attachment:
         assert hook_count(llama) > before
         assert attn_implementation(llama) == BACKEND_NAME
         llama(**prompt)
@@ -56,7 +58,7 @@ def test_hooks_removed_after_exit_and_after_exception(llama):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        with Attachment(llama, broken, score_layers={1}, audio_token_id=AUDIO_TOKEN):
+        with Attachment(llama, scored(broken, {1}), audio_token_id=AUDIO_TOKEN):
             llama(**prompt)
     assert hook_count(llama) == before and attn_implementation(llama) == "sdpa"
 
@@ -67,7 +69,7 @@ def test_identity_plan_gives_identical_logits(padded, implementation):
     model = tiny_qwen2(attn_implementation=implementation)
     prompt = audio_prompt([5, 8] if padded else [8, 8], seed=2)
     reference = model(**prompt).logits
-    with Attachment(model, identity_fn, audio_token_id=AUDIO_TOKEN):
+    with Attachment(model, FnMethod(identity_fn), audio_token_id=AUDIO_TOKEN):
         logits = model(**prompt).logits
     assert torch.equal(logits, reference)
 
@@ -84,7 +86,7 @@ def test_tapped_backend_without_taps_is_sdpa_bit_for_bit(llama):
     assert previous == "sdpa"
     assert torch.equal(logits, reference)
     # Taps only read: identity plans with scores requested at every layer still give identical logits.
-    with Attachment(llama, identity_fn, score_layers={1, 2, 3}, audio_token_id=AUDIO_TOKEN):
+    with Attachment(llama, scored(identity_fn, {1, 2, 3}), audio_token_id=AUDIO_TOKEN):
         tapped = llama(**prompt).logits
     assert torch.equal(tapped, reference)
 
@@ -103,10 +105,11 @@ def test_scores_are_previous_layer_attention_column_sums():
         seen[layer_idx] = scores
         return None
 
-    with Attachment(model, recorder, score_layers={1, 3}, audio_token_id=AUDIO_TOKEN) as attachment:
+    method = scored(recorder, {1, 3})
+    with Attachment(model, method, audio_token_id=AUDIO_TOKEN):
         model(**prompt)
-        keys = attachment.layer_keys(3)
-    assert seen[0] is None and seen[2] is None
+    keys = next(step.keys for step in method.steps if step.layer == 3)
+    assert sorted(seen) == [1, 3]  # the method runs at its active layers only
     for layer in (1, 3):
         assert torch.allclose(seen[layer], expected[layer], atol=1e-4)
     assert keys.shape == (2, 2, prompt["input_ids"].shape[1], 16)  # (B, H_kv, T, head_dim)
@@ -115,7 +118,7 @@ def test_scores_are_previous_layer_attention_column_sums():
 def test_eviction_at_layer_zero_matches_shortened_input(llama):
     prompt = audio_prompt([10], seed=5)
     input_ids = prompt["input_ids"]
-    with Attachment(llama, evict_odd_audio({0}), audio_token_id=AUDIO_TOKEN) as attachment:
+    with Attachment(llama, FnMethod(evict_odd_audio({0})), audio_token_id=AUDIO_TOKEN) as stats:
         reduced = llama(input_ids=input_ids).logits
     plan = evict_odd_audio({0})(0, torch.zeros(1, input_ids.shape[1], 1), (input_ids == AUDIO_TOKEN).long() - 1, None)
     kept = plan.slot[0] >= 0
@@ -123,16 +126,16 @@ def test_eviction_at_layer_zero_matches_shortened_input(llama):
     shortened = llama(input_ids=input_ids[:, kept], position_ids=positions).logits
     assert reduced.shape == shortened.shape == (1, int(kept.sum()), 128)
     assert torch.allclose(reduced, shortened, atol=1e-5)
-    assert attachment.stats.tokens_per_layer == [int(kept.sum())] * 4
+    assert stats.tokens_per_layer == [int(kept.sum())] * 4
 
 
 def test_reduction_at_layer_two_shrinks_later_layers(llama):
     prompt = audio_prompt([8, 8], seed=6)
     length = prompt["input_ids"].shape[1]
-    with Attachment(llama, evict_odd_audio({2}), audio_token_id=AUDIO_TOKEN) as attachment:
+    with Attachment(llama, FnMethod(evict_odd_audio({2})), audio_token_id=AUDIO_TOKEN) as stats:
         logits = llama(**prompt).logits
-    assert attachment.stats.tokens_per_layer == [length, length, length - 4, length - 4]
-    assert attachment.stats.removed_per_layer == [0, 0, 4, 0]
+    assert stats.tokens_per_layer == [length, length, length - 4, length - 4]
+    assert stats.removed_per_layer == [0, 0, 4, 0]
     assert logits.shape[1] == length - 4
 
 
@@ -142,19 +145,19 @@ def test_generate_with_ragged_dynamic_cache(llama, num_beams):
     length = prompt["input_ids"].shape[1]
     new_tokens = 5
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=num_beams)
-    with Attachment(llama, evict_odd_audio({2}), audio_token_id=AUDIO_TOKEN) as attachment:
+    with Attachment(llama, FnMethod(evict_odd_audio({2})), audio_token_id=AUDIO_TOKEN) as stats:
         out = llama.generate(**prompt, past_key_values=DynamicCache(), return_dict_in_generate=True, **settings)
     assert out.sequences.shape == (1, length + new_tokens)
     lengths = [out.past_key_values.get_seq_length(layer) for layer in range(4)]
     done = length + new_tokens - 1
     assert lengths == [done, done, done - 5, done - 5]
-    assert attachment.stats.prefill_calls == 1
+    assert stats.prefill_calls == 1
 
 
 def test_generate_after_layer_zero_eviction_equals_shortened_prompt(llama):
     prompt = audio_prompt([12], seed=8)
     input_ids = prompt["input_ids"]
-    with Attachment(llama, evict_odd_audio({0}), audio_token_id=AUDIO_TOKEN):
+    with Attachment(llama, FnMethod(evict_odd_audio({0})), audio_token_id=AUDIO_TOKEN):
         reduced = llama.generate(input_ids=input_ids, max_new_tokens=6, do_sample=False)
     kept = (input_ids[0] != AUDIO_TOKEN) | ((input_ids[0] == AUDIO_TOKEN).long().cumsum(0) % 2 == 1)
     positions = torch.arange(input_ids.shape[1])[kept][None]
@@ -171,9 +174,9 @@ def test_left_padded_batch_rows_match_rows_run_alone(family):
     settings = dict(max_new_tokens=5, do_sample=False)
     plan_fn = evict_odd_audio({1, 3})
     token = None if family != "llama" else AUDIO_TOKEN  # composites read it from their config
-    with Attachment(model, plan_fn, score_layers={3}, audio_token_id=token) as attachment:
+    with Attachment(model, scored(plan_fn, {1, 3}), audio_token_id=token) as stats:
         together = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
-        assert attachment.stats.prefill_calls == 1
+        assert stats.prefill_calls == 1
         for row, length in enumerate(audio_lengths):
             width = int(batch["attention_mask"][row].sum())
             alone = {key: value[row : row + 1, -width:] for key, value in batch.items()}
@@ -186,7 +189,7 @@ def test_static_cache_is_refused(llama):
     before = hook_count(llama)
     cache = StaticCache(config=llama.config, max_cache_len=64)
     with pytest.raises(ValueError, match="DynamicCache"):
-        with Attachment(llama, evict_odd_audio({1}), audio_token_id=AUDIO_TOKEN):
+        with Attachment(llama, FnMethod(evict_odd_audio({1})), audio_token_id=AUDIO_TOKEN):
             llama.generate(**prompt, past_key_values=cache, max_new_tokens=2)
     assert hook_count(llama) == before
 
@@ -195,7 +198,7 @@ def test_unsupported_attention_and_bad_plans_are_refused(llama):
     llama.config._attn_implementation_internal = "flex_attention"
     try:
         with pytest.raises(ValueError, match="set_attn_implementation"):
-            Attachment(llama, identity_fn, audio_token_id=AUDIO_TOKEN).attach()
+            Attachment(llama, FnMethod(identity_fn), audio_token_id=AUDIO_TOKEN).attach()
     finally:
         llama.config._attn_implementation_internal = "sdpa"
 
@@ -205,38 +208,38 @@ def test_unsupported_attention_and_bad_plans_are_refused(llama):
         return plan_from_slots(keep, keep, torch.ones(hidden.shape[:2]))
 
     with pytest.raises(ValueError, match="outside audio spans"):
-        with Attachment(llama, evict_text, audio_token_id=AUDIO_TOKEN):
+        with Attachment(llama, FnMethod(evict_text), audio_token_id=AUDIO_TOKEN):
             llama(**audio_prompt([6], seed=11))
     with pytest.raises(ValueError, match="audio_spans="):
-        with Attachment(llama, identity_fn):
+        with Attachment(llama, FnMethod(identity_fn)):
             llama(**audio_prompt([6], seed=11))
-    with pytest.raises(ValueError, match="score_layers"):
-        Attachment(llama, identity_fn, score_layers={9})
+    with pytest.raises(ValueError, match="outside the decoder's layers"):
+        Attachment(llama, scored(identity_fn, {9}))
 
 
 def test_explicit_audio_spans_with_inputs_embeds(llama):
     prompt = audio_prompt([8], seed=12)
     embeds = llama.get_input_embeddings()(prompt["input_ids"])
     start = int((prompt["input_ids"][0] == AUDIO_TOKEN).nonzero()[0])
-    with Attachment(llama, evict_odd_audio({1}), audio_spans=[[(start, start + 8)]]) as attachment:
+    with Attachment(llama, FnMethod(evict_odd_audio({1})), audio_spans=[[(start, start + 8)]]) as stats:
         from_embeds = llama(inputs_embeds=embeds).logits
-    with Attachment(llama, evict_odd_audio({1}), audio_token_id=AUDIO_TOKEN):
+    with Attachment(llama, FnMethod(evict_odd_audio({1})), audio_token_id=AUDIO_TOKEN):
         from_ids = llama(input_ids=prompt["input_ids"]).logits
     assert torch.allclose(from_embeds, from_ids, atol=1e-6)
-    assert attachment.stats.tokens_per_layer[1] == prompt["input_ids"].shape[1] - 4
+    assert stats.tokens_per_layer[1] == prompt["input_ids"].shape[1] - 4
 
 
 def test_text_attention_switch_leaves_audio_encoder_alone():
     model = tiny_qwen2_audio()
     audio_before = model.config.audio_config._attn_implementation
-    with Attachment(model, identity_fn, score_layers={1}):
+    with Attachment(model, scored(identity_fn, {1})):
         assert text_backbone(model).config._attn_implementation == BACKEND_NAME
         assert model.config.audio_config._attn_implementation == audio_before
     assert attn_implementation(model) == "sdpa"
 
 
 def test_mrope_position_ids_are_gathered_on_the_last_axis(llama):
-    attachment = Attachment(llama, identity_fn, audio_token_id=AUDIO_TOKEN)
+    attachment = Attachment(llama, FnMethod(identity_fn), audio_token_id=AUDIO_TOKEN)
     keep = torch.tensor([[True, False, True, True, False, True]])
     plan = plan_from_slots(keep, keep, torch.ones(1, 6))
     positions = torch.arange(6).view(1, 1, 6).expand(3, 1, 6) * torch.tensor([1, 10, 100]).view(3, 1, 1)
@@ -253,7 +256,7 @@ def test_eager_and_sdpa_agree_after_reduction():
     logits = {}
     for implementation in ("sdpa", "eager"):
         model = tiny_llama(attn_implementation=implementation)
-        with Attachment(model, evict_odd_audio({1}), audio_token_id=AUDIO_TOKEN):
+        with Attachment(model, FnMethod(evict_odd_audio({1})), audio_token_id=AUDIO_TOKEN):
             logits[implementation] = model(**prompt).logits[:, -4:]  # text after audio (pad rows differ in stock)
     assert torch.allclose(logits["sdpa"], logits["eager"], atol=1e-5)
 
@@ -272,7 +275,8 @@ def test_beam_search_reorders_row_layouts_with_the_cache(llama):
         return plan_from_slots(keep, keep, torch.ones(hidden.shape[:2]))
 
     batch = {key: value.expand(3, -1) for key, value in prompt.items()}
-    with Attachment(llama, row_dependent, audio_token_id=AUDIO_TOKEN) as attachment:
+    attachment = Attachment(llama, FnMethod(row_dependent), audio_token_id=AUDIO_TOKEN)
+    with attachment:
         cache = DynamicCache()
         llama(**batch, past_key_values=cache)
         layout = attachment._state.layouts[2].clone()  # (3, T_2) valid cache columns per row

@@ -17,6 +17,7 @@ from speechtrim.hf.attention import BACKEND_NAME
 from speechtrim.hf.layers import attn_implementation, text_backbone
 from speechtrim.hf.spans import audio_token_id, find_audio_spans
 from speechtrim.ops.plan import identity_plan, plan_from_slots
+from tests.fn_method import FnMethod, scored
 from tests.tiny_models import speech_inputs, tiny_granite_speech, tiny_qwen2_5_omni_thinker
 
 BUILDERS = {"granite_speech": tiny_granite_speech, "qwen2_5_omni_thinker": tiny_qwen2_5_omni_thinker}
@@ -79,7 +80,7 @@ def test_audio_spans_come_from_the_config_token_id(family_model):
         seen.setdefault(layer_idx, span_id.clone())
         return None
 
-    with Attachment(model, recorder):  # no audio_token_id: read from the config
+    with Attachment(model, FnMethod(recorder)):  # no audio_token_id: read from the config
         model(**batch)
     width = batch["input_ids"].shape[1]
     expected = [[(width - TEXT_AFTER - length, width - TEXT_AFTER)] for length in audio_lengths]
@@ -101,7 +102,7 @@ def test_identity_plan_gives_identical_logits(family, implementation):
     model = BUILDERS[family](attn_implementation=implementation)
     batch = speech_inputs(family, [5, 9], seed=2)
     reference = model(**batch).logits
-    with Attachment(model, identity_fn):
+    with Attachment(model, FnMethod(identity_fn)):
         logits = model(**batch).logits
     assert torch.equal(logits, reference)
 
@@ -113,11 +114,11 @@ def test_eviction_at_layer_one_shrinks_later_layers_and_generates(family_model):
     length = batch["input_ids"].shape[1]
     new_tokens = 4
     before = hook_count(model)
-    with Attachment(model, evict_odd_audio({1}), score_layers={1}) as attachment:
+    with Attachment(model, scored(evict_odd_audio({1}), {1})) as stats:
         assert attn_implementation(model) == BACKEND_NAME
         logits = model(**batch).logits
-        assert attachment.stats.tokens_per_layer == [length] + [length - audio // 2] * 3
-        assert attachment.stats.removed_per_layer == [0, audio // 2, 0, 0]
+        assert stats.tokens_per_layer == [length] + [length - audio // 2] * 3
+        assert stats.removed_per_layer == [0, audio // 2, 0, 0]
         assert logits.shape[1] == length - audio // 2
         out = model.generate(
             **batch,
@@ -139,9 +140,9 @@ def test_left_padded_batch_rows_match_rows_run_alone(family_model):
     audio_lengths = [4, 11, 7]
     batch = speech_inputs(family, audio_lengths, seed=4)
     settings = dict(max_new_tokens=5, do_sample=False)
-    with Attachment(model, evict_odd_audio({1, 3}), score_layers={3}) as attachment:
+    with Attachment(model, scored(evict_odd_audio({1, 3}), {1, 3})) as stats:
         together = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
-        assert attachment.stats.prefill_calls == 1
+        assert stats.prefill_calls == 1
         for row in range(len(audio_lengths)):
             alone = row_alone(batch, row)
             single = model.generate(**alone, **settings)[:, alone["input_ids"].shape[1] :]
@@ -153,7 +154,8 @@ def test_hooks_removed_after_exit_and_after_exception(family_model):
     family, model = family_model
     before = hook_count(model)
     batch = speech_inputs(family, [6], seed=5)
-    with Attachment(model, identity_fn, score_layers={2}) as attachment:
+    attachment = Attachment(model, scored(identity_fn, {2}))
+    with attachment:
         assert hook_count(model) > before and attachment.attached
         model(**batch)
 
@@ -161,7 +163,7 @@ def test_hooks_removed_after_exit_and_after_exception(family_model):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        with Attachment(model, broken, score_layers={1}):
+        with Attachment(model, scored(broken, {1})):
             model(**batch)
     assert hook_count(model) == before and attn_implementation(model) == "sdpa"
 
@@ -173,12 +175,12 @@ def test_omni_mrope_eviction_equals_shortened_prompt_with_gathered_3d_positions(
     length = input_ids.shape[1]
     steps = torch.arange(length)
     position_ids = torch.stack([steps, 37 * steps + 5, 101 * steps + 11])[:, None, :]  # (3, 1, T) t/h/w rows
-    with Attachment(model, evict_odd_audio({0})) as attachment:
+    with Attachment(model, FnMethod(evict_odd_audio({0}))) as stats:
         reduced = model(input_ids=input_ids, position_ids=position_ids).logits
     audio = input_ids[0] == model.config.audio_token_index
     kept = ~(audio & (audio.long().cumsum(0) % 2 == 0))  # (T,)
     shortened = model(input_ids=input_ids[:, kept], position_ids=position_ids[..., kept]).logits
-    assert attachment.stats.tokens_per_layer == [int(kept.sum())] * 4
+    assert stats.tokens_per_layer == [int(kept.sum())] * 4
     assert reduced.shape == shortened.shape
     assert torch.allclose(reduced, shortened, atol=1e-6)
     # The three M-RoPE rows matter: the temporal row alone gives logits ~1e-2 away (the check above can fail).

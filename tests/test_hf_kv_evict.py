@@ -14,6 +14,7 @@ from speechtrim.hf.kv_evict import kv_cache_bytes, shrink_states
 from speechtrim.hf.layers import attn_implementation, cache_argument
 from speechtrim.ops.plan import plan_from_slots
 from speechtrim.ops.select import count_to_remove, evict_plan
+from tests.fn_method import FnMethod, evictor
 from tests.tiny_models import AUDIO_TOKEN, audio_prompt, tiny_llama, tiny_qwen2_audio, tiny_voxtral
 
 BUILDERS = {"llama": tiny_llama, "qwen2_audio": tiny_qwen2_audio, "voxtral": tiny_voxtral}
@@ -42,7 +43,7 @@ def h2o(ratio: float):
 
 def attach(model, ratio: float, layers, **kwargs) -> Attachment:
     token = AUDIO_TOKEN if "audio_spans" not in kwargs and model.config.model_type == "llama" else None
-    return Attachment(model, cache_plan_fn=h2o(ratio), cache_layers=layers, audio_token_id=token, **kwargs)
+    return Attachment(model, evictor(h2o(ratio), layers), audio_token_id=token, **kwargs)
 
 
 def hook_count(model) -> int:
@@ -77,15 +78,15 @@ def test_cache_really_shrinks_only_at_evicting_layers(llama):
     prompt = audio_prompt([10], seed=1)
     length = prompt["input_ids"].shape[1]
     reference = llama(**prompt).past_key_values
-    with attach(llama, 0.5, {1, 3}) as attachment:
+    with attach(llama, 0.5, {1, 3}) as stats:
         out = llama(**prompt)
     cache = out.past_key_values
     shapes = [tuple(cache.layers[layer].keys.shape) for layer in range(DEPTH)]
     assert shapes == [(1, 2, length, 16), (1, 2, length - 5, 16), (1, 2, length, 16), (1, 2, length - 5, 16)]
     assert [cache.layers[layer].values.shape[2] for layer in range(DEPTH)] == [length, length - 5, length, length - 5]
-    assert attachment.stats.cache_removed_per_layer == [0, 5, 0, 5]
-    assert attachment.stats.cache_tokens_per_layer == [length, length - 5, length, length - 5]
-    assert attachment.stats.tokens_per_layer == [length] * DEPTH  # hidden states are not reduced
+    assert stats.removed_per_layer == [0, 5, 0, 5]
+    assert stats.cache_tokens_per_layer == [length, length - 5, length, length - 5]
+    assert stats.tokens_per_layer == [length] * DEPTH  # hidden states are not reduced
     assert torch.equal(out.logits, llama(**prompt).logits)  # prefill output untouched
     # Memory: 2 layers x (keys + values) x B=1 x H_kv=2 x 5 columns x d=16 x 4 bytes.
     assert kv_cache_bytes(reference) - kv_cache_bytes(cache) == 2 * 2 * 1 * 2 * 5 * 16 * 4
@@ -118,9 +119,10 @@ def test_evicted_columns_are_the_lowest_attention_audio_tokens_of_that_layer(lla
     ratio = 0.4
     scores = reference_scores(llama_eager, prompt)
     reference = llama(**prompt).past_key_values  # same weights; SDPA, which the attachment switches to
-    with attach(llama_eager, ratio, layers) as attachment:
+    attachment = attach(llama_eager, ratio, layers)
+    with attachment:
         cache = llama_eager(**prompt).past_key_values
-        seen = {layer: attachment.cache_scores(layer) for layer in layers}
+    seen = {step.layer: step.scores for step in attachment.method.steps}
     assert attn_implementation(llama_eager) == "eager"
     length = prompt["input_ids"].shape[1]
     for layer in range(DEPTH):
@@ -149,7 +151,7 @@ def test_plans_touching_text_are_refused_and_hooks_restored(llama_eager):
         return plan_from_slots(keep, keep, torch.ones_like(scores))
 
     with pytest.raises(ValueError, match="outside audio spans"):
-        with Attachment(llama_eager, cache_plan_fn=evict_text, cache_layers={1}, audio_token_id=AUDIO_TOKEN):
+        with Attachment(llama_eager, evictor(evict_text, {1}), audio_token_id=AUDIO_TOKEN):
             assert attn_implementation(llama_eager) != "eager"
             llama_eager(**prompt)
     assert hook_count(llama_eager) == before and attn_implementation(llama_eager) == "eager"
@@ -158,7 +160,7 @@ def test_plans_touching_text_are_refused_and_hooks_restored(llama_eager):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        with Attachment(llama_eager, cache_plan_fn=broken, cache_layers={0, 3}, audio_token_id=AUDIO_TOKEN):
+        with Attachment(llama_eager, evictor(broken, {0, 3}), audio_token_id=AUDIO_TOKEN):
             llama_eager(**prompt)
     assert hook_count(llama_eager) == before and attn_implementation(llama_eager) == "eager"
     with attach(llama_eager, 0.3, {2}):
@@ -167,14 +169,14 @@ def test_plans_touching_text_are_refused_and_hooks_restored(llama_eager):
 
 
 def test_bad_arguments_are_refused(llama):
-    with pytest.raises(ValueError, match="cache_layers"):
-        Attachment(llama, cache_plan_fn=h2o(0.3))
-    with pytest.raises(ValueError, match="cache_layers"):
-        Attachment(llama, cache_plan_fn=h2o(0.3), cache_layers={4})
-    with pytest.raises(ValueError, match="plan_fn"):
-        Attachment(llama)
-    with pytest.raises(ValueError, match="cache_layers"):
-        Attachment(llama, lambda *args: None, cache_layers={1})
+    with pytest.raises(ValueError, match="outside the decoder's layers"):
+        Attachment(llama, evictor(h2o(0.3), {4}))
+    with pytest.raises(ValueError, match="before the LLM"):
+        Attachment(llama, FnMethod(h2o(0.3), acts_on="embeddings"))
+    with pytest.raises(ValueError, match="acts_on must be"):
+        Attachment(llama, FnMethod(h2o(0.3), acts_on="weights"))
+    with pytest.raises(ValueError, match="positions='original'"):
+        Attachment(llama, evictor(h2o(0.3), {1}, positions="compact"))
 
 
 @pytest.mark.parametrize("padded", [False, True])
@@ -183,10 +185,10 @@ def test_ratio_zero_gives_identical_logits_and_tokens(llama, padded):
     settings = dict(max_new_tokens=5, do_sample=False)
     logits = llama(**prompt).logits
     tokens = llama.generate(**prompt, **settings)
-    with attach(llama, 0.0, range(DEPTH)) as attachment:
+    with attach(llama, 0.0, range(DEPTH)) as stats:
         assert torch.equal(llama(**prompt).logits, logits)
         assert torch.equal(llama.generate(**prompt, **settings), tokens)
-    assert attachment.stats.cache_removed_per_layer == [0] * DEPTH
+    assert stats.removed_per_layer == [0] * DEPTH
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -195,13 +197,13 @@ def test_generate_with_evicted_cache(llama, num_beams):
     length = prompt["input_ids"].shape[1]
     new_tokens = 5
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=num_beams)
-    with attach(llama, 0.3, {0, 2}) as attachment:
+    with attach(llama, 0.3, {0, 2}) as stats:
         out = llama.generate(**prompt, return_dict_in_generate=True, **settings)
     assert out.sequences.shape == (1, length + new_tokens)
     done = length + new_tokens - 1
     lengths = [out.past_key_values.get_seq_length(layer) for layer in range(DEPTH)]
     assert lengths == [done - 3, done, done - 3, done]
-    assert attachment.stats.prefill_calls == 1
+    assert stats.prefill_calls == 1
 
 
 def test_decode_logits_match_cache_columns_deleted_by_hand(llama, llama_eager):
@@ -246,46 +248,14 @@ def test_left_padded_batch_rows_match_rows_run_alone(family):
     audio_lengths = [4, 11, 7]
     batch = audio_prompt(audio_lengths, seed=8)
     settings = dict(max_new_tokens=5, do_sample=False)
-    with attach(model, 0.4, {1, 2, 3}) as attachment:
+    with attach(model, 0.4, {1, 2, 3}) as stats:
         together = model.generate(**batch, **settings)[:, batch["input_ids"].shape[1] :]
-        assert attachment.stats.cache_removed_per_layer == [0, 2, 2, 2]  # row 0: 4 audio tokens, 40 % -> 2
+        assert stats.removed_per_layer == [0, 2, 2, 2]  # row 0: 4 audio tokens, 40 % -> 2
         for row in range(len(audio_lengths)):
             width = int(batch["attention_mask"][row].sum())
             alone = {key: value[row : row + 1, -width:] for key, value in batch.items()}
             single = model.generate(**alone, **settings)[:, width:]
             assert torch.equal(together[row : row + 1], single), f"row {row} differs"
-
-
-def test_hidden_plan_and_cache_eviction_compose(llama):
-    """A hidden-state eviction at layer 1 and a cache eviction at layer 2: caches [T, T-h, T-h-c, T-h]."""
-    prompt = audio_prompt([10, 6], seed=9)
-    length = prompt["input_ids"].shape[1]
-
-    def evict_every_third(layer_idx, hidden, span_id, scores):
-        if layer_idx != 1:
-            return None
-        audio = span_id >= 0
-        keep = ~(audio & (audio.long().cumsum(dim=1) % 3 == 0))  # row 0 drops 3, row 1 drops 2
-        return plan_from_slots(keep, keep, torch.ones(hidden.shape[:2]))
-
-    settings = dict(max_new_tokens=4, do_sample=False)
-    with Attachment(
-        llama, evict_every_third, audio_token_id=AUDIO_TOKEN, cache_plan_fn=h2o(0.5), cache_layers={2}
-    ) as attachment:
-        out = llama.generate(**prompt, return_dict_in_generate=True, **settings)
-        removed = list(attachment.stats.cache_removed_per_layer)
-        rows = []
-        for row in range(2):
-            width = int(prompt["attention_mask"][row].sum())
-            alone = {key: value[row : row + 1, -width:] for key, value in prompt.items()}
-            rows.append(llama.generate(**alone, **settings)[:, width:])
-    done = length + 3
-    lengths = [out.past_key_values.get_seq_length(layer) for layer in range(DEPTH)]
-    # Hidden plan: row 0 drops 3, row 1 drops 2 -> T - 2. Cache plan at layer 2: row 0 has 7 audio tokens left,
-    # 50 % -> 3 (half down); row 1 has 4 -> 2; the cache keeps T - 2 - min(3, 2) columns.
-    assert lengths == [done, done - 2, done - 4, done - 2]
-    assert removed == [0, 0, 3, 0]
-    assert torch.equal(out.sequences[:, -4:], torch.cat(rows))
 
 
 def test_shrink_states_merges_and_evicts():

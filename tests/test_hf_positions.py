@@ -14,6 +14,7 @@ from transformers import DynamicCache
 from speechtrim import reducers
 from speechtrim.hf.attach import Attachment
 from speechtrim.ops.plan import plan_from_slots
+from tests.fn_method import FnMethod, scored
 from tests.tiny_models import (
     _TEXT,
     AUDIO_TOKEN,
@@ -73,16 +74,16 @@ def test_compact_eviction_at_layer_zero_equals_shortened_input(llama):
     gapped = torch.arange(input_ids.shape[1])[kept][None]  # the survivors' original ids
     with torch.no_grad():
         reference = llama(input_ids=shortened).logits  # default positions 0..n-1
-        with Attachment(llama, evict_odd_audio({0}), audio_token_id=AUDIO_TOKEN, positions="compact") as attachment:
+        with Attachment(llama, FnMethod(evict_odd_audio({0}), positions="compact"), audio_token_id=AUDIO_TOKEN) as stats:
             compact = llama(input_ids=input_ids).logits
             compact_tokens = llama.generate(input_ids=input_ids, max_new_tokens=8, **GREEDY)[:, input_ids.shape[1] :]
-        with Attachment(llama, evict_odd_audio({0}), audio_token_id=AUDIO_TOKEN):
+        with Attachment(llama, FnMethod(evict_odd_audio({0})), audio_token_id=AUDIO_TOKEN):
             original = llama(input_ids=input_ids).logits
             original_tokens = llama.generate(input_ids=input_ids, max_new_tokens=8, **GREEDY)[:, input_ids.shape[1] :]
         with_gaps = llama(input_ids=shortened, position_ids=gapped).logits
     assert compact.shape == reference.shape == (1, int(kept.sum()), 128)
     assert torch.allclose(compact, reference, atol=1e-4)
-    assert attachment.stats.tokens_per_layer == [int(kept.sum())] * 4
+    assert stats.tokens_per_layer == [int(kept.sum())] * 4
     expected_tokens = llama.generate(input_ids=shortened, max_new_tokens=8, **GREEDY)[:, shortened.shape[1] :]
     assert torch.equal(compact_tokens, expected_tokens)
     # The model really reacts to positions: "original" keeps the gaps, and that is a different computation.
@@ -97,17 +98,17 @@ def test_compact_decode_continues_each_layers_numbering(llama, layers):
     prompt = audio_prompt([10], seed=3)
     length = prompt["input_ids"].shape[1]
     plan_fn = evict_odd_audio(layers)
-    with torch.no_grad(), Attachment(llama, plan_fn, audio_token_id=AUDIO_TOKEN, positions="compact") as attachment:
+    with torch.no_grad(), Attachment(llama, FnMethod(plan_fn, positions="compact"), audio_token_id=AUDIO_TOKEN) as stats:
         settings = dict(max_new_tokens=6, return_dict_in_generate=True, output_logits=True, **GREEDY)
         out = llama.generate(**prompt, **settings)
-        assert attachment.stats.tokens_per_layer[2] == length - 5
+        assert stats.tokens_per_layer[2] == length - 5
         recomputed = llama.generate(**prompt, use_cache=False, **settings)
     assert torch.equal(out.sequences, recomputed.sequences)
     for step, (cached, full) in enumerate(zip(out.logits, recomputed.logits)):
         assert torch.allclose(cached, full, atol=1e-4), f"decode step {step} differs from a full prefill"
     lengths = [out.past_key_values.get_seq_length(layer) for layer in range(4)]
     assert lengths[:2] == [length + 5] * 2 and lengths[2] == length
-    with torch.no_grad(), Attachment(llama, plan_fn, audio_token_id=AUDIO_TOKEN):
+    with torch.no_grad(), Attachment(llama, FnMethod(plan_fn), audio_token_id=AUDIO_TOKEN):
         original = llama.generate(**prompt, max_new_tokens=6, **GREEDY)
     assert not torch.equal(original, out.sequences)  # the renumbering is visible in the tokens
 
@@ -138,7 +139,7 @@ def test_compact_padded_batch_rows_match_rows_alone(implementation, method):
     audio_lengths = [4, 11, 7]
     batch = audio_prompt(audio_lengths, seed=9)
     if method == "evict_odd":
-        session = Attachment(model, evict_odd_audio({0, 2}), audio_token_id=AUDIO_TOKEN, positions="compact")
+        session = Attachment(model, FnMethod(evict_odd_audio({0, 2}), positions="compact"), audio_token_id=AUDIO_TOKEN)
     else:
         session = reducers.build("fastadasp", ratio=0.5, layer=1, schedule="constant", positions="compact")(
             model, audio_token_id=AUDIO_TOKEN
@@ -175,7 +176,7 @@ def test_original_is_the_default(llama):
     with torch.no_grad():
         for positions in (None, "original", "compact"):
             options = {} if positions is None else {"positions": positions}
-            with Attachment(llama, evict_odd_audio({1}), audio_token_id=AUDIO_TOKEN, **options):
+            with Attachment(llama, FnMethod(evict_odd_audio({1}), **options), audio_token_id=AUDIO_TOKEN):
                 logits[positions] = llama(**prompt).logits
     assert torch.equal(logits[None], logits["original"])
     assert not torch.allclose(logits["original"], logits["compact"], atol=1e-2)
@@ -185,7 +186,7 @@ def test_bad_positions_and_unsupported_models_are_refused(llama):
     with pytest.raises(ValueError, match="positions"):
         reducers.build("fastadasp", ratio=0.3, positions="bad")
     with pytest.raises(ValueError, match="positions"):
-        Attachment(llama, evict_odd_audio({1}), audio_token_id=AUDIO_TOKEN, positions="sequential")
+        Attachment(llama, FnMethod(evict_odd_audio({1}), positions="sequential"), audio_token_id=AUDIO_TOKEN)
     before = hook_count(llama)
     with pytest.raises(ValueError, match="KV-cache evictors"):
         with reducers.build("h2o", ratio=0.5, positions="compact")(llama, audio_token_id=AUDIO_TOKEN):

@@ -89,7 +89,9 @@ def markdown_tables(rows: Sequence[dict], model: str) -> str:
         kind = "SYNTHETIC speech" if first.get("synthetic") else "real speech"
         untrained = " — UNTRAINED projector: task metric meaningless" if first.get("trained") is False else ""
         parts.append(f"## {data} ({task}, {first.get('clips')} clips, {kind}) on {model}{untrained}\n")
-        parts.append("Columns: target prefill-FLOPs reduction (FastAdaSP eq. 10; h2o: eviction ratio). "
+        by_ratio = _ratio_keyed(group)
+        keyed = f"; {', '.join(by_ratio)}: eviction ratio" if by_ratio else ""
+        parts.append(f"Columns: target prefill-FLOPs reduction (FastAdaSP eq. 10{keyed}). "
                      "'—' = target unreachable; 'error' = the row failed (see results.jsonl). "
                      f"[low–high] = 95 % bootstrap interval over the {first.get('clips')} clips (1000 resamples).\n")
         metric = first["metric_name"]
@@ -102,13 +104,20 @@ def markdown_tables(rows: Sequence[dict], model: str) -> str:
         parts.append("\n" + _grid(group, "fidelity", True, f"fidelity: {fidelity_name} %", arrow))
         parts.append("\n" + _grid(group, "flops_reduction", True, "measured FLOPs reduction %", ""))
         parts.append("\n" + system_table(group) + "\n")
+    by_ratio = _ratio_keyed(rows)
+    evictors = (f" {', '.join(by_ratio)} leave prefill unchanged (measured FLOPs reduction 0) and shrink the KV "
+                "cache; as in the FastAdaSP paper, their column is their eviction ratio (share of audio entries "
+                "every layer's cache drops).") if by_ratio else ""
     parts.append(f"Times are medians over repeats, averaged over clips (ms per clip); RTF = (encoder + prefill + "
                  f"decode) / audio seconds; tokens/s = decode steps / decode seconds; speed-ups are against the "
                  f"unreduced model in the same process; KV MB = key + value bytes right after prefill; "
-                 f"{PEAK_MEMORY_NOTE}. h2o leaves prefill unchanged (measured FLOPs reduction 0) and shrinks the "
-                 f"KV cache; as in the paper, its column is its eviction ratio (share of audio entries every layer's "
-                 f"cache drops).")
+                 f"{PEAK_MEMORY_NOTE}.{evictors}")
     return "\n".join(parts)
+
+
+def _ratio_keyed(rows: Sequence[dict]) -> list[str]:
+    """Methods whose columns are their own ratio (cache evictors), in row order."""
+    return list(dict.fromkeys(row["method"] for row in rows if row.get("keyed_by") == "ratio"))
 
 
 def system_table(rows: Sequence[dict]) -> str:

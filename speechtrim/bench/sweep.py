@@ -1,13 +1,14 @@
 """The accuracy-vs-cost sweep: every method x target prefill-FLOPs reduction, one JSONL row each, resumable.
 
-Methods: the unreduced model (``none``), FastAdaSP sparse (one layer) and dense (constant and decay schedules), and
-every other registered reducer. Each reducer is built with ``flops_reduction=target`` and solves its merge ratio per
-prompt; the row reports the reduction *measured* over the per-layer lengths the reducer really produced.
+Methods: the unreduced model (``none``) and every registered reducer, in the schedules its class declares for
+sweeps (FastAdaSP: sparse, i.e. one layer, and the dense constant and decay schedules). A reducer keyed by FLOPs
+(``keyed_by="flops"``) is built with ``flops_reduction=target`` and solves its ratio per prompt; the row reports the
+reduction *measured* over the per-layer lengths the reducer really produced.
 
-H2O evicts KV-cache entries and leaves the prefill untouched. As in the paper, which lists it under its "FLOPs
-reduce" columns meaning its eviction ratio, its column value is used as ``ratio=``: every layer's cache drops that
-fraction of the audio entries (``keyed_by="ratio"``). Its rows report the measured prefill-FLOPs reduction honestly
-(0) and the KV-cache bytes it frees.
+Cache evictors (H2O) leave the prefill untouched and are keyed by their own ratio (``keyed_by="ratio"``): as in the
+FastAdaSP paper, which lists H2O under its "FLOPs reduce" columns meaning its eviction ratio, the column value is
+used as ``ratio=``, at the layers the method defaults to. Their rows report the measured prefill-FLOPs reduction
+honestly (0) and the KV-cache bytes they free.
 
 Timings: one warm-up pass, then per clip the median of ``repeats`` runs; a row's latencies are means over clips
 (seconds per sentence, as the paper reports). Ratios to the unreduced model come from the baseline measured in the
@@ -35,6 +36,7 @@ from speechtrim.eval.harness import FIDELITY, PRIMARY_METRIC, EvalSet, fidelity,
 logger = logging.getLogger(__name__)
 
 TARGETS = (0.1, 0.2, 0.3, 0.4, 0.5)
+SCHEDULE_LABELS = {"none": "sparse"}  # row labels of a method swept in several schedules, e.g. fastadasp-sparse
 LABEL_NEW_TOKENS = 8  # label tasks: the label comes from scoring; the decode timed is a short answer
 ROW_KEYS = ("method", "schedule", "task", "flops_reduction", "metric_name", "metric", "fidelity", "prefill_ms",
             "decode_ms", "tokens_per_s", "rtf", "peak_mem_mb", "kv_cache_bytes")
@@ -50,7 +52,7 @@ class Method:
         schedule: "none" (one layer), "constant" or "decay".
         layer: first reduction layer, or "auto" (transfer-entropy selection).
         keyed_by: "flops": a column is a target prefill-FLOPs reduction (the ratio is solved per prompt);
-            "ratio": a column is the reducer's own ratio (h2o's eviction ratio).
+            "ratio": a column is the reducer's own ratio (a cache evictor's eviction ratio); from its class.
         layer_source: where ``layer`` came from: "given", "default", or "auto: <selection file>".
     """
 
@@ -71,23 +73,25 @@ class Method:
 
 
 def all_methods(layer: int | str = 2, layer_source: str = "given") -> list[Method]:
-    """The unreduced model, FastAdaSP's three strategies and every other registered reducer.
+    """The unreduced model and every registered hidden-state or cache reducer, each in the schedules it declares
+    for sweeps (FastAdaSP: sparse, constant and decay); the class says how its columns are keyed.
 
     Args:
-        layer: first reduction layer of the layer-based methods (h2o always covers every layer from 0).
+        layer: first reduction layer of the methods keyed by FLOPs (the others keep their own default layer).
         layer_source: where ``layer`` came from (recorded in every row).
     """
-    methods = [Method("none", None, layer_source="unreduced"),
-               Method("fastadasp-sparse", "fastadasp", "none", layer, layer_source=layer_source),
-               Method("fastadasp-constant", "fastadasp", "constant", layer, layer_source=layer_source),
-               Method("fastadasp-decay", "fastadasp", "decay", layer, layer_source=layer_source)]
+    methods = [Method("none", None, layer_source="unreduced")]
     for name in reducers.names():
-        if name == "fastadasp":
+        cls = reducers.REDUCERS.get(name)
+        if cls.acts_on not in ("hidden", "cache"):
             continue
-        if name == "h2o":  # every layer's cache from layer 0, keyed by its eviction ratio
-            methods.append(Method(name, name, "constant", 0, "ratio", layer_source="fixed: every layer"))
-        else:
-            methods.append(Method(name, name, "none", layer, layer_source=layer_source))
+        schedules = cls.sweep_schedules or (cls.default_schedule,)
+        for schedule in schedules:
+            label = name if len(schedules) == 1 else f"{name}-{SCHEDULE_LABELS.get(schedule, schedule)}"
+            if cls.keyed_by == "ratio":  # its own ratio at its own layers: FLOPs targets do not apply
+                methods.append(Method(label, name, schedule, cls.default_layer, "ratio", layer_source="default"))
+            else:
+                methods.append(Method(label, name, schedule, layer, layer_source=layer_source))
     return methods
 
 

@@ -1,6 +1,6 @@
 """speechtrim.hf: the only package that touches transformers internals (decoder lookup, hooks, attention backend)."""
 
-from speechtrim.hf.attach import AttachStats, Attachment, PlanFn
+from speechtrim.hf.attach import Attachment
 from speechtrim.hf.attention import BACKEND_NAME, AttentionTap, key_attention_scores, register_backend
 from speechtrim.hf.layers import (
     TextBackbone,
@@ -19,10 +19,8 @@ from speechtrim.hf.spans import (
 
 __all__ = [
     "BACKEND_NAME",
-    "AttachStats",
     "Attachment",
     "AttentionTap",
-    "PlanFn",
     "TextBackbone",
     "attn_implementation",
     "audio_token_id",

@@ -1,42 +1,40 @@
-"""Attach a training-free token reducer to any Hugging Face decoder with removable hooks (no forks, no patches).
+"""Attach a token reducer to any Hugging Face decoder with removable hooks (no forks, no patches).
 
 transformers 5.23's decoder loop computes ``position_embeddings`` (cos, sin), ``position_ids`` and the causal mask
 once, at full length, and hands the same objects to every layer. An :class:`Attachment` registers a forward
-pre-hook (``with_kwargs=True``) on every decoder layer. During prefill a layer's hook asks ``plan_fn`` for a
-:class:`~speechtrim.ops.plan.Plan`, shrinks ``hidden_states`` with it, and - at that layer and every later one -
-re-indexes the full-length position ids, rotary tables (:mod:`.positions`) and mask (:mod:`.masks`) with the plan
-accumulated so far. The KV cache comes out ragged (e.g. ``[40, 40, 25, 25]``); at decode time each reduced layer's
-mask is rebuilt for its own cache layout, which is what lets left-padded ``generate()`` work. Everything is undone
-in ``detach`` (``finally``). What a prefill leaves for its decode steps lives in :mod:`.state`; what the attachment
-refuses, in :mod:`.checks`.
+pre-hook (``with_kwargs=True``) on every decoder layer and runs one method (a :class:`~speechtrim.reducers.Reducer`)
+directly:
 
-KV-cache evictors (H2O) pass ``cache_plan_fn`` and ``cache_layers`` instead of (or besides) ``plan_fn``: right
-after a cache layer's attention has run over the prefill, a forward hook on its attention module applies the plan
-built from that layer's own attention scores to ``cache.layers[i].keys / .values`` (see :mod:`.kv_evict`).
+- at the start of every prefill it asks the method for the ratio of every layer (``prefill_ratios``, from the
+  prompt's token counts); the layers with a ratio > 0 are this prefill's active layers;
+- a hidden-state method (``acts_on="hidden"``): at an active layer's pre-hook the attachment builds the whole
+  :class:`~speechtrim.reduction.LayerStep` (hidden states, span ids, valid mask, how many to remove, and the
+  scores and keys of the layer before when the method ``needs`` them), calls ``method.plan(step)``, shrinks
+  ``hidden_states`` with the plan and - at that layer and every later one - re-indexes the full-length position
+  ids, rotary tables (:mod:`.positions`) and mask (:mod:`.masks`) with the plan accumulated so far. The KV cache
+  comes out ragged (e.g. ``[40, 40, 25, 25]``);
+- a cache evictor (``acts_on="cache"``): right after an active layer's attention has run over the prefill, a
+  forward hook on its attention module builds the step from that layer's own scores and shrinks
+  ``cache.layers[i].keys / .values`` with the plan (:mod:`.kv_evict`); the prefill itself is unchanged.
 
-Positions: survivors keep their original position ids by default; ``positions="compact"`` re-numbers them as the
-FastAdaSP reference release does (see :mod:`.positions`).
+At decode time each reduced layer's mask is rebuilt for its own cache layout, which is what lets left-padded
+``generate()`` and beam search work. Everything is undone in ``detach`` (``finally``). What a prefill leaves for
+its decode steps lives in :mod:`.state`; what the attachment refuses, in :mod:`.checks`. Survivors keep their
+original position ids by default; ``positions="compact"`` re-numbers them as the FastAdaSP reference release does.
 
 Usage::
 
-    with Attachment(model, plan_fn, score_layers={3}) as attachment:
+    with Attachment(model, reducers.build("fastadasp", ratio=0.3, layer=3)) as stats:
         model.generate(**inputs)
-    attachment.stats.tokens_per_layer   # e.g. [40, 40, 40, 25, ...]
-
-    with Attachment(model, cache_plan_fn=h2o_plan, cache_layers=range(2, depth)) as attachment:
-        model.generate(**inputs)
-    attachment.stats.cache_tokens_per_layer   # e.g. [40, 40, 28, 28, ...]
-
-    with Attachment(model, plan_fn, positions="compact"):   # survivors renumbered 0..n_l-1
-        model.generate(**inputs)
+    stats.tokens_per_layer   # e.g. [40, 40, 40, 25, ...]
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,14 +43,13 @@ from speechtrim.hf.attention import BACKEND_NAME, TAP_KWARG, AttentionTap, regis
 from speechtrim.hf.checks import (  # SUPPORTED_ATTENTION, TESTED_FAMILIES, POSITION_MODES: still importable from here
     SUPPORTED_ATTENTION,  # noqa: F401
     TESTED_FAMILIES,  # noqa: F401
-    check_arguments,
     check_decoder_inputs,
+    check_method,
     check_plan,
     check_text_decoder,
-    layer_set,
     warn_untested_family,
 )
-from speechtrim.hf.kv_evict import CachePlanFn, evict_after_prefill
+from speechtrim.hf.kv_evict import evict_with_plan
 from speechtrim.hf.layers import TextBackbone, cache_argument, set_text_attn_implementation, text_backbone
 from speechtrim.hf.masks import decode_mask, prefill_mask
 from speechtrim.hf.positions import (
@@ -66,90 +63,50 @@ from speechtrim.hf.positions import (
 from speechtrim.hf.spans import AudioSpans, audio_token_id
 from speechtrim.hf.state import PrefillState, prefill_span_ids
 from speechtrim.ops.plan import Plan, apply_plan, compose_plans
+from speechtrim.ops.select import count_to_remove
+from speechtrim.reduction import LayerStep, ModelShape, ReductionStats
 
 logger = logging.getLogger(__name__)
 
 # decoders that have a reducer attached right now (reducers do not stack); weak, so models are never kept alive
 _ATTACHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-PlanFn = Callable[[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"], "Plan | None"]
-
-
-@dataclass
-class AttachStats:
-    """What the last prefill did, layer by layer.
-
-    Args:
-        tokens_per_layer: prefill tokens each decoder layer processed in batch row 0 (padding and filler slots
-            excluded: the row's own tokens).
-        rows_tokens_per_layer: per layer, the same count for every batch row.
-        removed_per_layer: tokens removed from batch row 0 by the plan taken at each layer (0 where none).
-        prefill_calls: prefill forward passes seen while attached.
-        cache_tokens_per_layer: valid KV-cache columns each layer holds after prefill in batch row 0 (padding and
-            filler slots excluded), after any cache eviction.
-        cache_removed_per_layer: cache columns evicted (or merged away) from batch row 0 at each layer after its
-            prefill attention (0 where none).
-    """
-
-    tokens_per_layer: list[int] = field(default_factory=list)
-    rows_tokens_per_layer: list[list[int]] = field(default_factory=list)
-    removed_per_layer: list[int] = field(default_factory=list)
-    prefill_calls: int = 0
-    cache_tokens_per_layer: list[int] = field(default_factory=list)
-    cache_removed_per_layer: list[int] = field(default_factory=list)
-
-
 class Attachment:
-    """Reversible hooks that let ``plan_fn`` shrink the audio tokens of a Hugging Face decoder during prefill.
+    """Reversible hooks that run one reduction method inside a Hugging Face decoder; ``with`` yields its stats.
 
     Args:
         model: a Hugging Face causal LM or composite speech LLM (DynamicCache only; "sdpa" or "eager" attention).
-        plan_fn: ``plan_fn(layer_idx, hidden (B, T, D), span_id (B, T), attn_scores (B, T) or None) -> Plan | None``,
-            called at every decoder layer during prefill before its attention; a returned None keeps the tokens as
-            they are. None (the argument) = no hidden-state reduction (a pure KV-cache evictor).
-        score_layers: layers whose decision needs attention scores. The decision at layer i gets the attention each
-            key received in layer i - 1 (summed over heads and valid queries, FastAdaSP eq. 5); layer 0 gets None.
-            Non-empty switches the text decoder to the ``speechtrim_sdpa`` backend while attached.
+        method: what to run: an object with ``name``, ``acts_on`` ("hidden" or "cache"), ``needs`` (subset of
+            {"scores", "keys"}), ``positions``, ``resolve_layer(model, depth)``, ``prefill_ratios(layer, shape,
+            text_tokens, audio_tokens)``, ``score_queries(valid, span_id)`` and ``plan(step) -> Plan | None``, as
+            :class:`speechtrim.reducers.Reducer` has. Scores: for a hidden-state method, the attention each key
+            received in the layer before the step's layer (summed over heads and the chosen queries, FastAdaSP
+            eq. 5); for a cache evictor, in the step's own layer. Needing scores or keys switches the text decoder
+            to the ``speechtrim_sdpa`` backend while attached.
         audio_spans: explicit audio spans, one list of ``(start, end)`` per batch row, or a (B, T) ``span_id``
             tensor; None finds them from ``input_ids == audio token id``.
         audio_token_id: overrides the audio token id read from the model config.
-        cache_plan_fn: ``cache_plan_fn(layer_idx, scores (B, T), span_id (B, T)) -> Plan | None``, called during
-            prefill for every layer of ``cache_layers`` right after that layer's attention, with the attention each
-            of its keys received in THAT layer (summed over heads and valid queries); the plan is applied to the
-            layer's ``cache.layers[i].keys / .values``, which really shrink (B, H_kv, T_kept, d). Hidden states and
-            the other layers are untouched. Text, padding and filler columns must be kept (``span_id == -1``).
-        cache_layers: the layers whose KV cache ``cache_plan_fn`` may reduce (their scores are tapped). Required
-            with ``cache_plan_fn``; switches the text decoder to the ``speechtrim_sdpa`` backend while attached.
-        positions: "original" (default): survivors keep their original position ids and rotary tables. "compact":
-            from the first reduced layer on, each row's real tokens are re-numbered ``p0 + 0..n_l-1`` (``p0`` = the
-            row's first real position, 0 under ``generate()``) and cos/sin are recomputed with the text decoder's
-            ``rotary_emb``; decode steps continue each layer's numbering. Not for 3-D M-RoPE models (Qwen2.5-Omni)
-            nor with ``cache_plan_fn`` (KV-cache evictors keep their cached rotary keys as they are).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        plan_fn: PlanFn | None = None,
-        score_layers: Collection[int] = (),
+        method: Any,
         audio_spans: AudioSpans | torch.Tensor | None = None,
         audio_token_id: int | None = None,
-        cache_plan_fn: CachePlanFn | None = None,
-        cache_layers: Collection[int] = (),
-        positions: str = "original",
     ) -> None:
         self.model = model
-        self.plan_fn = plan_fn
-        self.cache_plan_fn = cache_plan_fn
+        self.method = method
         self.backbone: TextBackbone = text_backbone(model)
-        self.score_layers = layer_set(score_layers, "score_layers", self.backbone.depth)
-        self.cache_layers = layer_set(cache_layers, "cache_layers", self.backbone.depth)
-        check_arguments(plan_fn, cache_plan_fn, self.cache_layers, positions)
-        self.positions = positions
+        check_method(method, self.backbone.depth)
+        self.positions = method.positions
+        self.shape = ModelShape(self.backbone.depth, self.backbone.hidden_size, self.backbone.intermediate_size)
+        layer, source = method.resolve_layer(model, self.backbone.depth)
+        self.stats = ReductionStats(method.name, method.acts_on, layer, source, *vars(self.shape).values())
+        self._evicts = method.acts_on == "cache"
         self._rotary: nn.Module | None = None
         self.token_id = audio_token_id if audio_token_id is not None else _config_token_id(model)
         self.audio_spans = audio_spans
-        self.stats = AttachStats()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._wrapped_caches: list[object] = []
         self._previous_attention: str | None = None
@@ -158,9 +115,9 @@ class Attachment:
         self._eager = False
 
     # ----------------------------------------------------------------- public
-    def __enter__(self) -> Attachment:
+    def __enter__(self) -> ReductionStats:
         self.attach()
-        return self
+        return self.stats
 
     def __exit__(self, *exc_info: object) -> None:
         self.detach()
@@ -182,7 +139,7 @@ class Attachment:
         self._claimed = True
         try:
             current = str(getattr(self.backbone.config, "_attn_implementation", None) or "eager")
-            if (self.score_layers or self.cache_layers) and current != BACKEND_NAME:
+            if self.method.needs and current != BACKEND_NAME:
                 register_backend()
                 if current == "eager":
                     logger.warning("this method reads attention scores, which speechtrim taps from SDPA: the text "
@@ -197,7 +154,7 @@ class Attachment:
             for layer_idx, layer in enumerate(self.backbone.layers):
                 hook = self._make_layer_hook(layer_idx)
                 self._handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
-                if layer_idx in self.cache_layers:
+                if self._evicts:
                     evict = self._make_cache_hook(layer_idx)
                     self._handles.append(layer.self_attn.register_forward_hook(evict, with_kwargs=True))
         except BaseException:
@@ -221,20 +178,6 @@ class Attachment:
                 set_text_attn_implementation(self.model, previous)
             self._state = None
             self._input_ids = None
-
-    def layer_scores(self, layer_idx: int) -> torch.Tensor | None:
-        """Scores (B, T) the decision at ``layer_idx`` got in the current prefill (from layer ``layer_idx - 1``)."""
-        tap = self._state.taps.get(layer_idx) if self._state is not None else None
-        return tap.scores if tap is not None else None
-
-    def cache_scores(self, layer_idx: int) -> torch.Tensor | None:
-        """Scores (B, T_l) of layer ``layer_idx``'s own attention that ``cache_plan_fn`` got in the current prefill."""
-        return self._state.cache_scores.get(layer_idx) if self._state is not None else None
-
-    def layer_keys(self, layer_idx: int) -> torch.Tensor | None:
-        """Key states (B, H_kv, T, d) of layer ``layer_idx - 1``, for the decision at ``layer_idx`` (eq. 4)."""
-        tap = self._state.taps.get(layer_idx) if self._state is not None else None
-        return tap.keys if tap is not None else None
 
     # ----------------------------------------------------------------- setup
     def _check_model(self) -> None:
@@ -282,16 +225,49 @@ class Attachment:
             if bool(padding.all()):
                 padding = None
         self._state = PrefillState(original_length=length, padding=padding, span_id=span_id)
-        depth = self.backbone.depth
-        self.stats.tokens_per_layer = [0] * depth
-        self.stats.rows_tokens_per_layer = [[] for _ in range(depth)]
-        self.stats.removed_per_layer = [0] * depth
-        self.stats.cache_removed_per_layer = [0] * depth
-        self.stats.cache_tokens_per_layer = [0] * depth
-        self.stats.prefill_calls += 1
+        self._plan_prefill(self._state)
         if cache is not None and "reorder_cache" not in vars(cache):
             self._wrap_reorder(cache)
         return None
+
+    def _plan_prefill(self, state: PrefillState) -> None:
+        """Fix this prefill's per-layer ratios from row 0's token counts; refuse a batch without audio."""
+        span_id = state.span_id
+        if not bool((span_id >= 0).any()):
+            raise ValueError(
+                f"{self.method.name}: no audio tokens in this batch (looked for audio token id {self.token_id}); "
+                "pass audio_spans=[[(start, end)], ...] or the right audio_token_id=, or run without the reducer"
+            )
+        valid = int(state.padding[0].sum()) if state.padding is not None else span_id.shape[1]
+        audio = int((span_id[0] >= 0).sum())
+        state.ratios = self.method.prefill_ratios(self.stats.layer, self.shape, valid - audio, audio)
+        self.stats.start_prefill(state.ratios)
+
+    def _step(self, layer_idx: int, state: PrefillState, hidden: torch.Tensor | None, valid: torch.Tensor | None,
+              tap: AttentionTap | None, keys: torch.Tensor | None) -> LayerStep:
+        """The complete step of an active layer: everything the method may read, and how many tokens to remove."""
+        needs = self.method.needs
+        scores = tap.scores if tap is not None else None
+        keys = keys if keys is not None else (tap.keys if tap is not None else None)
+        if "scores" in needs and scores is None or "keys" in needs and keys is None:
+            raise RuntimeError(
+                f"{self.method.name}: layer {layer_idx} got no attention scores or keys; the text decoder must run "
+                f"the {BACKEND_NAME!r} backend while this method is attached: do not switch attention inside the "
+                "`with` block."
+            )
+        ratio = state.ratios[layer_idx]
+        num_audio = (state.span_id >= 0).sum(dim=1)  # (B,)
+        num_remove = count_to_remove(num_audio, ratio).to(state.span_id.device)  # (B,)
+        self.stats.requested_per_layer[layer_idx] = int(num_remove[0])
+        return LayerStep(layer_idx, hidden, state.span_id, num_remove, ratio, valid,
+                         scores if "scores" in needs else None, keys if "keys" in needs else None)
+
+    def _record(self, step: LayerStep, plan: Plan) -> None:
+        self.stats.removed_per_layer[step.layer] = int(plan.removed[0])
+        if bool((plan.removed < step.num_remove).any()):
+            self.stats.short_layers.append(step.layer)
+            logger.info("layer %d: spans too short, removed %s of requested %s tokens", step.layer,
+                        plan.removed.tolist(), step.num_remove.tolist())
 
     def _wrap_reorder(self, cache: object) -> None:
         """Make beam search's cache reordering also reorder the per-row layouts (instance attribute, undone later)."""
@@ -329,13 +305,17 @@ class Attachment:
     def _make_cache_hook(self, layer_idx: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
             state = self._state
-            tap = state.cache_taps.pop(layer_idx, None) if state is not None else None
+            pending = state.cache_pending.pop(layer_idx, None) if state is not None else None
             cache = cache_argument(kwargs)
-            if tap is None or cache is None:
-                return None  # decode step, no prefill tap, or use_cache=False: nothing to evict
-            plan = evict_after_prefill(layer_idx, tap, cache, state, self.cache_plan_fn, self.backbone.depth)
+            if pending is None or cache is None:
+                return None  # decode step, inactive layer, or use_cache=False: nothing to evict
+            valid, tap = pending
+            entry = cache.layers[layer_idx]
+            step = self._step(layer_idx, state, None, valid, tap, getattr(entry, "keys", None))
+            plan = self.method.plan(step)
             if plan is not None:
-                self.stats.cache_removed_per_layer[layer_idx] = int(plan.removed[0])
+                evict_with_plan(layer_idx, plan, cache, state, self.backbone.depth)
+                self._record(step, plan)
                 self.stats.cache_tokens_per_layer[layer_idx] = int(state.layouts[layer_idx][0].sum())
             return None
 
@@ -346,24 +326,21 @@ class Attachment:
         self, layer_idx: int, hidden: torch.Tensor, kwargs: dict, state: PrefillState
     ) -> tuple[torch.Tensor, dict]:
         plan = None
-        if hidden.shape[1] > 1:
-            tap = state.taps.get(layer_idx)
-            scores = tap.scores if tap is not None else None  # (B, T_l) or None
-            plan = self.plan_fn(layer_idx, hidden, state.span_id, scores) if self.plan_fn is not None else None
+        if hidden.shape[1] > 1 and state.ratios[layer_idx] > 0 and not self._evicts:
+            step = self._step(layer_idx, state, hidden, self._valid(state), state.taps.get(layer_idx), None)
+            plan = self.method.plan(step)
             if plan is not None:
                 check_plan(plan, layer_idx, state.span_id)
                 hidden = apply_plan(plan, hidden)  # (B, T_new, D)
                 state.span_id = state.span_id.gather(1, plan.source).masked_fill(plan.filler, -1)  # (B, T_new)
                 state.accumulated = compose_plans(state.accumulated, plan)
-                self.stats.removed_per_layer[layer_idx] = int(plan.removed[0])
+                self._record(step, plan)
         accumulated = state.accumulated
-        valid = state.padding  # (B, T_l) queries/keys that are real tokens, None = all
+        valid = self._valid(state)  # (B, T_l) queries/keys that are real tokens, None = all
         if accumulated is not None:
             if self._rotary is not None and state.first_position is None:
                 state.first_position = first_position(kwargs.get("position_ids"), state.padding, hidden.shape[0])
             kwargs = self._gather_inputs(kwargs, accumulated, hidden)
-            real = ~accumulated.filler  # (B, T_l)
-            valid = real if state.padding is None else state.padding.gather(1, accumulated.source) & real
             state.layouts[layer_idx] = valid
             if self._rotary is not None:
                 if state.compact is None or plan is not None:  # the layout changed at this layer
@@ -376,15 +353,38 @@ class Attachment:
         self.stats.rows_tokens_per_layer[layer_idx] = [int(count) for count in real_tokens]  # padding excluded
         self.stats.tokens_per_layer[layer_idx] = int(real_tokens[0])
         self.stats.cache_tokens_per_layer[layer_idx] = int(real_tokens[0])
-        decides = layer_idx + 1 in self.score_layers
-        if (decides or layer_idx in self.cache_layers) and hidden.shape[1] > 1:
-            tap = AttentionTap(query_valid=valid, keep_keys=decides)
-            if decides:
-                state.taps[layer_idx + 1] = tap
-            if layer_idx in self.cache_layers:
-                state.cache_taps[layer_idx] = tap
-            kwargs[TAP_KWARG] = tap
+        if hidden.shape[1] > 1:
+            kwargs = self._request_tap(layer_idx, valid, state, kwargs)
         return hidden, kwargs
+
+    @staticmethod
+    def _valid(state: PrefillState) -> torch.Tensor | None:
+        """(B, T_l) real tokens of the current layout (None = all)."""
+        accumulated = state.accumulated
+        if accumulated is None:
+            return state.padding
+        real = ~accumulated.filler
+        return real if state.padding is None else state.padding.gather(1, accumulated.source) & real
+
+    def _request_tap(self, layer_idx: int, valid: torch.Tensor | None, state: PrefillState, kwargs: dict) -> dict:
+        """Ask this layer's attention for what the method needs: for the next layer's hidden-state step, or for
+        this layer's own cache eviction."""
+        needs = self.method.needs
+        if self._evicts:
+            if state.ratios[layer_idx] <= 0:
+                return kwargs
+            tap = AttentionTap(query_valid=self.method.score_queries(valid, state.span_id), keep_keys=False) \
+                if needs else None  # the keys are read from the cache itself, so the tap holds none
+            state.cache_pending[layer_idx] = (valid, tap)
+        elif needs and layer_idx + 1 < self.shape.depth and state.ratios[layer_idx + 1] > 0:
+            tap = AttentionTap(query_valid=self.method.score_queries(valid, state.span_id),
+                               keep_keys="keys" in needs)
+            state.taps[layer_idx + 1] = tap
+        else:
+            return kwargs
+        if tap is not None:
+            kwargs[TAP_KWARG] = tap
+        return kwargs
 
     def _gather_inputs(self, kwargs: dict, plan: Plan, hidden: torch.Tensor) -> dict:
         """Re-index the full-length position ids, rotary tables and mask with the accumulated plan (a copy)."""

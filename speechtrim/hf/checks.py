@@ -8,7 +8,6 @@ audio tokens. Model families outside the tested ones get one warning each.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -25,48 +24,29 @@ TESTED_FAMILIES = ("llama", "qwen2", "qwen2_audio", "voxtral", "granite_speech",
 _warned_families: set[str] = set()
 
 
-def layer_set(layers: Collection[int], name: str, depth: int) -> frozenset[int]:
-    """The chosen decoder layers as a set, refusing indices outside ``0..depth - 1``.
+def check_method(method: object, depth: int) -> None:
+    """Refuse a method the attachment cannot run: one that acts before the LLM, or compact positions with a
+    cache evictor.
 
     Args:
-        layers: layer indices given by the caller.
-        name: the argument's name, for the error message.
+        method: the reducer (its ``name``, ``acts_on``, ``positions``).
         depth: number of decoder layers.
     """
-    chosen = frozenset(int(layer) for layer in layers)
-    bad = sorted(layer for layer in chosen if not 0 <= layer < depth)
-    if bad:
-        raise ValueError(f"{name} {bad} are outside the decoder's layers 0..{depth - 1}; pick layers that exist.")
-    return chosen
-
-
-def check_arguments(
-    plan_fn: Callable | None, cache_plan_fn: Callable | None, cache_layers: Collection[int], positions: str
-) -> None:
-    """Refuse an attachment with nothing to do, a cache plan without its layers (or the reverse), bad positions.
-
-    Args:
-        plan_fn: the hidden-state plan function, or None.
-        cache_plan_fn: the KV-cache plan function, or None.
-        cache_layers: the layers whose cache ``cache_plan_fn`` reduces.
-        positions: "original" or "compact".
-    """
-    if plan_fn is None and cache_plan_fn is None:
+    name, acts_on = getattr(method, "name", type(method).__name__), getattr(method, "acts_on", None)
+    if acts_on == "embeddings":
         raise ValueError(
-            "an Attachment needs plan_fn (reduce hidden states) or cache_plan_fn (evict from the KV cache); "
-            "pass at least one."
+            f"{name} reduces the audio embeddings before the LLM, so it is not attached to the decoder's layers: "
+            "apply it to the audio embeddings before they are spliced into the prompt."
         )
-    if (cache_plan_fn is None) != (not cache_layers):
-        raise ValueError(
-            "cache_plan_fn and cache_layers go together: pass the layers whose KV cache cache_plan_fn reduces "
-            f"(got cache_plan_fn={'set' if cache_plan_fn else 'None'}, cache_layers={sorted(cache_layers)})."
-        )
+    if acts_on not in ("hidden", "cache"):
+        raise ValueError(f"{name}: acts_on must be 'hidden' or 'cache' to attach to a decoder, got {acts_on!r}")
+    positions = getattr(method, "positions", "original")
     if positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")
-    if positions == "compact" and cache_plan_fn is not None:
+    if positions == "compact" and acts_on == "cache":
         raise ValueError(
-            "positions='compact' re-numbers the tokens a hidden-state plan keeps, but KV-cache evictors "
-            "(cache_plan_fn, e.g. h2o) keep the evicted cache's rotary keys as they are and do not renumber: use "
+            f"positions='compact' re-numbers the tokens a hidden-state plan keeps, but KV-cache evictors (like "
+            f"{name}) keep the evicted cache's rotary keys as they are and do not renumber: use "
             "positions='original' with them."
         )
 
@@ -139,14 +119,14 @@ def check_decoder_inputs(cache: object, mask: object) -> None:
         )
 
 
-def check_plan(plan: Plan, layer_idx: int, span_id: torch.Tensor, caller: str = "plan_fn") -> None:
+def check_plan(plan: Plan, layer_idx: int, span_id: torch.Tensor, caller: str = "method") -> None:
     """Refuse plans of the wrong shape, and plans that evict or merge tokens outside audio spans.
 
     Args:
         plan: the plan ``caller`` returned.
         layer_idx: the decoder layer it was built for.
         span_id: (B, T) long, the layer's span ids (-1 outside audio spans).
-        caller: "plan_fn" or "cache_plan_fn", for the error message.
+        caller: what made the plan ("method" or "cache eviction"), for the error message.
     """
     batch, length = span_id.shape
     if plan.batch != batch or plan.old_length != length or plan.source.shape[0] != batch:

@@ -1,35 +1,29 @@
 """KV-cache eviction right after a layer's prefill attention (H2O, Zhang et al. 2023): the cache really shrinks.
 
 H2O keeps, in each layer's KV cache, the tokens that received the most attention plus the recent ones, and evicts
-the rest. Unlike the masking-only baseline of the FastAdaSP release (paper 004), speechtrim edits
+the rest. Unlike the masking-only baseline of the FastAdaSP release, speechtrim edits
 ``cache.layers[i].keys / .values`` so the memory is freed: after layer ``i``'s attention has run over the whole
-prefill, a forward hook on its attention module (DESIGN.md section 3, mechanism B) asks ``cache_plan_fn`` for a
-:class:`~speechtrim.ops.plan.Plan` built from the attention each key received *in layer i itself*, and replaces
-the layer's cache tensors by the kept (or merged) columns. Hidden states and every other layer are untouched, so
+prefill, a forward hook on its attention module asks the method for a :class:`~speechtrim.ops.plan.Plan` built
+from the attention each key received *in layer i itself*, and replaces the layer's cache tensors by the kept (or
+merged) columns. Hidden states and every other layer are untouched, so
 the prefill costs the same; decode attends over the shrunken cache, whose per-row valid columns (the "layout") the
 attachment keeps so that padded batches and beam search work.
 
 This module holds the tensor side (apply a plan to a cache layer, the new layout, cache bytes) and the eviction
-step itself (:func:`evict_after_prefill`); the hook that calls it lives in :class:`speechtrim.hf.attach.Attachment`
-(``cache_plan_fn=``, ``cache_layers=``).
+step itself (:func:`evict_with_plan`); the hook that calls it lives in :class:`speechtrim.hf.attach.Attachment`
+(methods with ``acts_on="cache"``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-
 import torch
 
-from speechtrim.hf.attention import BACKEND_NAME, AttentionTap
 from speechtrim.hf.checks import check_plan
 from speechtrim.hf.state import PrefillState
 from speechtrim.ops.plan import Plan, apply_plan
 
 logger = logging.getLogger(__name__)
-
-CachePlanFn = Callable[[int, torch.Tensor, torch.Tensor], "Plan | None"]
-
 
 def is_eviction(plan: Plan) -> bool:
     """True when every slot of the plan holds exactly one old token or is a filler (no merges).
@@ -114,38 +108,19 @@ def kv_cache_bytes(cache: object) -> int:
     return total
 
 
-def evict_after_prefill(
-    layer_idx: int,
-    tap: AttentionTap,
-    cache: object,
-    state: PrefillState,
-    cache_plan_fn: CachePlanFn,
-    depth: int,
-) -> Plan | None:
-    """Ask ``cache_plan_fn`` for a plan from layer ``layer_idx``'s own prefill scores and shrink its cache with it.
-
-    Records the scores in ``state.cache_scores`` and, when a plan is returned, the layer's new cache layout in
-    ``state.layouts`` (every other layer gets a layout too: layer 0's no longer sizes the decode mask).
+def evict_with_plan(layer_idx: int, plan: Plan, cache: object, state: PrefillState, depth: int) -> None:
+    """Shrink layer ``layer_idx``'s KV cache with ``plan`` (built from that layer's own prefill attention) and
+    record its new cache layout in ``state.layouts`` (every other layer gets a layout too: layer 0's no longer
+    sizes the decode mask).
 
     Args:
         layer_idx: the cache layer whose attention just ran over the prefill.
-        tap: that layer's attention tap (``tap.scores``: (B, T_l) attention each of its keys received).
+        plan: the method's plan for that layer's (B, T) cached tokens.
         cache: the decoder's ``DynamicCache``.
         state: the attachment's state for the current prefill.
-        cache_plan_fn: ``cache_plan_fn(layer_idx, scores (B, T), span_id (B, T)) -> Plan | None``.
         depth: number of decoder layers.
     """
-    scores = tap.scores  # (B, T_l) attention each key of THIS layer received
-    if scores is None:
-        raise ValueError(
-            f"layer {layer_idx}'s attention recorded no scores; the text decoder must run the {BACKEND_NAME!r} "
-            "backend while a KV-cache evictor is attached: do not switch attention inside the `with` block."
-        )
-    state.cache_scores[layer_idx] = scores
-    plan = cache_plan_fn(layer_idx, scores, state.span_id)
-    if plan is None:
-        return None
-    check_plan(plan, layer_idx, state.span_id, caller="cache_plan_fn")
+    check_plan(plan, layer_idx, state.span_id, caller="cache eviction")
     entry = cache.layers[layer_idx]
     if entry.get_seq_length() != plan.old_length:
         raise ValueError(
@@ -156,4 +131,3 @@ def evict_after_prefill(
     layout = cache_layout(state.layouts[layer_idx], plan)  # (B, T_kept)
     shrink_cache_layer(entry, plan)  # keys/values (B, H_kv, T_kept, d); the full tensors are dropped
     state.layouts[layer_idx] = layout
-    return plan

@@ -341,10 +341,18 @@ class SpeechLM(nn.Module):
         embeds, embeds_mask = self.embed_audio(frames, mask)
         return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix)
 
-    def loss(self, batch: PromptBatch) -> torch.Tensor:
-        """Mean cross-entropy of the target tokens (``build_inputs(..., targets=...)``) under the frozen LLM."""
+    def loss(self, batch: PromptBatch, reduction: str = "tokens") -> torch.Tensor:
+        """Cross-entropy of the target tokens (``build_inputs(..., targets=...)``) under the LLM.
+
+        Args:
+            batch: prompts built with ``targets=``.
+            reduction: "tokens" averages over every target token of the batch (long answers dominate); "rows"
+                averages each row's token mean over the rows, so a one-word answer weighs as much as a transcript.
+        """
         if "target_spans" not in batch.extra:
             raise ValueError("loss() needs a batch built with targets=")
+        if reduction not in ("tokens", "rows"):
+            raise ValueError(f"reduction must be 'tokens' or 'rows', got {reduction!r}")
         length = batch.inputs_embeds.shape[1]
         first = min(start for start, _ in batch.extra["target_spans"]) - 1  # the earliest position that predicts one
         logits = self.llm(
@@ -356,6 +364,9 @@ class SpeechLM(nn.Module):
         for row, ((start, end), ids) in enumerate(zip(batch.extra["target_spans"], batch.extra["target_ids"])):
             predicted = logits[row, start - 1 - first : end - 1 - first]  # token t is predicted at position t-1
             losses.append(nn.functional.cross_entropy(predicted.float(), ids, reduction="sum"))
+        if reduction == "rows":
+            counts = torch.tensor([len(ids) for ids in batch.extra["target_ids"]], device=logits.device)
+            return (torch.stack(losses) / counts).mean()
         total_tokens = sum(len(ids) for ids in batch.extra["target_ids"])
         return torch.stack(losses).sum() / total_tokens
 

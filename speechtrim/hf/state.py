@@ -29,9 +29,10 @@ class PrefillState:
         padding: (B, T0) bool from the 2-D attention mask, None = no padding.
         span_id: (B, T_l) long, span ids of the current layout (-1 = text, padding or filler).
         accumulated: the plan original (B, T0) -> current layout (B, T_l); None = nothing reduced yet.
-        taps: decision layer -> attention tap of the layer before it.
-        cache_taps: cache layer -> attention tap of that same layer.
-        cache_scores: cache layer -> (B, T_l) scores its ``cache_plan_fn`` got.
+        ratios: the method's ratio of every layer in this prefill (> 0: the layer is active).
+        taps: hidden-state step layer -> attention tap of the layer before it.
+        cache_pending: active cache layer -> (its valid columns, its own attention tap or None), waiting for the
+            layer's attention to run.
         layouts: layer -> (B, T_l) bool, the layer's cache columns that are valid.
         decode_mask: (B, T0 + generated) bool, 2-D mask of the current decode call.
         first_position: (B,) long, original position of each row's first real token (compact positions).
@@ -42,9 +43,9 @@ class PrefillState:
     padding: torch.Tensor | None
     span_id: torch.Tensor
     accumulated: Plan | None = None
+    ratios: list[float] = field(default_factory=list)
     taps: dict[int, AttentionTap] = field(default_factory=dict)
-    cache_taps: dict[int, AttentionTap] = field(default_factory=dict)
-    cache_scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    cache_pending: dict[int, tuple[torch.Tensor | None, AttentionTap | None]] = field(default_factory=dict)
     layouts: dict[int, torch.Tensor] = field(default_factory=dict)
     decode_mask: torch.Tensor | None = None
     first_position: torch.Tensor | None = None

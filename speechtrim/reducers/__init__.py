@@ -12,12 +12,18 @@ Public API::
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Any
 
-from speechtrim.reducers import a_tome, avg_merge, fastadasp, fastv, h2o, random_evict, random_merge  # noqa: F401
 from speechtrim.reducers.base import REDUCERS, ReductionStats, Reducer
 
-__all__ = ["Reducer", "ReductionStats", "build", "names"]
+# Every module of this package is a method that registers itself: adding one is adding its file.
+for _module in sorted(info.name for info in pkgutil.iter_modules(__path__)):
+    if _module != "base":
+        importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["REDUCERS", "Reducer", "ReductionStats", "build", "names"]
 
 
 def names() -> list[str]:

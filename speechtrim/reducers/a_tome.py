@@ -21,8 +21,7 @@ from speechtrim.reducers.base import REDUCERS, LayerStep, Reducer
 class AToMe(Reducer):
     """Merge disjoint pairs of key-similar adjacent audio tokens by their mean."""
 
-    name: ClassVar[str] = "a_tome"
-    needs_keys: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"keys"})
 
     def plan(self, step: LayerStep) -> Plan:
         similarity = adjacent_similarity(step.keys, step.span_id)  # (B, T-1)

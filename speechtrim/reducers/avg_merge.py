@@ -17,8 +17,7 @@ from speechtrim.reducers.base import REDUCERS, LayerStep, Reducer
 class AvgMerge(Reducer):
     """Chain the most key-similar adjacent audio pairs into clusters and take their plain mean."""
 
-    name: ClassVar[str] = "avg_merge"
-    needs_keys: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"keys"})
 
     def plan(self, step: LayerStep) -> Plan:
         similarity = adjacent_similarity(step.keys, step.span_id)  # (B, T-1)

@@ -22,9 +22,8 @@ from speechtrim.reducers.base import REDUCERS, LayerStep, Reducer
 class FastAdaSP(Reducer):
     """Weighted merge of the most similar adjacent audio tokens; options as in :class:`Reducer`."""
 
-    name: ClassVar[str] = "fastadasp"
-    needs_scores: ClassVar[bool] = True
-    needs_keys: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"scores", "keys"})
+    sweep_schedules: ClassVar[tuple[str, ...]] = ("none", "constant", "decay")  # sparse and both dense strategies
 
     def plan(self, step: LayerStep) -> Plan:
         similarity = adjacent_similarity(step.keys, step.span_id)  # (B, T-1), -inf across span borders

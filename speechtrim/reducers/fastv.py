@@ -19,8 +19,7 @@ from speechtrim.reducers.base import REDUCERS, LayerStep, Reducer
 class FastV(Reducer):
     """Drop the least-attended audio tokens."""
 
-    name: ClassVar[str] = "fastv"
-    needs_scores: ClassVar[bool] = True
+    needs: ClassVar[frozenset[str]] = frozenset({"scores"})
 
     def plan(self, step: LayerStep) -> Plan:
         return evict_plan(step.scores, step.audio, step.num_remove)

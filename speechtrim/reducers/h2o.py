@@ -8,7 +8,6 @@ the prompt after the audio that plays H2O's "recent window" role, are always kep
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -23,15 +22,15 @@ class H2O(Reducer):
     """Evict the least-attended audio entries from the KV cache after prefill.
 
     Unlike the token reducers it defaults to every layer (``layer=0``, ``schedule="constant"``), as H2O keeps a
-    budget in each layer's cache; each layer evicts ``ratio`` of the audio tokens by its own attention.
+    budget in each layer's cache; each layer evicts ``ratio`` of the audio tokens by its own attention (summed over
+    heads and every prompt query).
     """
 
-    layer: int | str = 0
-    schedule: str | float | Sequence[float] = "constant"
-
-    name: ClassVar[str] = "h2o"
-    needs_scores: ClassVar[bool] = True
-    evicts_cache: ClassVar[bool] = True
+    acts_on: ClassVar[str] = "cache"
+    needs: ClassVar[frozenset[str]] = frozenset({"scores"})
+    keyed_by: ClassVar[str] = "ratio"  # a sweep column is its eviction ratio: the prefill FLOPs do not change
+    default_layer: ClassVar[int] = 0
+    default_schedule: ClassVar[str] = "constant"
 
     def plan(self, step: LayerStep) -> Plan:
         return evict_plan(step.scores, step.audio, step.num_remove)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 from speechtrim.ops.plan import Plan
 from speechtrim.ops.select import evict_plan
@@ -14,8 +13,6 @@ from speechtrim.reducers.base import REDUCERS, LayerStep, Reducer, batch_invaria
 @dataclass
 class RandomEvict(Reducer):
     """Drop random audio tokens (``seed`` fixes the draw)."""
-
-    name: ClassVar[str] = "random_evict"
 
     def plan(self, step: LayerStep) -> Plan:
         return evict_plan(batch_invariant_random(step.span_id, self.seed, step.layer), step.audio, step.num_remove)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -16,8 +15,6 @@ from speechtrim.reducers.base import REDUCERS, LayerStep, Reducer, batch_invaria
 @dataclass
 class RandomMerge(Reducer):
     """Chain random adjacent pairs inside each audio span and average them (``seed`` fixes the draw)."""
-
-    name: ClassVar[str] = "random_merge"
 
     def plan(self, step: LayerStep) -> Plan:
         draws = batch_invariant_random(step.span_id, self.seed, step.layer)[:, :-1]  # (B, T-1)

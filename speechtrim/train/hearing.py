@@ -44,7 +44,10 @@ class StageConfig:
         lr: AdamW learning rate of the projector (warm-up, then cosine decay to 10 %).
         lora_lr: learning rate of the LoRA matrices (None: ``lr``).
         warmup: steps of linear warm-up.
+        prosody_lr: learning rate of the projector's prosody path (None: ``lr``). The path starts at zero and gets
+            no gradient in the CTC stage, so at the joint stage's small projector rate it barely moves.
         ctc_weight: weight of the CTC loss next to the LM loss (joint stage only).
+        lm_reduction: how the joint stage averages the LM loss ("tokens" or "rows", see ``SpeechLM.loss``).
         max_grad_norm: gradient clipping.
         checkpoint_every: steps between checkpoints.
         evaluate_every: steps between calls of the evaluation callback (0: never).
@@ -57,8 +60,10 @@ class StageConfig:
     batch_size: int
     lr: float
     lora_lr: float | None = None
+    prosody_lr: float | None = None
     warmup: int = 20
     ctc_weight: float = 0.3
+    lm_reduction: str = "tokens"
     max_grad_norm: float = 1.0
     checkpoint_every: int = 50
     evaluate_every: int = 0
@@ -69,8 +74,12 @@ class StageConfig:
         for name in ("steps", "batch_size", "checkpoint_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
-        if not self.lr > 0 or (self.lora_lr is not None and not self.lora_lr > 0):
-            raise ValueError(f"lr and lora_lr must be > 0, got {self.lr} and {self.lora_lr}")
+        for name in ("lr", "lora_lr", "prosody_lr"):
+            value = getattr(self, name)
+            if (value is not None or name == "lr") and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        if self.lm_reduction not in ("tokens", "rows"):
+            raise ValueError(f"lm_reduction must be 'tokens' or 'rows', got {self.lm_reduction!r}")
         if not 0.0 <= self.time_mask < 1.0:
             raise ValueError(f"time_mask must be in [0, 1), got {self.time_mask}")
 
@@ -274,7 +283,7 @@ def joint_stage(model: torch.nn.Module, examples: list[Example], config: StageCo
         inputs = model.build_inputs([example.prompt for example in batch], embeds, embeds_mask,
                                     targets=[example.target for example in batch],
                                     assistant_prefix=[example.assistant_prefix for example in batch])
-        lm = model.loss(inputs)
+        lm = model.loss(inputs, reduction=config.lm_reduction)
         rows = [row for row, example in enumerate(batch) if example.ctc_target is not None]
         result = {"lm": lm.detach()}
         total = lm
@@ -287,7 +296,12 @@ def joint_stage(model: torch.nn.Module, examples: list[Example], config: StageCo
         return result
 
     lora = [p for name, p in model.llm.named_parameters() if p.requires_grad and "lora_" in name]
-    groups = [{"params": [p for p in projector.parameters() if p.requires_grad], "lr": config.lr}]
+    prosody = getattr(projector, "prosody", None)
+    separate = {id(p) for p in prosody.parameters()} if prosody is not None and config.prosody_lr else set()
+    groups = [{"params": [p for p in projector.parameters() if p.requires_grad and id(p) not in separate],
+               "lr": config.lr}]
+    if separate:
+        groups.append({"params": [p for p in prosody.parameters() if p.requires_grad], "lr": config.prosody_lr})
     if lora:
         groups.append({"params": lora, "lr": config.lora_lr or config.lr})
     return _run_stage("joint", model, examples, config, loss_fn, groups, checkpoint, evaluate, progress)
