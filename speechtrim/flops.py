@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 from speechtrim.ops.select import count_to_remove_int
+from speechtrim.ratio import check_ratio
 from speechtrim.schedule import layer_ratios
 
 logger = logging.getLogger(__name__)
@@ -121,8 +122,7 @@ def solve_ratio(
         m: feed-forward (intermediate) size.
         tolerance: bisection stops when the ratio interval is narrower than this.
     """
-    if isinstance(target_reduction, bool) or not 0.0 <= float(target_reduction) < 1.0:
-        raise ValueError(f"target_reduction must be in [0, 1), got {target_reduction!r}; e.g. 0.3 for 30% fewer FLOPs.")
+    check_ratio(target_reduction, "target_reduction")
     if not isinstance(schedule, str):
         raise ValueError(
             "solve_ratio scales a named schedule ('none', 'constant', 'decay'); for an explicit list of ratios "

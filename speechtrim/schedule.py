@@ -16,16 +16,11 @@ import logging
 import numbers
 from collections.abc import Sequence
 
+from speechtrim.ratio import check_ratio
+
 logger = logging.getLogger(__name__)
 
 SCHEDULE_NAMES = ("none", "constant", "decay")
-
-
-def _check_ratio(value: object, what: str) -> float:
-    """Return value as a float in [0, 1) or raise a ValueError that names ``what``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"{what} must be a number in [0, 1), got {value!r}; e.g. 0.3 merges 30% of audio tokens.")
-    return float(value)
 
 
 def layer_ratios(
@@ -57,7 +52,7 @@ def layer_ratios(
                 f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULE_NAMES)}, a number, or a list of "
                 f"{num_layers} per-layer ratios."
             )
-        ratio = _check_ratio(ratio, "ratio")
+        ratio = check_ratio(ratio, "ratio")
         ratios = [0.0] * num_layers
         if name == "none":
             ratios[first_layer] = ratio
@@ -75,13 +70,13 @@ def layer_ratios(
                 ratios[layer] = ratio * (last - layer) / span  # exactly 0.0 at the last layer
         return ratios
     if isinstance(schedule, numbers.Real) and not isinstance(schedule, bool):
-        return layer_ratios("constant", _check_ratio(schedule, "schedule ratio"), first_layer, num_layers)
+        return layer_ratios("constant", check_ratio(schedule, "schedule ratio"), first_layer, num_layers)
     if isinstance(schedule, Sequence):
         if len(schedule) != num_layers:
             raise ValueError(
                 f"an explicit schedule needs one ratio per layer: got {len(schedule)} values for {num_layers} layers."
             )
-        return [_check_ratio(value, f"schedule[{index}]") for index, value in enumerate(schedule)]
+        return [check_ratio(value, f"schedule[{index}]") for index, value in enumerate(schedule)]
     raise ValueError(
         f"schedule must be a name ({', '.join(SCHEDULE_NAMES)}), a number, or a list of per-layer ratios, got "
         f"{type(schedule).__name__}."

@@ -7,11 +7,9 @@ import torch
 
 from speechtrim.ops import (
     adjacent_similarity,
-    attention_received,
     apply_plan,
     flatten_heads,
     merge_plan,
-    random_pairs_similarity,
 )
 
 
@@ -199,15 +197,6 @@ def test_half_precision_merge_is_finite_and_close():
     torch.testing.assert_close(low.float(), apply_plan(plan, hidden), rtol=2e-2, atol=2e-2)
 
 
-def test_random_pairs_similarity_is_seeded_and_masked():
-    span_id = torch.tensor([[-1, 0, 0, 0, -1, 1, 1]])
-    first = random_pairs_similarity(span_id, torch.Generator().manual_seed(7))
-    again = random_pairs_similarity(span_id, torch.Generator().manual_seed(7))
-    other = random_pairs_similarity(span_id, torch.Generator().manual_seed(8))
-    assert torch.equal(first, again) and not torch.equal(first, other)
-    assert torch.isinf(first[0, [0, 3, 4]]).all() and torch.isfinite(first[0, [1, 2, 5]]).all()
-
-
 def test_bad_inputs_raise_value_errors():
     with pytest.raises(ValueError, match="similarity"):
         merge_plan(torch.zeros(1, 3), torch.ones(1, 5), torch.tensor([1]))
@@ -231,13 +220,3 @@ def test_monotone_and_tied_similarities_match_the_loop(chain):
                                                    torch.tensor([k]), chain)
             assert torch.equal(plan.slot, slot), k
             torch.testing.assert_close(apply_plan(plan, hidden), expected)
-
-
-def test_attention_received_sums_heads_and_counted_queries():
-    probs = torch.softmax(torch.randn(2, 3, 5, 5), dim=-1)  # (B, H, Tq, Tk)
-    query_mask = torch.tensor([[True] * 5, [False, False, True, True, True]])
-    received = attention_received(probs, query_mask)
-    assert received.shape == (2, 5)
-    torch.testing.assert_close(received[0], probs[0].sum(dim=(0, 1)))
-    torch.testing.assert_close(received[1], probs[1, :, 2:].sum(dim=(0, 1)))
-    assert float(received.sum()) == pytest.approx(3 * (5 + 3), rel=1e-5)  # each counted row sums to 1 per head

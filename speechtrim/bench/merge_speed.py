@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from speechtrim.ops import apply_plan, count_to_remove, merge_plan, random_pairs_similarity
+from speechtrim.ops import apply_plan, count_to_remove, merge_plan
+from speechtrim.reducers.random_merge import random_pair_scores
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ def make_inputs(batch: int, audio_tokens: int, width: int, ratio: float, seed: i
         pad = audio_tokens - int(num_audio[row])
         span_id[row, pad:pad + int(num_audio[row])] = 0
     hidden = torch.randn(batch, length, width, generator=generator)
-    similarity = random_pairs_similarity(span_id, generator)  # scores only drive the choice; cost is the same
+    similarity = random_pair_scores(span_id, seed, layer=0)  # the draw random_merge really merges by
     weights = torch.rand(batch, length, generator=generator) + 0.01
     return hidden, similarity, weights, count_to_remove(num_audio, ratio)
 

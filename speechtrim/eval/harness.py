@@ -5,7 +5,7 @@ the instruction prompt the speech LLM gets. Sets come from the embedded data (th
 synthetic ASR and emotion sets) or from any CSV / JSONL manifest. Every clip is loaded and checked when the set is
 built, so a broken row fails before a sweep starts.
 
-Scores (DESIGN.md section 5): ASR word error rate with Whisper's English normalisation, emotion accuracy (WA),
+Scores: ASR word error rate with Whisper's English normalisation, emotion accuracy (WA),
 unweighted accuracy (UA) and macro-F1, translation BLEU and chrF (sacrebleu); and **fidelity to the unreduced
 model**, which needs no references: WER of the reduced output against the unreduced output (ASR, translation) or
 label agreement (emotion).

@@ -1,6 +1,6 @@
 """A registered attention backend that is stock SDPA plus, on request, the attention each key receives.
 
-FastAdaSP (paper 004, sec. 3.2) needs two things from a decoder layer's attention during prefill:
+FastAdaSP (Lu et al., EMNLP 2024 Industry, sec. 3.2) needs two things from a decoder layer's attention during prefill:
 - eq. 4: the layer's key states, for the cosine similarity of adjacent audio tokens;
 - eq. 5: the attention each key column receives, summed over heads and over all prompt queries
   (FastV and H2O use the same column sums).

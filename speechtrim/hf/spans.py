@@ -13,7 +13,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-# Config fields that hold the audio placeholder token id, by family (see DESIGN.md section 3).
+# Config fields that hold the audio placeholder token id, by family.
 _TOKEN_FIELDS = ("audio_token_index", "audio_token_id")
 _SUB_CONFIGS = ("thinker_config", "audio_config", "text_config")
 

@@ -2,10 +2,8 @@
 
 from speechtrim.ops.merge import (
     adjacent_similarity,
-    attention_received,
     flatten_heads,
     merge_plan,
-    random_pairs_similarity,
     same_span_pairs,
 )
 from speechtrim.ops.plan import Plan, apply_plan, compose_plans, gather_time, identity_plan, plan_from_slots
@@ -15,7 +13,6 @@ __all__ = [
     "Plan",
     "adjacent_similarity",
     "apply_plan",
-    "attention_received",
     "compose_plans",
     "count_to_remove",
     "count_to_remove_int",
@@ -25,6 +22,5 @@ __all__ = [
     "identity_plan",
     "merge_plan",
     "plan_from_slots",
-    "random_pairs_similarity",
     "same_span_pairs",
 ]

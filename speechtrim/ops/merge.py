@@ -68,36 +68,6 @@ def adjacent_similarity(keys: torch.Tensor, span_id: torch.Tensor) -> torch.Tens
     return similarity.masked_fill(~same_span_pairs(span_id), float("-inf"))
 
 
-def attention_received(probs: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention each key token receives, summed over heads and queries (FastAdaSP eq. 5 merge weights).
-
-    Args:
-        probs: (B, H, Tq, Tk) or (B, Tq, Tk) attention probabilities (softmax rows).
-        query_mask: (B, Tq) bool, queries to count (False for padding rows, whose probabilities are meaningless).
-    """
-    if probs.dim() == 3:
-        probs = probs.unsqueeze(1)
-    if probs.dim() != 4:
-        raise ValueError(f"attention_received expects probabilities (B, H, Tq, Tk), got {tuple(probs.shape)}.")
-    probs = probs.float() if probs.dtype in (torch.float16, torch.bfloat16) else probs
-    per_query = probs.sum(dim=1)  # (B, Tq, Tk)
-    if query_mask is not None:
-        per_query = per_query * query_mask.to(per_query.dtype).unsqueeze(-1)
-    return torch.nan_to_num(per_query, nan=0.0).sum(dim=1)  # (B, Tk)
-
-
-def random_pairs_similarity(span_id: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random scores in [0, 1) for adjacent pairs, -inf across span borders (the ``random_merge`` baseline).
-
-    Args:
-        span_id: (B, T) long, span number of each token; -1 = not reducible.
-        generator: seeded generator; the scores are drawn on its device and moved to span_id's device.
-    """
-    batch, length = span_id.shape
-    scores = torch.rand(batch, max(length - 1, 0), generator=generator, device=generator.device)
-    return scores.to(span_id.device).masked_fill(~same_span_pairs(span_id), float("-inf"))  # (B, T-1)
-
-
 def _descending_rank(similarity: torch.Tensor) -> torch.Tensor:
     """Rank of each pair in its row, 0 = most similar; ties go to the lower index (a strict total order)."""
     order = similarity.sort(dim=1, descending=True, stable=True).indices  # (B, P)

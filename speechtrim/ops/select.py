@@ -8,6 +8,7 @@ import math
 import torch
 
 from speechtrim.ops.plan import Plan, plan_from_slots
+from speechtrim.ratio import check_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +26,7 @@ def count_to_remove(num_audio: torch.Tensor, ratio: float) -> torch.Tensor:
         num_audio: (B,) long, reducible (audio) tokens in each row.
         ratio: fraction of them to remove, in [0, 1).
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}; e.g. 0.3 removes 30% of audio tokens.")
+    check_ratio(ratio, "ratio")
     num_audio = torch.as_tensor(num_audio).long()
     if bool((num_audio < 0).any()):
         raise ValueError(f"num_audio must be non-negative token counts, got {num_audio.tolist()}.")
@@ -41,8 +41,7 @@ def count_to_remove_int(num_audio: int, ratio: float) -> int:
         num_audio: reducible tokens in one row.
         ratio: fraction to remove, in [0, 1).
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
-        raise ValueError(f"ratio must be a number in [0, 1), got {ratio!r}; e.g. 0.3 removes 30% of audio tokens.")
+    check_ratio(ratio, "ratio")
     if num_audio < 0:
         raise ValueError(f"num_audio must be a non-negative token count, got {num_audio}.")
     wanted = max(math.ceil(num_audio * float(ratio) - 0.5), 0)

@@ -22,7 +22,8 @@ from torch import nn
 
 from speechtrim.flops import solve_ratio
 from speechtrim.ops.plan import Plan
-from speechtrim.reduction import ACTS_ON, KEYED_BY, NEEDS, LayerStep, ModelShape, ReductionStats, check_ratio
+from speechtrim.ratio import check_ratio
+from speechtrim.reduction import ACTS_ON, KEYED_BY, NEEDS, LayerStep, ModelShape, ReductionStats
 from speechtrim.registry import Registry
 from speechtrim.schedule import SCHEDULE_NAMES, layer_ratios
 
