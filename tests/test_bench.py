@@ -55,6 +55,26 @@ def model():
     return EmbeddedModel(tiny_bench_model(), "tiny", trained=False)
 
 
+def test_reduced_fidelity_is_measured_against_the_unreduced_outputs(one_thread, model, tmp_path, monkeypatch):
+    """Force every reduced run to answer differently: its fidelity must see it, while the unreduced row is perfect."""
+    real = sweep_module.run_item
+
+    def forced(model, prepared, reducer=None, candidates=None, *args, **kwargs):
+        run = real(model, prepared, reducer, candidates, *args, **kwargs)
+        if reducer is not None:  # the opposite label, or words the tiny model never says
+            other = [c.strip() for c in candidates or () if c.strip() != run.output]
+            run.output = other[0] if other else "zebra quartz"
+        return run
+
+    monkeypatch.setattr(sweep_module, "run_item", forced)
+    config = SweepConfig(targets=(0.3,), methods=select_methods(["fastv"], LAYER), max_new_tokens=3)
+    rows = {(row["method"], row["task"]): row
+            for row in run_sweep(model, toy_sets(), config, tmp_path / "rows.jsonl", progress=False)}
+    assert rows["none", "asr"]["fidelity"] == 0.0 and rows["none", "emotion"]["fidelity"] == 1.0
+    assert rows["fastv", "emotion"]["fidelity"] == 0.0  # every label differs from the unreduced one
+    assert rows["fastv", "asr"]["fidelity"] >= 1.0  # every word differs from the unreduced transcript
+
+
 def test_sweep_rows_keys_targets_fidelity(one_thread, model, tmp_path):
     config = SweepConfig(targets=(0.1, 0.3), methods=select_methods(None, LAYER), max_new_tokens=3)
     rows = run_sweep(model, toy_sets(), config, tmp_path / "rows.jsonl", progress=False)
