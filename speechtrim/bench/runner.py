@@ -13,7 +13,6 @@ Face speech LLM whose processor expands the audio tokens (Qwen2-Audio, Voxtral, 
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import logging
 import statistics
@@ -28,7 +27,8 @@ from torch import nn
 
 from speechtrim.eval.harness import EvalItem
 from speechtrim.hf.kv_evict import kv_cache_bytes
-from speechtrim.hf.layers import CACHE_KWARG, returned_cache, text_backbone
+from speechtrim.hf.layers import returned_cache, text_backbone
+from speechtrim.inference import candidate_log_probs, greedy_continue
 
 logger = logging.getLogger(__name__)
 
@@ -251,26 +251,6 @@ def _eos_ids(model: Any) -> set[int]:
     return ids
 
 
-def _score(decoder: nn.Module, logits: torch.Tensor, cache: Any, prepared: Prepared,
-           candidate_ids: list[list[int]]) -> torch.Tensor:
-    """Log-probability of each candidate answer after the prompt: (C,). Continues from copies of the cache."""
-    first = torch.log_softmax(logits.float(), dim=-1)[0]  # (V,)
-    mask = prepared.kwargs["attention_mask"]  # (1, T)
-    last = prepared.kwargs["position_ids"][:, -1:]  # (1, 1)
-    scores = []
-    for ids in candidate_ids:
-        total = first[ids[0]]
-        if len(ids) > 1:
-            rest = torch.tensor([ids[:-1]], device=mask.device)  # (1, L-1)
-            steps = torch.arange(1, len(ids), device=mask.device)
-            out = decoder(input_ids=rest, attention_mask=torch.cat([mask, mask.new_ones(1, len(ids) - 1)], 1),
-                          position_ids=last + steps, use_cache=True, **{CACHE_KWARG: copy.deepcopy(cache)})
-            log_probs = torch.log_softmax(out.logits[0].float(), dim=-1)  # (L-1, V)
-            total = total + log_probs.gather(-1, torch.tensor(ids[1:], device=mask.device)[:, None]).sum()
-        scores.append(total)
-    return torch.stack(scores)
-
-
 @torch.no_grad()
 def _run_once(model: Any, prepared: Prepared, reducer: Any, candidates: list[str] | None,
               max_new_tokens: int, eos: set[int], depth: int) -> ItemRun:
@@ -291,22 +271,14 @@ def _run_once(model: Any, prepared: Prepared, reducer: Any, candidates: list[str
         cache_bytes = kv_cache_bytes(cache)
         logits = out.logits[:, -1]  # (1, V)
         label = None
+        mask, positions = prepared.kwargs["attention_mask"], prepared.kwargs["position_ids"]  # (1, T)
         if candidates:
-            scores = _score(decoder, logits, cache, prepared, [model.token_ids(text) for text in candidates])
+            scores = candidate_log_probs(decoder, logits, cache, mask, positions,
+                                         [model.token_ids(text) for text in candidates])[0]  # (C,)
             label = candidates[int(scores.argmax())].strip()
-        mask = prepared.kwargs["attention_mask"]  # (1, T)
-        position = prepared.kwargs["position_ids"][..., -1:]  # (1, 1)
-        token = logits.argmax(dim=-1, keepdim=True)  # (1, 1)
-        generated = [int(token)]
         _sync(device)
         started = time.perf_counter()
-        while len(generated) < max_new_tokens and generated[-1] not in eos:
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            position = position + 1
-            out = decoder(input_ids=token, attention_mask=mask, position_ids=position, use_cache=True,
-                          **{CACHE_KWARG: cache})
-            token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (1, 1)
-            generated.append(int(token))
+        generated = greedy_continue(decoder, logits, cache, mask, positions, max_new_tokens, eos)
         _sync(device)
         decode_s = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None

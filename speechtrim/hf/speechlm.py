@@ -22,6 +22,7 @@ from torch import nn
 from speechtrim.adapters import LengthAdapter, build
 from speechtrim.assets.whisper import valid_frames
 from speechtrim.hf.layers import CACHE_KWARG, returned_cache
+from speechtrim.inference import candidate_log_probs
 from speechtrim.hf.prefix import KeyValues, PrefixCache, as_cache
 from speechtrim.models.vocab_projector import VocabProjector, ctc_greedy
 
@@ -383,24 +384,8 @@ class SpeechLM(nn.Module):
             logits_to_keep=1,  # only the last position's next-token distribution is read
             **self._prefix_kwargs(batch),
         )
-        first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)  # (B, V)
-        candidate_ids = [self._ids(text) for text in candidates]
-        scores = torch.zeros(batch.inputs_embeds.shape[0], len(candidates), device=self.device)
-        for index, ids in enumerate(candidate_ids):
-            scores[:, index] = first[:, ids[0]]
-            if len(ids) > 1:  # continue from the prompt's cache; copy it so each candidate starts fresh
-                cache = _copy_cache(returned_cache(out))
-                attention = torch.cat([batch.attention_mask, batch.attention_mask.new_ones(len(scores), len(ids) - 1)], 1)
-                positions = batch.position_ids[:, -1:] + torch.arange(1, len(ids), device=self.device)
-                rest = self.llm(
-                    input_ids=ids[:-1].unsqueeze(0).expand(len(scores), -1),
-                    attention_mask=attention,
-                    position_ids=positions,
-                    **{CACHE_KWARG: cache},
-                ).logits.float()  # (B, len-1, V)
-                log_probs = torch.log_softmax(rest, dim=-1)
-                scores[:, index] += log_probs.gather(-1, ids[1:].expand(len(scores), -1).unsqueeze(-1)).squeeze(-1).sum(1)
-        return scores
+        return candidate_log_probs(self.llm, out.logits[:, -1], returned_cache(out), batch.attention_mask,
+                                   batch.position_ids, [self._ids(text).tolist() for text in candidates])
 
     @torch.no_grad()
     def generate(self, batch: PromptBatch, max_new_tokens: int = 64, **generate_kwargs: Any) -> list[str]:
@@ -417,12 +402,6 @@ class SpeechLM(nn.Module):
             **generate_kwargs,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
-
-
-def _copy_cache(cache: Any) -> Any:
-    import copy
-
-    return copy.deepcopy(cache)
 
 
 TRAINED_FILE = "projector_adapter.safetensors"
