@@ -17,7 +17,7 @@ from speechtrim.bench.scaling import long_audio, max_batch, scaling_study
 from speechtrim.bench.sweep import ROW_KEYS, SweepConfig, read_jsonl, run_sweep, select_methods
 from speechtrim.cli import main
 from speechtrim.eval.harness import EvalItem, EvalSet
-from speechtrim.hf.speechlm import SpeechLM
+from speechtrim.models.speechlm import SpeechLM
 from tests.tiny_speechlm import tiny_speechlm
 
 LAYER = 2

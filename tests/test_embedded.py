@@ -8,7 +8,7 @@ import torch
 
 from speechtrim.data.synthetic_asr import SENTENCES, fortune_sentences, training_sentences
 from speechtrim.eval.harness import EvalItem, EvalSet
-from speechtrim.hf.speechlm import SpeechLM
+from speechtrim.models.speechlm import SpeechLM
 from speechtrim.prompts import ASR_PROMPT, EMOTION_ANSWER_PREFIX
 from speechtrim.train.embedded import EmbeddedRecipe, train_embedded, training_data
 from speechtrim.train.hearing import StageConfig
@@ -21,9 +21,7 @@ def tiny_build(encoder="tiny", llm="tiny", adapter="none", adapter_params=None, 
     torch.manual_seed(seed)
     model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer, adapter=adapter, pool=pool,
                      projector=projector, projector_params=projector_params)
-    model.recipe = {"encoder": encoder, "llm": llm, "adapter": adapter, "adapter_params": adapter_params or {},
-                    "pool": pool, "projector": projector,
-                    "projector_params": {k: v for k, v in (projector_params or {}).items() if k != "vocab_ids"}}
+    model.speech_config.encoder, model.speech_config.llm = encoder, llm
     return model
 
 
@@ -41,7 +39,7 @@ def tiny_eval_set(spec, limit=None):
 def tiny_world(monkeypatch, tmp_cache):
     import speechtrim.assets.whisper as whisper_assets
     import speechtrim.eval.harness as harness
-    import speechtrim.hf.speechlm as speechlm_module
+    import speechtrim.models.speechlm as speechlm_module
 
     monkeypatch.setattr(speechlm_module, "build_speechlm", tiny_build)
     monkeypatch.setattr(whisper_assets, "whisper_cache_dir", lambda name: tmp_cache / f"whisper-{name}")

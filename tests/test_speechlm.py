@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from speechtrim.hf.speechlm import SpeechLM
+from speechtrim.models.speechlm import SpeechLM
 from tests.tiny_speechlm import tiny_speechlm
 
 PROMPT = "what the emotion : <audio> \n"
@@ -111,14 +111,13 @@ def test_bad_input_is_refused_with_a_clear_message():
 
 
 def test_saved_projector_and_adapter_reload_with_one_call(tmp_path, monkeypatch):
-    import speechtrim.hf.speechlm as speechlm_module
+    import speechtrim.models.speechlm as speechlm_module
 
     def tiny_build(encoder, llm, adapter, adapter_params=None, pool=1, seed=0, projector="linear",
                    projector_params=None):
         assert projector == "linear" and not projector_params
         model = tiny_speechlm(adapter=adapter, seed=seed + 7, **(adapter_params or {}))
-        model.recipe = {"encoder": encoder, "llm": llm, "adapter": adapter, "adapter_params": adapter_params or {},
-                        "pool": pool}
+        model.speech_config.encoder, model.speech_config.llm = encoder, llm
         return model
 
     monkeypatch.setattr(speechlm_module, "build_speechlm", tiny_build)
@@ -128,7 +127,7 @@ def test_saved_projector_and_adapter_reload_with_one_call(tmp_path, monkeypatch)
             parameter.add_(torch.randn_like(parameter))
     speechlm_module.save_trained(trained, tmp_path / "saved", {"task": "emotion"})
     loaded = speechlm_module.load_speechlm(tmp_path / "saved")
-    assert loaded.meta["task"] == "emotion" and loaded.meta["adapter"] == "conv"
+    assert loaded.speech_config.extra["task"] == "emotion" and loaded.speech_config.adapter == "conv"
     for name, tensor in trained.state_dict().items():
         if name.startswith(("projector.", "adapter.")):
             assert torch.equal(loaded.state_dict()[name], tensor), name

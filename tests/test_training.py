@@ -217,7 +217,7 @@ def test_tables_chart_and_timing(setup, tmp_path):
 def test_transcribing_stores_the_same_encoder_frames_the_cache_would_compute(tmp_path):
     from speechtrim.assets.whisper import load_whisper
     from speechtrim.audio import load_audio
-    from speechtrim.hf.speechlm import SpeechLM
+    from speechtrim.models.speechlm import SpeechLM
     from speechtrim.train.compare import transcripts_for
 
     dataset = tone_dataset(tmp_path, per_class=2)

@@ -11,7 +11,7 @@ from transformers import (
     WhisperModel,
 )
 
-from speechtrim.hf.speechlm import SpeechLM
+from speechtrim.models.speechlm import SpeechLM
 
 WORDS = ["<pad>", "<eos>", "<unk>", "the", "emotion", "is", "audio", ":", "angry", "happy", "sad", "neutral",
          "transcribe", "this", "what", "say", "very", "not", "\n", "<audio>"]

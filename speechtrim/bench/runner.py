@@ -5,7 +5,7 @@ apart (FastAdaSP eq. 9) and the KV cache can be measured right after prefill. Th
 ``generate()`` does for one prompt: one prefill forward, then one forward per new token with the 2-D attention mask
 grown by one column and the next position id; it stops at an end-of-sequence token.
 
-Models: :class:`EmbeddedModel` wraps speechtrim's own :class:`~speechtrim.hf.speechlm.SpeechLM` (audio longer
+Models: :class:`EmbeddedModel` wraps speechtrim's own :class:`~speechtrim.models.speechlm.SpeechLM` (audio longer
 than the encoder's 30 s window is split into windows whose embeddings are concatenated), :class:`HubModel` a Hugging
 Face speech LLM whose processor expands the audio tokens (Qwen2-Audio, Voxtral, Granite-Speech, ...).
 """
@@ -74,7 +74,7 @@ class EmbeddedModel(_Fingerprinted):
     """speechtrim's SpeechLM (Whisper encoder -> projector -> adapter -> frozen LLM) behind the bench interface.
 
     Args:
-        speechlm: a built or loaded :class:`~speechtrim.hf.speechlm.SpeechLM`.
+        speechlm: a built or loaded :class:`~speechtrim.models.speechlm.SpeechLM`.
         name: how rows name the model.
         trained: False when the projector is untrained (task metrics are then meaningless).
     """
@@ -173,7 +173,7 @@ def load_bench_model(model: str = "embedded", speechlm: str | Path | None = None
         speechlm: a saved SpeechLM folder (takes precedence over ``model``).
         device: "cpu" or "cuda".
     """
-    from speechtrim.hf.speechlm import CONFIG_FILE, build_speechlm, load_speechlm
+    from speechtrim.models.speechlm import CONFIG_FILE, build_speechlm, load_speechlm
 
     folder = Path(speechlm).expanduser() if speechlm is not None else None
     if folder is None and model != "embedded" and (Path(model).expanduser() / CONFIG_FILE).is_file():

@@ -1,4 +1,7 @@
-"""Model components that do not touch transformers internals (the speech LLM's trainable parts)."""
+"""speechtrim's own speech LLM (``SpeechLM``, built from a ``SpeechLMConfig``) and its trainable parts.
+
+Nothing here reaches into transformers internals; that is :mod:`speechtrim.hf`'s job.
+"""
 
 from speechtrim.models.vocab_projector import VocabProjector, ctc_greedy, ctc_loss
 

@@ -99,7 +99,7 @@ def transcripts_for(dataset: Dataset, whisper_name: str, out_dir: Path,
 
 def _store_frames(frame_cache: EncoderCache, examples: list, index: int, audio, hidden) -> None:
     """``transcribe``'s ``on_encoded``: keep the clip's valid encoder frames, as ``SpeechLM.encode`` would."""
-    from speechtrim.hf.speechlm import audio_frames
+    from speechtrim.models.speechlm import audio_frames
 
     frame_cache.store(examples[index].audio_path, hidden[: audio_frames(len(audio), hidden.shape[0])].float())
 
@@ -124,7 +124,7 @@ def compare_adapters(
         save: with one adapter, also train it on the whole data set and save it here (``load_speechlm`` reloads it).
     """
     from speechtrim.assets.whisper import whisper_cache_dir
-    from speechtrim.hf.speechlm import build_speechlm
+    from speechtrim.models.speechlm import build_speechlm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base = build_speechlm(encoder, llm)
@@ -160,16 +160,14 @@ def compare_adapters(
 
 def _train_and_save(base, dataset: Dataset, frames, transcripts, adapters, config: TrainConfig, folder: Path,
                     progress: bool) -> None:
-    from speechtrim.hf.speechlm import SpeechLM, save_trained
+    from speechtrim.models.speechlm import save_trained
     from speechtrim.prompts import EMOTION_ANSWER_PREFIX, emotion_prompt
     from speechtrim.train.trainer import TrainItem, fit, seed_everything
 
     if len(adapters) != 1:
         raise ValueError(f"--save keeps one trained model: pass one adapter, got {list(adapters)}")
     seed_everything(config.seed)
-    model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer, adapter=adapters[0],
-                     system_prompt=base.system_prompt)
-    model.recipe = {**base.recipe, "adapter": adapters[0], "system_prompt": base.system_prompt}
+    model = base.sharing(adapter=adapters[0])
     labels = list(dataset.labels)
     items = [TrainItem(f, emotion_prompt(t, labels), " " + e.label) for f, t, e in zip(frames, transcripts, dataset.examples)]
     fit(model, items, config, assistant_prefix=EMOTION_ANSWER_PREFIX, progress=progress)
@@ -189,7 +187,6 @@ def time_inference(base, names: list[str], out_dir: Path, frames, transcripts, d
 
     import torch
 
-    from speechtrim.hf.speechlm import SpeechLM
     from speechtrim.prompts import emotion_prompt
     from speechtrim.train.kfold import predict
 
@@ -198,9 +195,7 @@ def time_inference(base, names: list[str], out_dir: Path, frames, transcripts, d
             for i in range(min(clips, len(frames)))]
     models = {}
     for name in names:
-        model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer,
-                         adapter="none" if name == TEXT_ONLY else name, pool=base.pool,
-                         system_prompt=base.system_prompt)
+        model = base.sharing(adapter="none" if name == TEXT_ONLY else name)
         weights = out_dir / name / "fold0.weights.pt"
         if weights.is_file():
             model.load_state_dict(torch.load(weights, weights_only=True), strict=False)

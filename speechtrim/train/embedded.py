@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from speechtrim.assets.cache import cache_root, write_json_atomic
-from speechtrim.hf.speechlm import trained_state
+from speechtrim.models.speechlm import trained_state
 from speechtrim.models.vocab_projector import VocabProjector
 from speechtrim.train.hearing import Example, StageConfig, ctc_stage, ctc_token_ids, joint_stage
 from speechtrim.train.trainer import seed_everything
@@ -206,22 +206,20 @@ def train_embedded(recipe: EmbeddedRecipe, out: Path, work: Path | None = None, 
         progress: show progress bars.
         eval_limit: clips per held-out set in the final evaluation (None: all).
     """
-    from speechtrim.hf.speechlm import build_speechlm, save_trained
+    from speechtrim.models.speechlm import build_speechlm, save_trained
 
     started = time.perf_counter()
     seed_everything(recipe.joint.seed)
     model = build_speechlm(recipe.encoder, recipe.llm, "none", pool=recipe.pool, seed=recipe.joint.seed)
     model.system_prompt = ""  # no system turn: SmolLM2's template would otherwise add its own
-    model.recipe["system_prompt"] = ""
     asr, emotion, data = training_data(model, recipe, progress)
     vocab_ids = data.pop("vocab_ids")
     embeddings = model.llm.get_input_embeddings().weight
     params = {"hidden": recipe.projector_hidden, "prosody_rank": recipe.prosody_rank,
               "embedding_std": float(embeddings.std())}
     torch.manual_seed(recipe.joint.seed)
-    model.projector = VocabProjector(model.pool * int(model.encoder.config.d_model), embeddings.shape[1], vocab_ids,
-                                     **params)
-    model.recipe.update(projector="vocab", projector_params=params)
+    model.use_projector(VocabProjector(model.pool * int(model.encoder.config.d_model), embeddings.shape[1],
+                                       vocab_ids, **params), "vocab", params)
     work = Path(work) if work is not None else cache_root() / "embedded-training"
     work.mkdir(parents=True, exist_ok=True)
     probe = _held_out_probe(model, recipe.eval_clips)

@@ -25,7 +25,7 @@ from speechtrim.assets.cache import write_json_atomic
 from speechtrim.data.emotion import Dataset, check_folds
 from speechtrim.eval.metrics import classification_metrics, mean_std
 from speechtrim.hf.prefix import PrefixCache
-from speechtrim.hf.speechlm import SpeechLM
+from speechtrim.models.speechlm import SpeechLM
 from speechtrim.prompts import EMOTION_ANSWER_PREFIX, emotion_prompt
 from speechtrim.train.encoder_cache import pad_frames
 from speechtrim.train.trainer import TrainConfig, TrainItem, fit, seed_everything, trainable_state
@@ -101,9 +101,8 @@ def cross_validate(
             results.append(FoldResult(**json.loads(done.read_text())))
             continue
         seed_everything(config.seed + fold)
-        model = SpeechLM(base.encoder, base.feature_extractor, base.llm, base.tokenizer,
-                         adapter="none" if adapter == TEXT_ONLY else adapter, adapter_params=adapter_params,
-                         pool=base.pool, system_prompt=base.system_prompt)
+        model = base.sharing(adapter="none" if adapter == TEXT_ONLY else adapter,
+                             adapter_params=dict(adapter_params or {}))
         started = time.perf_counter()
         history: list[dict[str, float]] = []
         if adapter != TEXT_ONLY:

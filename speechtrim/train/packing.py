@@ -61,7 +61,7 @@ def encode_packed(model: torch.nn.Module, paths: list[Path], cache: EncoderCache
         batch_size: windows per encoder pass.
         progress: show a progress bar.
     """
-    from speechtrim.hf.speechlm import audio_frames
+    from speechtrim.models.speechlm import audio_frames
 
     keys = [content_key(path) for path in paths]
     todo = sorted({key: path for key, path in zip(keys, paths) if not cache.has(key)}.items())

@@ -11,7 +11,7 @@ transformers model that every reducer attaches to. The length adapters' experime
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,50 @@ def audio_frames(num_samples: int, available: int, sample_rate: int = 16000) -> 
     return max(1, min(valid_frames(num_samples, sample_rate), available))
 
 
+@dataclass
+class SpeechLMConfig:
+    """Everything ``speechlm.json`` holds: how a SpeechLM is put together around its trained weights.
+
+    Args:
+        encoder: the packaged Whisper it uses (``speechtrim.assets.whisper``); None for one built in code.
+        llm: the packaged LLM (``speechtrim.assets.llm``); None for one built in code.
+        adapter: the length adapter's registered name.
+        adapter_params: its options.
+        pool: encoder frames stacked per audio token.
+        projector: "linear" or "vocab".
+        projector_params: the projector's options (a vocabulary projector's token ids live in the weights).
+        system_prompt: the chat's system turn (None: the template's default; "": none).
+        lora: rank, alpha and targets of the LoRA matrices trained on the LLM (None: the LLM is untouched).
+        extra: what the training recorded with the weights (task, labels, data, ...).
+    """
+
+    encoder: str | None = None
+    llm: str | None = None
+    adapter: str = "none"
+    adapter_params: dict[str, Any] = field(default_factory=dict)
+    pool: int = 1
+    projector: str = "linear"
+    projector_params: dict[str, Any] = field(default_factory=dict)
+    system_prompt: str | None = None
+    lora: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The flat JSON object of ``speechlm.json`` (``extra``'s keys beside the others)."""
+        data = asdict(self)
+        return {**data.pop("extra"), **data}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SpeechLMConfig:
+        """Read ``speechlm.json``: known keys fill the fields, the others go to ``extra``."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        config = cls(**{key: value for key, value in data.items() if key in known})
+        config.extra = {key: value for key, value in data.items() if key not in known}
+        config.adapter_params = dict(config.adapter_params or {})
+        config.projector_params = dict(config.projector_params or {})
+        return config
+
+
 class SpeechLM(nn.Module):
     """A frozen Whisper encoder and frozen causal LLM joined by a trainable projector and length adapter.
 
@@ -94,7 +138,11 @@ class SpeechLM(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.pool = pool
-        self.system_prompt = system_prompt
+        adapter_name = adapter if isinstance(adapter, str) else getattr(adapter, "name", type(adapter).__name__)
+        self.speech_config = SpeechLMConfig(
+            adapter=adapter_name, adapter_params=dict(adapter_params or {}), pool=pool, projector=projector,
+            projector_params={k: v for k, v in (projector_params or {}).items() if k != "vocab_ids"},
+            system_prompt=system_prompt)
         encoder_width = int(encoder.config.d_model)
         llm_width = int(llm.get_input_embeddings().embedding_dim)
         if projector == "linear":
@@ -107,6 +155,53 @@ class SpeechLM(nn.Module):
         for frozen in (self.encoder, self.llm):
             frozen.requires_grad_(False)
             frozen.eval()
+
+    @classmethod
+    def from_config(cls, config: SpeechLMConfig, encoder: nn.Module, feature_extractor: Any, llm: nn.Module,
+                    tokenizer: Any, vocab_ids: torch.Tensor | None = None) -> SpeechLM:
+        """A SpeechLM around these frozen parts, put together as ``config`` says (untrained projector/adapter).
+
+        Args:
+            config: the settings (its ``lora`` is not applied here: ``load_speechlm`` loads and merges it).
+            encoder, feature_extractor, llm, tokenizer: the frozen parts.
+            vocab_ids: a vocabulary projector's token ids.
+        """
+        projector_params = dict(config.projector_params)
+        if config.projector == "vocab":
+            if vocab_ids is None:
+                raise ValueError("a vocabulary projector needs its vocab_ids")
+            projector_params["vocab_ids"] = vocab_ids
+        model = cls(encoder, feature_extractor, llm, tokenizer, adapter=config.adapter,
+                    adapter_params=config.adapter_params, pool=config.pool, system_prompt=config.system_prompt,
+                    projector=config.projector, projector_params=projector_params)
+        model.speech_config = replace(config, lora=None)
+        return model
+
+    def sharing(self, **changes: Any) -> SpeechLM:
+        """A new SpeechLM on this one's frozen encoder and LLM with a fresh projector and adapter, its settings this
+        one's with ``changes`` (e.g. ``adapter="conv"``); what the length-adapter experiments train."""
+        config = replace(self.speech_config, **changes)
+        return SpeechLM.from_config(config, self.encoder, self.feature_extractor, self.llm, self.tokenizer)
+
+    def use_projector(self, projector: nn.Module, kind: str, params: dict[str, Any]) -> None:
+        """Replace the projector (e.g. by a ``VocabProjector`` built from the training vocabulary) and record it.
+
+        Args:
+            projector: the new projector module.
+            kind: "linear" or "vocab".
+            params: its options as ``speechlm.json`` keeps them (without token ids).
+        """
+        self.projector = projector
+        self.speech_config.projector, self.speech_config.projector_params = kind, dict(params)
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The chat's system turn (``speech_config.system_prompt``)."""
+        return self.speech_config.system_prompt
+
+    @system_prompt.setter
+    def system_prompt(self, value: str | None) -> None:
+        self.speech_config.system_prompt = value
 
     def train(self, mode: bool = True) -> SpeechLM:
         """Train mode for the projector and adapter only; the frozen parts stay in eval mode."""
@@ -212,8 +307,7 @@ class SpeechLM(nn.Module):
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
         self.llm = get_peft_model(self.llm, config)
         self.llm.eval()
-        if hasattr(self, "recipe"):
-            self.recipe["lora"] = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+        self.speech_config.lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
 
     @property
     def has_lora(self) -> bool:
@@ -434,9 +528,7 @@ def build_speechlm(
     model = SpeechLM(whisper.get_encoder(), processor.feature_extractor, language_model, tokenizer,
                      adapter=adapter, adapter_params=adapter_params, pool=pool, projector=projector,
                      projector_params=projector_params)
-    stored_params = {k: v for k, v in (projector_params or {}).items() if k != "vocab_ids"}  # ids live in the weights
-    model.recipe = {"encoder": encoder, "llm": llm, "adapter": adapter, "adapter_params": adapter_params or {},
-                    "pool": pool, "projector": projector, "projector_params": stored_params}
+    model.speech_config.encoder, model.speech_config.llm = encoder, llm
     return model
 
 
@@ -453,10 +545,11 @@ def trained_state(model: SpeechLM) -> dict[str, torch.Tensor]:
 
 def save_trained(model: SpeechLM, folder: str | Path, extra: dict[str, Any] | None = None,
                  dtype: torch.dtype | None = None) -> Path:
-    """Save the trained parts (safetensors; LoRA matrices unmerged) and the recipe that rebuilds the rest (JSON).
+    """Save the trained parts (safetensors; LoRA matrices unmerged) and the settings that rebuild the rest
+    (``speech_config`` as speechlm.json).
 
     Args:
-        model: a SpeechLM built by ``build_speechlm`` (it carries its recipe).
+        model: a SpeechLM whose encoder and LLM are packaged ones (``build_speechlm``).
         folder: where to write (atomically).
         extra: more fields for speechlm.json.
         dtype: store floating-point weights in this type (e.g. torch.float16 to halve the file); None keeps theirs.
@@ -468,15 +561,19 @@ def save_trained(model: SpeechLM, folder: str | Path, extra: dict[str, Any] | No
     from speechtrim.assets.cache import atomic_dir, current_umask, write_json_atomic
 
     folder = Path(folder)
-    recipe = getattr(model, "recipe", None)
-    if recipe is None:
-        raise ValueError("this SpeechLM has no recipe (build it with build_speechlm) so it cannot be saved")
+    config = model.speech_config
+    if config.encoder is None or config.llm is None:
+        raise ValueError("this SpeechLM's encoder or LLM is not a packaged one (speech_config.encoder / .llm are "
+                         "None), so it could not be rebuilt from the saved weights; build it with build_speechlm")
+    if config.lora and not model.has_lora:
+        raise ValueError("this SpeechLM's LoRA matrices are merged into its LLM (as load_speechlm does), so they "
+                         "cannot be saved apart; save the model before merge_lora()")
     with atomic_dir(folder) as staging:
         state = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
                  for name, tensor in trained_state(model).items()}
         save_file(state, str(staging / TRAINED_FILE))
         os.chmod(staging / TRAINED_FILE, 0o666 & ~current_umask())  # safetensors writes 0600; keep the user's umask
-        write_json_atomic(staging / CONFIG_FILE, {**recipe, **(extra or {})})
+        write_json_atomic(staging / CONFIG_FILE, {**config.to_json(), **(extra or {})})
     return folder
 
 
@@ -490,31 +587,29 @@ def load_speechlm(folder: str | Path) -> SpeechLM:
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file() or not (folder / TRAINED_FILE).is_file():
         raise FileNotFoundError(f"{folder} is not a saved SpeechLM: it needs {CONFIG_FILE} and {TRAINED_FILE}")
-    recipe = json.loads((folder / CONFIG_FILE).read_text())
+    config = SpeechLMConfig.from_json(json.loads((folder / CONFIG_FILE).read_text()))
     state = load_file(str(folder / TRAINED_FILE))
-    projector_params = dict(recipe.get("projector_params") or {})
-    if recipe.get("projector", "linear") == "vocab":
+    projector_params = dict(config.projector_params)
+    if config.projector == "vocab":
         projector_params["vocab_ids"] = state["projector.vocab_ids"]
-    model = build_speechlm(recipe["encoder"], recipe["llm"], recipe["adapter"], recipe.get("adapter_params"),
-                           recipe.get("pool", 1), projector=recipe.get("projector", "linear"),
-                           projector_params=projector_params)
+    model = build_speechlm(config.encoder, config.llm, config.adapter, config.adapter_params, config.pool,
+                           projector=config.projector, projector_params=projector_params)
     lora_state = {name[len("lora."):]: tensor for name, tensor in state.items() if name.startswith("lora.")}
-    if recipe.get("lora"):
+    if config.lora:
         from peft import set_peft_model_state_dict
 
-        model.add_lora(**recipe["lora"])
+        model.add_lora(**config.lora)
         result = set_peft_model_state_dict(model.llm, lora_state)
         if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{folder}: LoRA weights do not fit the recipe (unexpected {result.unexpected_keys})")
+            raise ValueError(f"{folder}: LoRA weights do not fit speechlm.json (unexpected {result.unexpected_keys})")
         model.merge_lora()
-        model.recipe["lora"] = recipe["lora"]
     elif lora_state:
         raise ValueError(f"{folder}: the weights hold LoRA matrices but speechlm.json has no 'lora' entry")
     own = {name: tensor for name, tensor in state.items() if not name.startswith("lora.")}
     missing, unexpected = model.load_state_dict(own, strict=False)
     missing = [name for name in missing if name.startswith(("projector.", "adapter."))]
     if missing or unexpected:
-        raise ValueError(f"{folder}: trained weights do not fit the recipe (missing {missing}, unexpected {unexpected})")
-    model.system_prompt = recipe.get("system_prompt")
-    model.meta = recipe
+        raise ValueError(f"{folder}: trained weights do not fit speechlm.json (missing {missing}, unexpected "
+                         f"{unexpected})")
+    model.speech_config = config
     return model.eval()
