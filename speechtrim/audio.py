@@ -20,6 +20,7 @@ from scipy.signal import resample_poly
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
+WINDOW_SECONDS = 30.0  # the Whisper encoder's input window
 RAW_SUFFIXES = (".raw", ".pcm")
 # dtype name -> (numpy little-endian dtype, scale that maps full range to [-1, 1), offset subtracted first)
 RAW_DTYPES: dict[str, tuple[str, float, float]] = {
@@ -202,7 +203,8 @@ def load_audio(
     return resample(mono, rate, SAMPLE_RATE).astype(np.float32)  # (T * 16000 / rate,)
 
 
-def split_windows(audio: np.ndarray, seconds: float = 30.0, sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
+def split_windows(audio: np.ndarray, seconds: float = WINDOW_SECONDS,
+                  sample_rate: int = SAMPLE_RATE) -> list[np.ndarray]:
     """Split audio into consecutive windows of at most ``seconds``; concatenating them gives back every sample.
 
     Args:

@@ -229,7 +229,8 @@ def test_row_mean_loss_weighs_a_short_answer_like_a_long_one():
     torch.testing.assert_close(rows, (alone[0] + alone[1]) / 2)  # each row's token mean, then the mean of rows
     long_tokens = len(batch.extra["target_ids"][0])
     short_tokens = len(batch.extra["target_ids"][1])
-    torch.testing.assert_close(tokens, (alone[0] * long_tokens + alone[1] * short_tokens) / (long_tokens + short_tokens))
+    expected = (alone[0] * long_tokens + alone[1] * short_tokens) / (long_tokens + short_tokens)
+    torch.testing.assert_close(tokens, expected)  # the token mean weighs the long row by its length
     with pytest.raises(ValueError, match="reduction"):
         model.loss(batch, reduction="sum")
 

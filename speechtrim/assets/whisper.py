@@ -483,7 +483,7 @@ def transcribe(
         audio = np.asarray(audio, dtype=np.float32)
         if audio.ndim != 1:
             raise ValueError(f"audio {index} has shape {audio.shape}; pass 16 kHz mono (T,) arrays (average channels)")
-        pieces = [piece for piece in split_windows(audio, seconds=30.0) if piece.size]
+        pieces = [piece for piece in split_windows(audio) if piece.size]
         windows.extend(pieces)
         owners.extend([index] * len(pieces))
     texts: list[list[str]] = [[] for _ in audios]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from speechtrim.assets.cache import atomic_file
+from speechtrim.eval.harness import TASK_RECORDS
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +96,12 @@ def markdown_tables(rows: Sequence[dict], model: str) -> str:
                      "'—' = target unreachable; 'error' = the row failed (see results.jsonl). "
                      f"[low–high] = 95 % bootstrap interval over the {first.get('clips')} clips (1000 resamples).\n")
         metric = first["metric_name"]
-        higher = first.get("metric_higher_is_better", metric != "wer")
+        task = TASK_RECORDS.get(first["task"])
+        higher = first.get("metric_higher_is_better", task.higher_is_better if task else True)
         percent = metric in ("wer", "accuracy")
         parts.append(_grid(group, "metric", percent, f"{metric}{' %' if percent else ''}", "↑" if higher else "↓"))
         fidelity_name = first.get("fidelity_name", "fidelity")
-        fidelity_up = first.get("fidelity_higher_is_better", fidelity_name == "agreement")
+        fidelity_up = first.get("fidelity_higher_is_better", task.fidelity_higher_is_better if task else True)
         arrow = "↑" if fidelity_up else "↓"
         parts.append("\n" + _grid(group, "fidelity", True, f"fidelity: {fidelity_name} %", arrow))
         parts.append("\n" + _grid(group, "flops_reduction", True, "measured FLOPs reduction %", ""))

@@ -97,7 +97,7 @@ class EmbeddedModel(_Fingerprinted):
         from speechtrim.audio import split_windows
 
         started = time.perf_counter()
-        windows = split_windows(item.audio, 30.0)
+        windows = split_windows(item.audio)
         frames, mask = self.speechlm.encode(windows)  # (W, T, D_enc), (W, T)
         embeds, embeds_mask = self.speechlm.embed_audio(frames, mask)  # (W, T', D_llm), (W, T')
         flat = embeds[embeds_mask].unsqueeze(0)  # (1, N_audio, D_llm): windows joined in time order

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from speechtrim import reducers
 from speechtrim.bench.runner import ItemRun, Prepared, median_encode, run_item
-from speechtrim.eval.harness import FIDELITY, PRIMARY_METRIC, EvalSet, fidelity, score_interval, task_scores
+from speechtrim.eval.harness import TASK_RECORDS, EvalSet, fidelity, score_interval, task_scores
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +233,9 @@ def summarise(data: EvalSet, method: Method, target: float, runs: list[ItemRun],
     """One table row from the per-clip runs (``full`` = the unreduced runs, for fidelity and ratios)."""
     outputs = [run.output for run in runs]
     scores = task_scores(data.task, [item.reference for item in data.items], outputs)
-    metric_name, higher = PRIMARY_METRIC[data.task]
-    fidelity_name, fidelity_higher = FIDELITY[data.task]
+    task = TASK_RECORDS[data.task]
+    metric_name, higher = task.metric, task.higher_is_better
+    fidelity_name, fidelity_higher = task.fidelity, task.fidelity_higher_is_better
     reference = full if full is not None else runs
     audio_s = sum(item.seconds for item in data.items)
     prefill = [run.prefill_s for run in runs]
@@ -380,7 +381,7 @@ def _measure(model: Any, data: EvalSet, method: Method, target: float, prepared:
         unreachable = isinstance(error, TargetUnreachable)
         (logger.info if unreachable else logger.error)("%s at %.0f%% on %s: %s", method.name, 100 * target,
                                                          data.name, error)
-        metric_name, _ = PRIMARY_METRIC[data.task]
+        metric_name = TASK_RECORDS[data.task].metric
         return {"method": method.name, "schedule": method.schedule, "layer": method.layer,
                 "layer_source": method.layer_source, "reducer": method.reducer, "task": data.task,
                 "data": data.name, "synthetic": data.synthetic, "clips": len(data), "target": float(target),

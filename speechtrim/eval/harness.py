@@ -28,12 +28,32 @@ from speechtrim.prompts import ASR_PROMPT, EMOTION_ANSWER_PREFIX, emotion_prompt
 
 logger = logging.getLogger(__name__)
 
-TASKS = ("asr", "emotion", "translation")
+@dataclass(frozen=True)
+class Task:
+    """How a task is scored: its primary metric and its fidelity to the unreduced outputs, each with a direction.
+
+    Args:
+        name: "asr", "emotion" or "translation".
+        metric: the primary metric against the references ("wer", "accuracy", "bleu").
+        higher_is_better: the metric's direction.
+        fidelity: the score of reduced outputs against the unreduced ones ("wer_vs_full" or "agreement").
+        fidelity_higher_is_better: its direction.
+    """
+
+    name: str
+    metric: str
+    higher_is_better: bool
+    fidelity: str
+    fidelity_higher_is_better: bool
+
+
+TASK_RECORDS = {task.name: task for task in (
+    Task("asr", "wer", False, "wer_vs_full", False),
+    Task("emotion", "accuracy", True, "agreement", True),
+    Task("translation", "bleu", True, "wer_vs_full", False),
+)}
+TASKS = tuple(TASK_RECORDS)
 EMBEDDED_SETS = ("pocketsphinx", "synthetic-asr", "synthetic-emotion")
-# task -> (primary metric, higher is better)
-PRIMARY_METRIC = {"asr": ("wer", False), "emotion": ("accuracy", True), "translation": ("bleu", True)}
-# task -> (fidelity name, higher is better)
-FIDELITY = {"asr": ("wer_vs_full", False), "emotion": ("agreement", True), "translation": ("wer_vs_full", False)}
 TRANSLATION_PROMPT = "Translate the audio into {language}.\n<audio>"
 
 

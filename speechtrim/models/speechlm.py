@@ -21,6 +21,7 @@ from torch import nn
 
 from speechtrim.adapters import LengthAdapter, build
 from speechtrim.assets.whisper import valid_frames
+from speechtrim.audio import WINDOW_SECONDS
 from speechtrim.hf.layers import CACHE_KWARG, returned_cache
 from speechtrim.inference import candidate_log_probs
 from speechtrim.hf.prefix import KeyValues, PrefixCache, as_cache
@@ -30,7 +31,6 @@ logger = logging.getLogger(__name__)
 
 AUDIO_MARKER = "<audio>"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-WINDOW_SECONDS = 30.0
 
 
 @dataclass

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from speechtrim.audio import SAMPLE_RATE, load_audio
+from speechtrim.audio import SAMPLE_RATE, WINDOW_SECONDS, load_audio
 from speechtrim.train.encoder_cache import EncoderCache, content_key
 
 logger = logging.getLogger(__name__)
 
 FRAME_SAMPLES = 320  # one Whisper encoder frame: 20 ms at 16 kHz
-WINDOW_SAMPLES = 30 * SAMPLE_RATE
+WINDOW_SAMPLES = int(WINDOW_SECONDS * SAMPLE_RATE)
 
 
 def pack_windows(lengths: list[int], gap: int, window: int = WINDOW_SAMPLES) -> list[list[tuple[int, int]]]:
