@@ -442,7 +442,7 @@ def _run_select_layer(args: argparse.Namespace) -> int:
 
 def _embedded_speechlm(folder: Path | None):
     from speechtrim.bench.runner import EMBEDDED_WEIGHTS
-    from speechtrim.models.speechlm import CONFIG_FILE, build_speechlm, load_speechlm
+    from speechtrim.models.storage import CONFIG_FILE, build_speechlm, load_speechlm
 
     if folder is not None:
         return load_speechlm(folder)

@@ -39,7 +39,7 @@ def tiny_eval_set(spec, limit=None):
 def tiny_world(monkeypatch, tmp_cache):
     import speechtrim.assets.whisper as whisper_assets
     import speechtrim.eval.harness as harness
-    import speechtrim.models.speechlm as speechlm_module
+    import speechtrim.models.storage as speechlm_module
 
     monkeypatch.setattr(speechlm_module, "build_speechlm", tiny_build)
     monkeypatch.setattr(whisper_assets, "whisper_cache_dir", lambda name: tmp_cache / f"whisper-{name}")

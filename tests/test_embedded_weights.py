@@ -5,7 +5,7 @@ import json
 import pytest
 
 from speechtrim.bench.runner import EMBEDDED_WEIGHTS
-from speechtrim.models.speechlm import CONFIG_FILE, TRAINED_FILE
+from speechtrim.models.storage import CONFIG_FILE, TRAINED_FILE
 from speechtrim.train.embedded import TRAINING_FILE
 
 

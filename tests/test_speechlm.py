@@ -111,7 +111,7 @@ def test_bad_input_is_refused_with_a_clear_message():
 
 
 def test_saved_projector_and_adapter_reload_with_one_call(tmp_path, monkeypatch):
-    import speechtrim.models.speechlm as speechlm_module
+    import speechtrim.models.storage as speechlm_module
 
     def tiny_build(encoder, llm, adapter, adapter_params=None, pool=1, seed=0, projector="linear",
                    projector_params=None):

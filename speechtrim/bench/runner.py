@@ -173,7 +173,7 @@ def load_bench_model(model: str = "embedded", speechlm: str | Path | None = None
         speechlm: a saved SpeechLM folder (takes precedence over ``model``).
         device: "cpu" or "cuda".
     """
-    from speechtrim.models.speechlm import CONFIG_FILE, build_speechlm, load_speechlm
+    from speechtrim.models.storage import CONFIG_FILE, build_speechlm, load_speechlm
 
     folder = Path(speechlm).expanduser() if speechlm is not None else None
     if folder is None and model != "embedded" and (Path(model).expanduser() / CONFIG_FILE).is_file():

@@ -11,8 +11,7 @@ transformers model that every reducer attaches to. The length adapters' experime
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -25,6 +24,7 @@ from speechtrim.audio import WINDOW_SECONDS
 from speechtrim.hf.layers import CACHE_KWARG, returned_cache
 from speechtrim.inference import candidate_log_probs
 from speechtrim.hf.prefix import KeyValues, PrefixCache, as_cache
+from speechtrim.models.config import SpeechLMConfig
 from speechtrim.models.vocab_projector import VocabProjector, ctc_greedy
 
 logger = logging.getLogger(__name__)
@@ -53,50 +53,6 @@ class PromptBatch:
 def audio_frames(num_samples: int, available: int, sample_rate: int = 16000) -> int:
     """Encoder frames kept for a clip of ``num_samples``: those carrying audio, at least 1, at most ``available``."""
     return max(1, min(valid_frames(num_samples, sample_rate), available))
-
-
-@dataclass
-class SpeechLMConfig:
-    """Everything ``speechlm.json`` holds: how a SpeechLM is put together around its trained weights.
-
-    Args:
-        encoder: the packaged Whisper it uses (``speechtrim.assets.whisper``); None for one built in code.
-        llm: the packaged LLM (``speechtrim.assets.llm``); None for one built in code.
-        adapter: the length adapter's registered name.
-        adapter_params: its options.
-        pool: encoder frames stacked per audio token.
-        projector: "linear" or "vocab".
-        projector_params: the projector's options (a vocabulary projector's token ids live in the weights).
-        system_prompt: the chat's system turn (None: the template's default; "": none).
-        lora: rank, alpha and targets of the LoRA matrices trained on the LLM (None: the LLM is untouched).
-        extra: what the training recorded with the weights (task, labels, data, ...).
-    """
-
-    encoder: str | None = None
-    llm: str | None = None
-    adapter: str = "none"
-    adapter_params: dict[str, Any] = field(default_factory=dict)
-    pool: int = 1
-    projector: str = "linear"
-    projector_params: dict[str, Any] = field(default_factory=dict)
-    system_prompt: str | None = None
-    lora: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        """The flat JSON object of ``speechlm.json`` (``extra``'s keys beside the others)."""
-        data = asdict(self)
-        return {**data.pop("extra"), **data}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SpeechLMConfig:
-        """Read ``speechlm.json``: known keys fill the fields, the others go to ``extra``."""
-        known = {f.name for f in fields(cls)} - {"extra"}
-        config = cls(**{key: value for key, value in data.items() if key in known})
-        config.extra = {key: value for key, value in data.items() if key not in known}
-        config.adapter_params = dict(config.adapter_params or {})
-        config.projector_params = dict(config.projector_params or {})
-        return config
 
 
 class SpeechLM(nn.Module):
@@ -395,19 +351,9 @@ class SpeechLM(nn.Module):
                 target_ids.append(answer_ids)
             spans.append([(len(before_ids), len(before_ids) + len(audio))])
             rows.append(torch.cat(pieces, dim=0))
-        longest = max(len(r) for r in rows)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        pad_vector = embedding(torch.tensor([pad_id], device=self.device))[0]
-        inputs = pad_vector.expand(len(rows), longest, -1).clone()  # (B, T, D)
-        attention = torch.zeros(len(rows), longest, dtype=torch.long, device=self.device)
-        for row, embeds in enumerate(rows):
-            offset = longest - len(embeds)
-            inputs[row, offset:] = embeds
-            attention[row, offset:] = 1
-            spans[row] = [(start + offset, end + offset) for start, end in spans[row]]
-            if targets is not None:
-                start, end = target_spans[row]
-                target_spans[row] = (start + offset, end + offset)
+        inputs, attention, offsets = self._left_pad(rows)
+        spans = [[(start + offset, end + offset) for start, end in row] for row, offset in zip(spans, offsets)]
+        target_spans = [(start + offset, end + offset) for (start, end), offset in zip(target_spans, offsets)]
         positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
         extra: dict[str, Any] = {}
         if targets is not None:
@@ -418,6 +364,20 @@ class SpeechLM(nn.Module):
             positions = positions + prefix_mask.sum(dim=1, keepdim=True)
             attention = torch.cat([prefix_mask, attention], dim=1)
         return PromptBatch(inputs, attention, positions, spans, extra, prefix)
+
+    def _left_pad(self, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Rows of embeddings (T_i, D) -> left-padded (B, T, D), its (B, T) mask, and each row's offset."""
+        embedding = self.llm.get_input_embeddings()
+        longest = max(len(r) for r in rows)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        pad_vector = embedding(torch.tensor([pad_id], device=self.device))[0]
+        inputs = pad_vector.expand(len(rows), longest, -1).clone()  # (B, T, D)
+        attention = torch.zeros(len(rows), longest, dtype=torch.long, device=self.device)
+        offsets = [longest - len(embeds) for embeds in rows]
+        for row, (embeds, offset) in enumerate(zip(rows, offsets)):
+            inputs[row, offset:] = embeds
+            attention[row, offset:] = 1
+        return inputs, attention, offsets
 
     def _prefix_kwargs(self, batch: PromptBatch) -> dict[str, Any]:
         """The LLM keyword that passes a fresh cache holding the batch's prefix (none without one)."""
@@ -498,118 +458,4 @@ class SpeechLM(nn.Module):
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
-TRAINED_FILE = "projector_adapter.safetensors"
-CONFIG_FILE = "speechlm.json"
-
-
-def build_speechlm(
-    encoder: str = "base", llm: str = "smollm2-135m", adapter: str = "none",
-    adapter_params: dict[str, Any] | None = None, pool: int = 1, seed: int = 0, projector: str = "linear",
-    projector_params: dict[str, Any] | None = None,
-) -> SpeechLM:
-    """A SpeechLM from packaged (or hub) Whisper and LLM names, with a freshly seeded projector and adapter.
-
-    Args:
-        encoder: Whisper name for ``speechtrim.assets.load_whisper`` ("base", "tiny.en", hub id, folder).
-        llm: LLM name for ``speechtrim.assets.load_llm`` ("smollm2-135m", hub id, folder).
-        adapter: length adapter name.
-        adapter_params: adapter options.
-        pool: encoder frames stacked before the projector.
-        seed: seed of the trainable parts' initialisation.
-        projector: "linear" or "vocab" (see ``SpeechLM``).
-        projector_params: projector options ("vocab" needs ``vocab_ids``).
-    """
-    from speechtrim.assets.llm import load_llm
-    from speechtrim.assets.whisper import load_whisper
-
-    whisper, processor = load_whisper(encoder)
-    language_model, tokenizer = load_llm(llm)
-    torch.manual_seed(seed)
-    model = SpeechLM(whisper.get_encoder(), processor.feature_extractor, language_model, tokenizer,
-                     adapter=adapter, adapter_params=adapter_params, pool=pool, projector=projector,
-                     projector_params=projector_params)
-    model.speech_config.encoder, model.speech_config.llm = encoder, llm
-    return model
-
-
-def trained_state(model: SpeechLM) -> dict[str, torch.Tensor]:
-    """Everything of ``model`` that training changed: projector and adapter weights, and LoRA matrices (``lora.``)."""
-    state = {name: tensor.detach() for name, tensor in model.state_dict().items()
-             if name.startswith(("projector.", "adapter."))}
-    if model.has_lora:
-        from peft import get_peft_model_state_dict
-
-        state.update({f"lora.{name}": tensor.detach() for name, tensor in get_peft_model_state_dict(model.llm).items()})
-    return state
-
-
-def save_trained(model: SpeechLM, folder: str | Path, extra: dict[str, Any] | None = None,
-                 dtype: torch.dtype | None = None) -> Path:
-    """Save the trained parts (safetensors; LoRA matrices unmerged) and the settings that rebuild the rest
-    (``speech_config`` as speechlm.json).
-
-    Args:
-        model: a SpeechLM whose encoder and LLM are packaged ones (``build_speechlm``).
-        folder: where to write (atomically).
-        extra: more fields for speechlm.json.
-        dtype: store floating-point weights in this type (e.g. torch.float16 to halve the file); None keeps theirs.
-    """
-    from safetensors.torch import save_file
-
-    import os
-
-    from speechtrim.assets.cache import atomic_dir, current_umask, write_json_atomic
-
-    folder = Path(folder)
-    config = model.speech_config
-    if config.encoder is None or config.llm is None:
-        raise ValueError("this SpeechLM's encoder or LLM is not a packaged one (speech_config.encoder / .llm are "
-                         "None), so it could not be rebuilt from the saved weights; build it with build_speechlm")
-    if config.lora and not model.has_lora:
-        raise ValueError("this SpeechLM's LoRA matrices are merged into its LLM (as load_speechlm does), so they "
-                         "cannot be saved apart; save the model before merge_lora()")
-    with atomic_dir(folder) as staging:
-        state = {name: (tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor).contiguous()
-                 for name, tensor in trained_state(model).items()}
-        save_file(state, str(staging / TRAINED_FILE))
-        os.chmod(staging / TRAINED_FILE, 0o666 & ~current_umask())  # safetensors writes 0600; keep the user's umask
-        write_json_atomic(staging / CONFIG_FILE, {**config.to_json(), **(extra or {})})
-    return folder
-
-
-def load_speechlm(folder: str | Path) -> SpeechLM:
-    """Rebuild a SpeechLM saved by ``save_trained``: packaged encoder and LLM, trained projector and adapter, and
-    the LoRA matrices (if any) merged into the LLM's weights, so the LLM is a plain transformers model."""
-    import json
-
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).is_file() or not (folder / TRAINED_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not a saved SpeechLM: it needs {CONFIG_FILE} and {TRAINED_FILE}")
-    config = SpeechLMConfig.from_json(json.loads((folder / CONFIG_FILE).read_text()))
-    state = load_file(str(folder / TRAINED_FILE))
-    projector_params = dict(config.projector_params)
-    if config.projector == "vocab":
-        projector_params["vocab_ids"] = state["projector.vocab_ids"]
-    model = build_speechlm(config.encoder, config.llm, config.adapter, config.adapter_params, config.pool,
-                           projector=config.projector, projector_params=projector_params)
-    lora_state = {name[len("lora."):]: tensor for name, tensor in state.items() if name.startswith("lora.")}
-    if config.lora:
-        from peft import set_peft_model_state_dict
-
-        model.add_lora(**config.lora)
-        result = set_peft_model_state_dict(model.llm, lora_state)
-        if getattr(result, "unexpected_keys", None):
-            raise ValueError(f"{folder}: LoRA weights do not fit speechlm.json (unexpected {result.unexpected_keys})")
-        model.merge_lora()
-    elif lora_state:
-        raise ValueError(f"{folder}: the weights hold LoRA matrices but speechlm.json has no 'lora' entry")
-    own = {name: tensor for name, tensor in state.items() if not name.startswith("lora.")}
-    missing, unexpected = model.load_state_dict(own, strict=False)
-    missing = [name for name in missing if name.startswith(("projector.", "adapter."))]
-    if missing or unexpected:
-        raise ValueError(f"{folder}: trained weights do not fit speechlm.json (missing {missing}, unexpected "
-                         f"{unexpected})")
-    model.speech_config = config
-    return model.eval()
+__all__ = ["AUDIO_MARKER", "PromptBatch", "SpeechLM", "SpeechLMConfig", "audio_frames"]

@@ -124,7 +124,7 @@ def compare_adapters(
         save: with one adapter, also train it on the whole data set and save it here (``load_speechlm`` reloads it).
     """
     from speechtrim.assets.whisper import whisper_cache_dir
-    from speechtrim.models.speechlm import build_speechlm
+    from speechtrim.models.storage import build_speechlm
 
     out_dir.mkdir(parents=True, exist_ok=True)
     base = build_speechlm(encoder, llm)
@@ -160,7 +160,7 @@ def compare_adapters(
 
 def _train_and_save(base, dataset: Dataset, frames, transcripts, adapters, config: TrainConfig, folder: Path,
                     progress: bool) -> None:
-    from speechtrim.models.speechlm import save_trained
+    from speechtrim.models.storage import save_trained
     from speechtrim.prompts import EMOTION_ANSWER_PREFIX, emotion_prompt
     from speechtrim.train.trainer import TrainItem, fit, seed_everything
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from speechtrim.assets.cache import cache_root, write_json_atomic
-from speechtrim.models.speechlm import trained_state
+from speechtrim.models.storage import trained_state
 from speechtrim.models.vocab_projector import VocabProjector
 from speechtrim.train.hearing import Example, StageConfig, ctc_stage, ctc_token_ids, joint_stage
 from speechtrim.train.trainer import seed_everything
@@ -206,7 +206,7 @@ def train_embedded(recipe: EmbeddedRecipe, out: Path, work: Path | None = None, 
         progress: show progress bars.
         eval_limit: clips per held-out set in the final evaluation (None: all).
     """
-    from speechtrim.models.speechlm import build_speechlm, save_trained
+    from speechtrim.models.storage import build_speechlm, save_trained
 
     started = time.perf_counter()
     seed_everything(recipe.joint.seed)

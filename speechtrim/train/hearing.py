@@ -131,7 +131,7 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[Example], confi
                checkpoint: Path | None, evaluate: Callable[[], dict[str, float]] | None,
                progress: bool) -> list[dict[str, float]]:
     """The shared loop: schedule, AdamW, warm-up + cosine, clipping, checkpoints, resume, evaluation callback."""
-    from speechtrim.models.speechlm import trained_state
+    from speechtrim.models.storage import trained_state
 
     if not examples:
         raise ValueError(f"the {name} stage needs at least one example")
