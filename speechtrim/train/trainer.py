@@ -134,27 +134,9 @@ def fit(
         raise ValueError("fit() needs at least one training example")
     seed_everything(config.seed)
     parameters = [p for name, p in model.named_parameters() if p.requires_grad]
-    adapter = [p for name, p in model.named_parameters() if p.requires_grad and name.startswith("adapter.")]
-    others = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("adapter.")]
-    groups = [{"params": others}, {"params": adapter, "lr": config.lr if config.adapter_lr is None else config.adapter_lr}]
-    optimizer = torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr, betas=config.betas,
-                                  eps=config.eps, weight_decay=config.weight_decay)
+    optimizer = _optimizer(model, config)
     base_lrs = [group["lr"] for group in optimizer.param_groups]  # before a resumed state overwrites them
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        before, now = dict(state["config"]), asdict(config)
-        if config.lr_schedule == "constant":
-            before.pop("epochs"), now.pop("epochs")  # training longer is a valid resume (a decay would change)
-        if before != now:
-            raise ValueError(f"checkpoint {checkpoint} was made with other settings {state['config']}; "
-                             "use another folder or the same settings (only epochs may change, and only with a "
-                             "constant learning rate)")
-        model.load_state_dict(state["model"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        history, start_epoch = state["history"], state["epoch"]
-        logger.info("resuming %s after epoch %d", checkpoint, start_epoch)
+    history, start_epoch = _resume(model, optimizer, config, checkpoint)
     order_rng = np.random.default_rng(config.seed)
     lengths = [item.frames.shape[0] + len(item.prompt) + len(item.target) for item in items]
     # every epoch's batches are drawn up front, so a resumed run sees the same ones
@@ -171,14 +153,7 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         for step in bar:
             chosen = [items[i] for i in epochs[epoch][step]]
-            frames, mask = pad_frames([item.frames for item in chosen])
-            embeds, embeds_mask = model.embed_audio(frames.to(model.device), mask.to(model.device))
-            batch = model.build_inputs([item.prompt for item in chosen], embeds, embeds_mask,
-                                       targets=[item.target for item in chosen],
-                                       assistant_prefix=[assistant_prefix if item.assistant_prefix is None
-                                                         else item.assistant_prefix for item in chosen],
-                                       prefix_cache=prefix_cache)
-            loss = model.loss(batch)
+            loss = _batch_loss(model, chosen, assistant_prefix, prefix_cache)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch + 1}, batch {step + 1}; the last good checkpoint "
@@ -205,6 +180,47 @@ def fit(
                             "history": history, "config": asdict(config)}, handle)
     model.eval()
     return history
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters, the adapter's at its own learning rate when the config sets one."""
+    adapter = [p for name, p in model.named_parameters() if p.requires_grad and name.startswith("adapter.")]
+    others = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("adapter.")]
+    groups = [{"params": others}, {"params": adapter, "lr": config.lr if config.adapter_lr is None else config.adapter_lr}]
+    return torch.optim.AdamW([group for group in groups if group["params"]], lr=config.lr, betas=config.betas,
+                             eps=config.eps, weight_decay=config.weight_decay)
+
+
+def _resume(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: TrainConfig,
+            checkpoint: Path | None) -> tuple[list[dict[str, float]], int]:
+    """The history and first epoch of a run: from ``checkpoint`` when it exists (same settings only), else fresh."""
+    if checkpoint is None or not checkpoint.is_file():
+        return [], 0
+    state = torch.load(checkpoint, weights_only=False)
+    before, now = dict(state["config"]), asdict(config)
+    if config.lr_schedule == "constant":
+        before.pop("epochs"), now.pop("epochs")  # training longer is a valid resume (a decay would change)
+    if before != now:
+        raise ValueError(f"checkpoint {checkpoint} was made with other settings {state['config']}; "
+                         "use another folder or the same settings (only epochs may change, and only with a "
+                         "constant learning rate)")
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    logger.info("resuming %s after epoch %d", checkpoint, state["epoch"])
+    return state["history"], state["epoch"]
+
+
+def _batch_loss(model: torch.nn.Module, chosen: list[TrainItem], assistant_prefix: str,
+                prefix_cache: PrefixCache) -> torch.Tensor:
+    """The LM loss of one batch of training items."""
+    frames, mask = pad_frames([item.frames for item in chosen])
+    embeds, embeds_mask = model.embed_audio(frames.to(model.device), mask.to(model.device))
+    batch = model.build_inputs([item.prompt for item in chosen], embeds, embeds_mask,
+                               targets=[item.target for item in chosen],
+                               assistant_prefix=[assistant_prefix if item.assistant_prefix is None
+                                                 else item.assistant_prefix for item in chosen],
+                               prefix_cache=prefix_cache)
+    return model.loss(batch)
 
 
 def _batches(order: np.ndarray, lengths: list[int], config: TrainConfig, rng: np.random.Generator) -> list[list[int]]:
