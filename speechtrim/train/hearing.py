@@ -137,17 +137,7 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[Example], confi
         raise ValueError(f"the {name} stage needs at least one example")
     optimizer = torch.optim.AdamW(parameters, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    history: list[dict[str, float]] = []
-    start, spent = 0, 0.0
-    if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
-        if state["config"] != asdict(config) or state["examples"] != len(examples):
-            raise ValueError(f"checkpoint {checkpoint} was made with other settings or data ({state['config']}, "
-                             f"{state['examples']} examples); delete it or use another work folder")
-        _load_trained(model, state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        history, start, spent = state["history"], state["step"], state["seconds"]
-        logger.info("%s stage: resuming %s at step %d", name, checkpoint, start)
+    history, start, spent = _resume_stage(name, model, optimizer, config, len(examples), checkpoint)
     trainable = [p for group in parameters for p in group["params"]]
 
     def save(step: int, seconds: float) -> None:
@@ -192,15 +182,8 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[Example], confi
             done = step + 1
             if done % config.checkpoint_every == 0 or done == config.steps or (
                     config.evaluate_every and done % config.evaluate_every == 0):
-                record = {"step": done, "minutes": round((time.perf_counter() - began) / 60, 2),
-                          **{key: round(value / running["n"], 4) for key, value in running.items() if key != "n"}}
+                history.append(_record(name, model, config, done, began, running, evaluate))
                 running = {}
-                if evaluate is not None and config.evaluate_every and (
-                        done % config.evaluate_every == 0 or done == config.steps):
-                    record.update(evaluate())
-                    model.train()
-                history.append(record)
-                logger.info("%s stage: %s", name, record)
                 save(done, time.perf_counter() - began)
     except (KeyboardInterrupt, _Interrupted):
         bar.close()
@@ -213,6 +196,33 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[Example], confi
     bar.close()
     model.eval()
     return history
+
+
+def _resume_stage(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: StageConfig,
+                  examples: int, checkpoint: Path | None) -> tuple[list[dict[str, float]], int, float]:
+    """History, first step and seconds already spent: from ``checkpoint`` (same settings and data only), or fresh."""
+    if checkpoint is None or not checkpoint.is_file():
+        return [], 0, 0.0
+    state = torch.load(checkpoint, weights_only=False)
+    if state["config"] != asdict(config) or state["examples"] != examples:
+        raise ValueError(f"checkpoint {checkpoint} was made with other settings or data ({state['config']}, "
+                         f"{state['examples']} examples); delete it or use another work folder")
+    _load_trained(model, state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    logger.info("%s stage: resuming %s at step %d", name, checkpoint, state["step"])
+    return state["history"], state["step"], state["seconds"]
+
+
+def _record(name: str, model: torch.nn.Module, config: StageConfig, done: int, began: float,
+            running: dict[str, float], evaluate: Callable[[], dict[str, float]] | None) -> dict[str, float]:
+    """The history entry after ``done`` steps: mean losses since the last one, and the evaluation when due."""
+    record = {"step": done, "minutes": round((time.perf_counter() - began) / 60, 2),
+              **{key: round(value / running["n"], 4) for key, value in running.items() if key != "n"}}
+    if evaluate is not None and config.evaluate_every and (done % config.evaluate_every == 0 or done == config.steps):
+        record.update(evaluate())
+        model.train()
+    logger.info("%s stage: %s", name, record)
+    return record
 
 
 def _main_thread() -> bool:
