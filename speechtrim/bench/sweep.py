@@ -317,47 +317,53 @@ def run_sweep(model: Any, sets: Sequence[EvalSet], config: SweepConfig, jsonl: P
     todo = sum(row_key(weights, hashes[id(d)], m, t, own_config(d)) not in done for d, m, t in plan)
     bar = tqdm(total=todo + len(sets), desc="bench", unit="row", disable=not progress)
     rows: list[dict] = []
+
+    def emit(row: dict) -> None:
+        rows.append(row)
+        if on_row:
+            on_row(row)
+
     try:
         for data in sets:
-            bar.set_postfix_str(f"{data.name}: encoding")
-            own = own_config(data)
-            prepared = [median_encode(model, item, own.repeats) for item in data.items]  # the same for every row
-            candidates = data.candidates
-            for _ in range(config.warmup):  # warm-up: unreduced and one reducer, untimed
-                run_item(model, prepared[0], None, candidates, own.max_new_tokens)
-                if reduced:
-                    _safe_run(model, prepared[0], reduced[0].build(config.targets[0]), candidates, own.max_new_tokens)
-            bar.set_postfix_str(f"{data.name}: none")
-            full = [run_item(model, p, None, candidates, own.max_new_tokens, own.repeats) for p in prepared]
-            bar.update(1)
-            base_method = next(m for m in config.methods if m.reducer is None)
-            key = row_key(weights, hashes[id(data)], base_method, 0.0, own)
-            row = {**summarise(data, base_method, 0.0, full, prepared, full), "key": key, "model": model.name,
-                   "trained": model.trained}
-            if key not in done:
-                append_jsonl(jsonl, row)
-            rows.append({**done[key], "reused": True} if key in done else row)
-            if on_row:
-                on_row(rows[-1])
-            for method in reduced:
-                for target in config.targets:
-                    key = row_key(weights, hashes[id(data)], method, target, own)
-                    if key in done:
-                        rows.append({**done[key], "reused": True})
-                        if on_row:
-                            on_row(rows[-1])
-                        continue
-                    bar.set_postfix_str(f"{data.name}: {method.name} {target:.0%}")
-                    row = _measure(model, data, method, target, prepared, full, own)
-                    row.update(key=key, model=model.name, trained=model.trained)
-                    append_jsonl(jsonl, row)
-                    rows.append(row)
-                    if on_row:
-                        on_row(row)
-                    bar.update(1)
+            _sweep_set(model, data, own_config(data), config, hashes[id(data)], done, jsonl, bar, emit)
     finally:
         bar.close()
     return rows
+
+
+def _sweep_set(model: Any, data: EvalSet, own: SweepConfig, config: SweepConfig, data_hash: str, done: dict,
+               jsonl: Path, bar: Any, emit: Callable[[dict], None]) -> None:
+    """One data set's rows: encode once, warm up, the unreduced reference, then every (method, target) not done."""
+    weights, candidates = model.fingerprint, data.candidates
+    reduced = [m for m in config.methods if m.reducer is not None]
+    bar.set_postfix_str(f"{data.name}: encoding")
+    prepared = [median_encode(model, item, own.repeats) for item in data.items]  # the same for every row
+    for _ in range(config.warmup):  # warm-up: unreduced and one reducer, untimed
+        run_item(model, prepared[0], None, candidates, own.max_new_tokens)
+        if reduced:
+            _safe_run(model, prepared[0], reduced[0].build(config.targets[0]), candidates, own.max_new_tokens)
+    bar.set_postfix_str(f"{data.name}: none")
+    full = [run_item(model, p, None, candidates, own.max_new_tokens, own.repeats) for p in prepared]
+    bar.update(1)
+    base_method = next(m for m in config.methods if m.reducer is None)
+    key = row_key(weights, data_hash, base_method, 0.0, own)
+    row = {**summarise(data, base_method, 0.0, full, prepared, full), "key": key, "model": model.name,
+           "trained": model.trained}
+    if key not in done:
+        append_jsonl(jsonl, row)
+    emit({**done[key], "reused": True} if key in done else row)
+    for method in reduced:
+        for target in config.targets:
+            key = row_key(weights, data_hash, method, target, own)
+            if key in done:
+                emit({**done[key], "reused": True})
+                continue
+            bar.set_postfix_str(f"{data.name}: {method.name} {target:.0%}")
+            row = _measure(model, data, method, target, prepared, full, own)
+            row.update(key=key, model=model.name, trained=model.trained)
+            append_jsonl(jsonl, row)
+            emit(row)
+            bar.update(1)
 
 
 def _safe_run(model: Any, prepared: Prepared, reducer: Any, candidates: list[str] | None, max_new: int) -> None:
