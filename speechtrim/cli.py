@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger("speechtrim")
 
@@ -78,11 +79,25 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    _add_assets(commands)
+    _add_transcribe(commands)
+    _add_select_layer(commands)
+    _add_adapter_commands(commands)
+    _add_train_embedded(commands)
+    _add_bench(commands)
+    return parser
+
+
+def _add_assets(commands: Any) -> None:
+    """``assets``: list, prepare or inspect the packaged weights."""
     assets = commands.add_parser("assets", help="list, prepare or inspect the packaged offline model weights")
     assets.add_argument("action", choices=["list", "prepare", "status"], help="what to do")
     assets.add_argument("names", nargs="*", help="asset names (default: all)")
     assets.set_defaults(run=_run_assets)
 
+
+def _add_transcribe(commands: Any) -> None:
+    """``transcribe``: Whisper transcripts and their WER."""
     transcribe = commands.add_parser(
         "transcribe",
         help="transcribe speech with a Whisper model and score it (default: the real pocketsphinx clips)",
@@ -96,6 +111,9 @@ def _build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--no-progress", action="store_true", help="hide progress bars")
     transcribe.set_defaults(run=_run_transcribe)
 
+
+def _add_select_layer(commands: Any) -> None:
+    """``select-layer``: transfer-entropy layer selection."""
     select = commands.add_parser(
         "select-layer",
         help="rank decoder layers by transfer entropy (FastAdaSP eqs. 7-8) and store the best for layer='auto'",
@@ -115,6 +133,9 @@ def _build_parser() -> argparse.ArgumentParser:
     select.add_argument("--no-progress", action="store_true", help="hide progress bars")
     select.set_defaults(run=_run_select_layer)
 
+
+def _add_adapter_commands(commands: Any) -> None:
+    """``train`` and ``compare-adapters``: the length adapters' cross-validation."""
     for name, helptext in (("train", "cross-validate one length adapter for emotion recognition"),
                            ("compare-adapters", "cross-validate every length adapter and the text-only baseline")):
         sub = commands.add_parser(name, help=helptext)
@@ -141,6 +162,9 @@ def _build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", type=Path, default=None, help="results folder (default: results/<command>-<data>)")
         sub.set_defaults(run=_run_adapters)
 
+
+def _add_train_embedded(commands: Any) -> None:
+    """``train-embedded``: train the embedded speech LLM."""
     embedded = commands.add_parser(
         "train-embedded",
         help="train the embedded speech LLM (Whisper base -> vocabulary projector -> SmolLM2 with LoRA) on "
@@ -149,10 +173,10 @@ def _build_parser() -> argparse.ArgumentParser:
     embedded.add_argument("--out", type=Path, default=Path("results/embedded"),
                           help="folder for the trained model and training.json (the packaged one lives in "
                                "speechtrim/weights/embedded)")
-    embedded.add_argument("--ctc-steps", type=int, default=None, help="steps of the CTC stage (default 600)")
-    embedded.add_argument("--joint-steps", type=int, default=None, help="steps of the joint stage (default 600)")
+    embedded.add_argument("--ctc-steps", type=int, default=None, help="steps of the CTC stage (default: the recipe's, 1500)")
+    embedded.add_argument("--joint-steps", type=int, default=None, help="steps of the joint stage (default: the recipe's, 450)")
     embedded.add_argument("--lr", type=float, default=None,
-                          help="projector learning rate of the joint stage (default 3e-4, warm-up then cosine)")
+                          help="projector learning rate of the joint stage (default: the recipe's, 1e-4; warm-up then cosine)")
     embedded.add_argument("--batch-size", type=int, default=None, help="clips per joint-stage step (default 16)")
     embedded.add_argument("--lora-rank", type=int, default=None,
                           help="LoRA rank on the LLM's linear layers (default 8; 0 keeps the LLM frozen)")
@@ -166,6 +190,9 @@ def _build_parser() -> argparse.ArgumentParser:
     embedded.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     embedded.set_defaults(run=_run_train_embedded)
 
+
+def _add_bench(commands: Any) -> None:
+    """``bench``: the accuracy-vs-cost sweep and the scaling study."""
     bench = commands.add_parser(
         "bench",
         help="accuracy vs cost of every token reducer x prefill-FLOPs reduction (tables, plot, resumable JSONL)",
@@ -197,7 +224,6 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="torch CPU threads (default: torch's); 1 avoids thrashing when other jobs share the cores")
     bench.add_argument("--no-progress", action="store_true", help="hide progress bars")
     bench.set_defaults(run=_run_bench)
-    return parser
 
 
 def _run_assets(args: argparse.Namespace) -> int:
