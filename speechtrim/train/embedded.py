@@ -244,10 +244,20 @@ def train_embedded(recipe: EmbeddedRecipe, out: Path, work: Path | None = None, 
     stage_started = time.perf_counter()
     scores = evaluate(model, eval_limit, progress=progress)
     stage_seconds["evaluate"] = round(time.perf_counter() - stage_started, 1)
-    report = {
-        "command": command, "recipe": _jsonable(asdict(recipe)), "data": data,
-        "history": {"ctc": ctc_history, "ctc_probe": ctc_scores, "joint": joint_history,
-                    "balance": balance_history},
+    report = _report(model, recipe, command, data, scores, started, stage_seconds,
+                     {"ctc": ctc_history, "ctc_probe": ctc_scores, "joint": joint_history, "balance": balance_history})
+    save_trained(model, out,  # LoRA matrices saved unmerged (small); load_speechlm merges them
+                 {"task": "asr+emotion", "labels": data["emotion"]["labels"], "synthetic_training": True},
+                 dtype=torch.float16)
+    write_json_atomic(Path(out) / TRAINING_FILE, report)
+    return report
+
+
+def _report(model: Any, recipe: EmbeddedRecipe, command: str, data: dict, scores: dict, started: float,
+            stage_seconds: dict[str, float], history: dict) -> dict[str, Any]:
+    """training.json: command, recipe, data, per-stage history, held-out scores, stage times, machine."""
+    return {
+        "command": command, "recipe": _jsonable(asdict(recipe)), "data": data, "history": history,
         "held_out": scores, "stage_seconds": {"render": data["render_seconds"], "encode": data["encode_seconds"],
                                               **stage_seconds},
         "train_seconds": round(stage_seconds["ctc"] + stage_seconds["joint"] + stage_seconds["balance"], 1),
@@ -256,11 +266,6 @@ def train_embedded(recipe: EmbeddedRecipe, out: Path, work: Path | None = None, 
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "transformers": version("transformers")},
     }
-    save_trained(model, out,  # LoRA matrices saved unmerged (small); load_speechlm merges them
-                 {"task": "asr+emotion", "labels": data["emotion"]["labels"], "synthetic_training": True},
-                 dtype=torch.float16)
-    write_json_atomic(Path(out) / TRAINING_FILE, report)
-    return report
 
 
 def _balanced(asr: list[Example], emotion: list[Example], recipe: EmbeddedRecipe) -> list[Example]:
