@@ -258,6 +258,26 @@ def _resolve_voice(engine: str, voice: str | None, language: str) -> tuple[str |
     return voice, language
 
 
+def _engine_command(engine: str, voice: str | None, language: str, prosody: Prosody,
+                    output: str) -> tuple[list[str], list[str]]:
+    """The TTS command that speaks text.txt into ``output``, and the sox effects still to apply for the speed."""
+    sox_effects: list[str] = []
+    if engine == "flite":
+        args = [_require_tool("flite"), "-voice", str(voice), "-f", "text.txt", "-o", output]
+        if prosody.speed != 1.0:
+            args[1:1] = ["--setf", f"duration_stretch={1.0 / prosody.speed:.6f}"]
+    elif engine == "festival":
+        # the voice name was checked against (voice.list), so the scheme snippet cannot carry other code
+        args = [_require_tool("text2wave"), "-eval", f"(voice_{voice})", "text.txt", "-o", output]
+        if prosody.speed != 1.0:
+            sox_effects += ["tempo", "-s", f"{prosody.speed:.6f}"]
+    else:
+        spec = language if voice is None else f"{language}+{voice}"
+        wpm = int(round(ESPEAK_DEFAULT_WPM * prosody.speed))
+        args = [_require_tool("espeak-ng"), "-b", "1", "-v", spec, "-s", str(wpm), "-w", output, "-f", "text.txt"]
+    return args, sox_effects
+
+
 def synthesize(
     text: str,
     engine: str = "flite",
@@ -286,25 +306,11 @@ def synthesize(
     if not isinstance(prosody, Prosody):
         raise ValueError(f"prosody must be a Prosody, got {type(prosody).__name__}; pass Prosody(speed=..., ...)")
     voice, language = _resolve_voice(engine, voice, language)
-    sox_effects: list[str] = []
     with tempfile.TemporaryDirectory(prefix="speechtrim-tts-") as folder:
         work = Path(folder)
         (work / "text.txt").write_text(text.strip() + "\n", encoding="utf-8")
         spoken = work / "spoken.wav"
-        if engine == "flite":
-            args = [_require_tool("flite"), "-voice", str(voice), "-f", "text.txt", "-o", spoken.name]
-            if prosody.speed != 1.0:
-                args[1:1] = ["--setf", f"duration_stretch={1.0 / prosody.speed:.6f}"]
-        elif engine == "festival":
-            # the voice name was checked against (voice.list), so the scheme snippet cannot carry other code
-            args = [_require_tool("text2wave"), "-eval", f"(voice_{voice})", "text.txt", "-o", spoken.name]
-            if prosody.speed != 1.0:
-                sox_effects += ["tempo", "-s", f"{prosody.speed:.6f}"]
-        else:
-            spec = language if voice is None else f"{language}+{voice}"
-            wpm = int(round(ESPEAK_DEFAULT_WPM * prosody.speed))
-            args = [_require_tool("espeak-ng"), "-b", "1", "-v", spec, "-s", str(wpm), "-w", spoken.name]
-            args += ["-f", "text.txt"]
+        args, sox_effects = _engine_command(engine, voice, language, prosody, spoken.name)
         _run(args, work)
         if prosody.pitch != 0.0:
             sox_effects += ["pitch", f"{100.0 * prosody.pitch:.3f}"]
