@@ -442,7 +442,7 @@ def _run_select_layer(args: argparse.Namespace) -> int:
         dataset = load_synthetic_emotion()
         step = max(len(dataset) // args.clips, 1)
         chosen = dataset.examples[::step][: args.clips]
-        clips = [(load_audio(e.audio_path), emotion_prompt(e.transcript, dataset.labels)) for e in chosen]
+        clips = [(load_audio(e.audio_path), emotion_prompt(e.text, dataset.labels)) for e in chosen]
     from speechtrim.layer_selection import check_overwrite
 
     calibration = {"data": args.data, "clips": len(clips)}

@@ -108,10 +108,10 @@ def test_the_held_out_emotion_seed_is_refused():
 
 def test_the_balance_pool_holds_the_asked_share_of_emotion_rows():
     from speechtrim.train.embedded import _balanced
-    from speechtrim.train.hearing import Example
+    from speechtrim.train.trainer import TrainItem
 
-    asr = [Example(torch.zeros(2, 4), ASR_PROMPT, f"t{i}", "", torch.tensor([0])) for i in range(100)]
-    emotion = [Example(torch.zeros(2, 4), "e <audio>", " sad", EMOTION_ANSWER_PREFIX) for _ in range(10)]
+    asr = [TrainItem(torch.zeros(2, 4), ASR_PROMPT, f"t{i}", "", torch.tensor([0])) for i in range(100)]
+    emotion = [TrainItem(torch.zeros(2, 4), "e <audio>", " sad", EMOTION_ANSWER_PREFIX) for _ in range(10)]
     pool = _balanced(asr, emotion, EmbeddedRecipe(balance_emotion_share=0.75))
     emotional = sum(example.ctc_target is None for example in pool)
     assert emotional == 30 and len(pool) == 40

@@ -22,7 +22,7 @@ def test_csv_and_jsonl_manifests(tmp_path):
     csv_set = load_manifest(tmp_path / "m.csv")
     assert [e.label for e in csv_set.examples] == ["happy", "sad"] and csv_set.labels == ("happy", "sad")
     assert csv_set.examples[1].speaker == "s2" and csv_set.examples[0].audio_path == tmp_path / "a.wav"
-    assert load_manifest(tmp_path / "m.jsonl").examples[0].transcript == "hi"
+    assert load_manifest(tmp_path / "m.jsonl").examples[0].text == "hi"
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,7 @@ def test_synthetic_emotion_set_is_balanced_and_text_carries_no_label(tmp_cache):
     dataset = load_synthetic_emotion(recipe)
     assert dataset.synthetic and all(e.synthetic for e in dataset.examples)
     assert len(dataset) == 2 * 2 * 2 * 6
-    by_label = {label: sorted((e.speaker, e.transcript) for e in dataset.examples if e.label == label)
+    by_label = {label: sorted((e.speaker, e.text) for e in dataset.examples if e.label == label)
                 for label in dataset.labels}
     assert len({tuple(v) for v in by_label.values()}) == 1, "every class must say the same sentences with the same voices"
     durations = {label: np.mean([soundfile.info(str(e.audio_path)).duration for e in dataset.examples if e.label == label])

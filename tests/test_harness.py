@@ -137,7 +137,7 @@ def test_synthetic_asr_set_renders_once(tmp_cache, monkeypatch):
     recipe = synthetic_asr.SyntheticASRRecipe(sentences=3, voices_per_sentence=2)
     clips = synthetic_asr.load_synthetic_asr(recipe)
     assert len(clips) == 6 and all(clip.synthetic and clip.audio_path.is_file() for clip in clips)
-    assert len({clip.voice for clip in clips}) >= 3 and clips[0].text == synthetic_asr.SENTENCES[0]
+    assert len({clip.speaker for clip in clips}) >= 3 and clips[0].text == synthetic_asr.SENTENCES[0]
     monkeypatch.setattr(synthetic_asr, "synthesize", lambda *a, **k: pytest.fail("rendered again"))
     assert [clip.id for clip in synthetic_asr.load_synthetic_asr(recipe)] == [clip.id for clip in clips]
     with pytest.raises(ValueError, match="voices_per_sentence"):

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from speechtrim.models.vocab_projector import VocabProjector, ctc_greedy, ctc_loss
-from speechtrim.train.hearing import Example, StageConfig, ctc_stage, ctc_text, joint_stage
+from speechtrim.train.hearing import StageConfig, ctc_stage, ctc_text, joint_stage
 from speechtrim.train.packing import FRAME_SAMPLES, pack_windows
+from speechtrim.train.trainer import TrainItem
 from tests.tiny_speechlm import WORDS, tiny_speechlm
 
 VOCAB = [WORDS.index(word) for word in ("the", "audio", "is", "happy", "sad")]
@@ -102,7 +103,7 @@ def _examples(model, count: int = 6):
         word = ["happy", "sad"][row % 2]
         target = torch.tensor([VOCAB.index(WORDS.index("the")), VOCAB.index(WORDS.index(word))])
         frames = torch.randn(12, 32) + (2.0 if word == "happy" else -2.0)
-        examples.append(Example(frames, prompt, f"the {word}", "", target))
+        examples.append(TrainItem(frames, prompt, f"the {word}", "", target))
     return examples
 
 

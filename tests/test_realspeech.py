@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from speechtrim.data.clip import Clip
 from speechtrim.data.realspeech import (
     POCKETSPHINX_ROOT,
-    Utterance,
     load_pocketsphinx_clips,
     parse_sphinx_transcription,
 )
@@ -44,7 +44,7 @@ def test_parse_sphinx_transcription(tmp_path):
 
 def test_fake_tree_loads_in_order(tmp_path):
     clips = load_pocketsphinx_clips(fake_tree(tmp_path))
-    assert [(c.corpus, c.id, c.text) for c in clips] == [
+    assert [(c.source, c.id, c.text) for c in clips] == [
         ("librivox", "book-0001", "it was a dark night"),
         ("librivox", "book-0002", "and stormy"),
         ("cards", "001", "ten of clubs"),
@@ -80,8 +80,8 @@ def test_installed_clips():
         pytest.fail("pocketsphinx-testdata is not installed: sudo apt-get install pocketsphinx-testdata")
     clips = load_pocketsphinx_clips()
     assert len(clips) == 10
-    assert [c.corpus for c in clips] == ["librivox"] * 5 + ["cards"] * 5
-    assert isinstance(clips[0], Utterance) and clips[0].text == FIRST_LIBRIVOX
+    assert [c.source for c in clips] == ["librivox"] * 5 + ["cards"] * 5
+    assert isinstance(clips[0], Clip) and clips[0].text == FIRST_LIBRIVOX
     assert clips[0].id == "sense_and_sensibility_01_austen_64kb-0870"
     assert clips[5].text == "ten of clubs" and clips[9].text == "eight of spades four of clubs seven of hearts"
     assert all("<s>" not in c.text and "(" not in c.text and c.text == c.text.strip() for c in clips)

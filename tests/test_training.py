@@ -7,7 +7,8 @@ import pytest
 import soundfile
 import torch
 
-from speechtrim.data.emotion import Dataset, DatasetError, Example
+from speechtrim.data.clip import Clip
+from speechtrim.data.emotion import Dataset, DatasetError
 from speechtrim.train.encoder_cache import EncoderCache
 from speechtrim.train.kfold import TEXT_ONLY, cross_validate, fold_splits, summarise
 from speechtrim.train.trainer import TrainConfig, TrainingDiverged, TrainItem, _batches, fit
@@ -25,7 +26,7 @@ def tone_dataset(folder, per_class=8):
             t = np.arange(int(16000 * rng.uniform(0.3, 0.6))) / 16000
             path = folder / f"{label}{index}.wav"
             soundfile.write(path, (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32), 16000)
-            examples.append(Example(path, label, transcript="the audio", speaker=f"s{index % 4}"))
+            examples.append(Clip(path, label, text="the audio", speaker=f"s{index % 4}"))
     return Dataset("tones", examples, ("happy", "sad"), synthetic=True)
 
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from speechtrim.data.clip import Clip
+
 PAPER_EMOTIONS = ("angry", "disgust", "fear", "happy", "neutral", "sad")
 
 # EmoDB: the 6th character of a file name is the emotion letter (German initials).
@@ -25,28 +27,11 @@ class DatasetError(ValueError):
 
 
 @dataclass
-class Example:
-    """One labelled clip."""
-
-    audio_path: Path
-    label: str
-    transcript: str | None = None
-    language: str | None = None
-    speaker: str | None = None
-    synthetic: bool = False
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        return str(self.audio_path)
-
-
-@dataclass
 class Dataset:
     """A named list of examples and its label set."""
 
     name: str
-    examples: list[Example]
+    examples: list[Clip]
     labels: tuple[str, ...]
     synthetic: bool = False
 
@@ -77,7 +62,7 @@ def load_manifest(path: str | os.PathLike, labels: Sequence[str] | None = None, 
             raise DatasetError(f"{where}: needs an 'audio' (or 'path') and a 'label' column, got {sorted(row)}")
         audio_path = Path(audio) if os.path.isabs(audio) else manifest.parent / audio
         examples.append(
-            Example(audio_path, str(row["label"]).strip(), row.get("transcript") or None, row.get("language") or None,
+            Clip(audio_path, str(row["label"]).strip(), row.get("transcript") or None, row.get("language") or None,
                     row.get("speaker") or None, meta={"row": number})
         )
     return _checked(Dataset(manifest.stem, examples, tuple(labels or ())), check_audio, source=str(manifest))
@@ -93,7 +78,7 @@ def load_emodb(root: str | os.PathLike, labels: Sequence[str] | None = PAPER_EMO
             raise DatasetError(f"EmoDB file {file}: 6th character {letter!r} is not an emotion letter {sorted(EMODB_LETTERS)}")
         label = EMODB_LETTERS[letter]
         if labels is None or label in labels:
-            examples.append(Example(file, label, language="de", speaker=file.stem[:2]))
+            examples.append(Clip(file, label, language="de", speaker=file.stem[:2]))
     return _checked(Dataset("emodb", examples, tuple(labels or ())), check_audio, source=str(root))
 
 
@@ -107,7 +92,7 @@ def load_ravdess(root: str | os.PathLike, labels: Sequence[str] | None = PAPER_E
             raise DatasetError(f"RAVDESS file {file}: expected 7 dash-separated fields with an emotion code 01-08")
         label = RAVDESS_CODES[fields[2]]
         if labels is None or label in labels:
-            examples.append(Example(file, label, language="en", speaker=fields[6]))
+            examples.append(Clip(file, label, language="en", speaker=fields[6]))
     return _checked(Dataset("ravdess", examples, tuple(labels or ())), check_audio, source=str(root))
 
 
@@ -155,5 +140,5 @@ def _checked(dataset: Dataset, check_audio: bool, source: str) -> Dataset:
     return dataset
 
 
-def _where(example: Example) -> str:
+def _where(example: Clip) -> str:
     return f"row {example.meta['row']} ({example.audio_path.name})" if "row" in example.meta else str(example.audio_path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from speechtrim.audio import load_audio
+from speechtrim.data.clip import Clip
 
 POCKETSPHINX_ROOT = Path("/usr/share/pocketsphinx/test/data")
 ROOT_ENV = "SPEECHTRIM_POCKETSPHINX_DATA"
@@ -27,29 +28,6 @@ SUBSETS = {
 }
 INSTALL_HINT = "sudo apt-get install pocketsphinx-testdata"
 _SPHINX_LINE = re.compile(r"^\s*(?:<s>)?\s*(?P<text>.*?)\s*(?:</s>)?\s*\((?P<id>[^()]+)\)\s*$")
-
-
-@dataclass
-class Utterance:
-    """One real recorded utterance with its reference transcript.
-
-    Args:
-        id: the Sphinx utterance id (e.g. ``001`` or ``sense_and_sensibility_01_austen_64kb-0870``).
-        audio_path: its WAV file.
-        text: the transcript, lower case, without ``<s>``/``</s>`` markers.
-        corpus: the subset it comes from ("librivox" or "cards").
-        synthetic: False: this is human speech.
-    """
-
-    id: str
-    audio_path: Path
-    text: str
-    corpus: str
-    synthetic: bool = False
-
-    def load(self) -> np.ndarray:
-        """The clip as (T,) float32 mono at 16 kHz."""
-        return load_audio(self.audio_path)
 
 
 def parse_sphinx_transcription(path: Path) -> dict[str, str]:
@@ -75,7 +53,7 @@ def _default_root() -> Path:
 
 def load_pocketsphinx_clips(
     root: str | os.PathLike | None = None, subsets: Sequence[str] = ("librivox", "cards")
-) -> list[Utterance]:
+) -> list[Clip]:
     """The real speech clips of pocketsphinx-testdata, in ``fileids`` order (10 with both subsets).
 
     Args:
@@ -111,5 +89,5 @@ def load_pocketsphinx_clips(
             audio_path = base / folder / f"{key}.wav"
             if not audio_path.is_file():
                 raise FileNotFoundError(f"{audio_path} is missing; reinstall the package: {INSTALL_HINT}")
-            utterances.append(Utterance(id=key, audio_path=audio_path, text=transcripts[key], corpus=name))
+            utterances.append(Clip(audio_path, text=transcripts[key], id=key, source=name))
     return utterances

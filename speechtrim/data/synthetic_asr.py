@@ -25,6 +25,7 @@ import soundfile
 from tqdm.auto import tqdm
 
 from speechtrim.assets.cache import atomic_dir, cache_root
+from speechtrim.data.clip import Clip
 from speechtrim.synth import synthesize
 
 logger = logging.getLogger(__name__)
@@ -121,18 +122,7 @@ class SyntheticASRRecipe:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-@dataclass
-class SyntheticClip:
-    """One rendered sentence: ``synthetic`` is always True."""
-
-    id: str
-    audio_path: Path
-    text: str
-    voice: str
-    synthetic: bool = True
-
-
-def load_synthetic_asr(recipe: SyntheticASRRecipe = SyntheticASRRecipe()) -> list[SyntheticClip]:
+def load_synthetic_asr(recipe: SyntheticASRRecipe = SyntheticASRRecipe()) -> list[Clip]:
     """Render the set once into the cache (a few seconds) and return its clips.
 
     Args:
@@ -141,7 +131,7 @@ def load_synthetic_asr(recipe: SyntheticASRRecipe = SyntheticASRRecipe()) -> lis
     return _rendered_clips(cache_root() / f"synthetic-asr-{recipe.key()}", lambda folder: _render(recipe, folder))
 
 
-def _rendered_clips(folder: Path, render: Callable[[Path], None]) -> list[SyntheticClip]:
+def _rendered_clips(folder: Path, render: Callable[[Path], None]) -> list[Clip]:
     """The clips of a rendered set, rendering it into ``folder`` first when its manifest is missing."""
     if not (folder / "manifest.jsonl").is_file():
         render(folder)
@@ -149,7 +139,7 @@ def _rendered_clips(folder: Path, render: Callable[[Path], None]) -> list[Synthe
     with open(folder / "manifest.jsonl", encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)
-            clips.append(SyntheticClip(row["id"], folder / row["audio"], row["transcript"], row["voice"]))
+            clips.append(Clip(folder / row["audio"], text=row["transcript"], speaker=row["voice"], synthetic=True, id=row["id"]))
     return clips
 
 
@@ -207,7 +197,7 @@ class SyntheticASRTrainRecipe:
 
 
 def load_synthetic_asr_train(recipe: SyntheticASRTrainRecipe = SyntheticASRTrainRecipe(),
-                             workers: int = 2) -> list[SyntheticClip]:
+                             workers: int = 2) -> list[Clip]:
     """Render the training set once into the cache and return its clips (disjoint from ``load_synthetic_asr``).
 
     Args:

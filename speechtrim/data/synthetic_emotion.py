@@ -19,7 +19,8 @@ import soundfile
 from tqdm.auto import tqdm
 
 from speechtrim.assets.cache import atomic_dir, cache_root
-from speechtrim.data.emotion import PAPER_EMOTIONS, Dataset, Example
+from speechtrim.data.clip import Clip
+from speechtrim.data.emotion import PAPER_EMOTIONS, Dataset
 from speechtrim.synth import Prosody, random_prosody, synthesize
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ def load_synthetic_emotion(recipe: SyntheticEmotionRecipe = SyntheticEmotionReci
         for line in handle:
             row = json.loads(line)
             examples.append(
-                Example(folder / row["audio"], row["label"], row["transcript"], row["language"], row["speaker"],
+                Clip(folder / row["audio"], row["label"], row["transcript"], row["language"], row["speaker"],
                         synthetic=True, meta={"prosody": row["prosody"]})
             )
     return Dataset("synthetic-emotion", examples, PAPER_EMOTIONS, synthetic=True)

@@ -150,7 +150,7 @@ def load_eval_set(spec: str, limit: int | None = None, target_language: str = "G
         dataset = load_synthetic_emotion()
         chosen = _spread(dataset.examples, limit)
         items = [EvalItem(e.audio_path.stem, load_audio(e.audio_path), e.label,
-                          emotion_prompt(e.transcript, dataset.labels), EMOTION_ANSWER_PREFIX, synthetic=True)
+                          emotion_prompt(e.text, dataset.labels), EMOTION_ANSWER_PREFIX, synthetic=True)
                  for e in chosen]
         return EvalSet("synthetic-emotion", "emotion", items, tuple(dataset.labels), synthetic=True)
     path = Path(spec).expanduser()

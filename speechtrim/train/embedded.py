@@ -29,8 +29,8 @@ import torch
 from speechtrim.assets.cache import cache_root, write_json_atomic
 from speechtrim.models.storage import trained_state
 from speechtrim.models.vocab_projector import VocabProjector
-from speechtrim.train.hearing import Example, StageConfig, ctc_stage, ctc_token_ids, joint_stage
-from speechtrim.train.trainer import seed_everything
+from speechtrim.train.hearing import StageConfig, ctc_stage, ctc_token_ids, joint_stage
+from speechtrim.train.trainer import TrainItem, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ class EmbeddedRecipe:
             raise ValueError(f"lora_rank must be an int >= 0 (0: frozen LLM), got {self.lora_rank!r}")
 
 
-def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True) -> tuple[list[Example], list[Example], dict]:
+def training_data(model: Any, recipe: EmbeddedRecipe,
+                  progress: bool = True) -> tuple[list[TrainItem], list[TrainItem], dict]:
     """Transcription and emotion examples (encoder frames from packed windows, cached on disk) and a description.
 
     The projector's vocabulary is set here: the LLM token ids of every training transcript (``ctc_token_ids``).
@@ -137,9 +138,9 @@ def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True) -> 
     vocab = sorted({token for ids in token_ids for token in ids})
     index = {token: position for position, token in enumerate(vocab)}
     labels = list(emotion.labels)
-    asr_examples = [Example(f, ASR_PROMPT, clip.text, "", torch.tensor([index[t] for t in ids]))
+    asr_examples = [TrainItem(f, ASR_PROMPT, clip.text, "", torch.tensor([index[t] for t in ids]))
                     for f, clip, ids in zip(asr_frames, asr, token_ids)]
-    emotion_examples = [Example(f, emotion_prompt(example.transcript, labels), " " + example.label,
+    emotion_examples = [TrainItem(f, emotion_prompt(example.text, labels), " " + example.label,
                                 EMOTION_ANSWER_PREFIX)
                         for f, example in zip(emotion_frames, emotion.examples)]
     description = {"asr": {"renderings": [asdict(asr_recipe) for asr_recipe in asr_recipes], "clips": len(asr),
@@ -268,7 +269,7 @@ def _report(model: Any, recipe: EmbeddedRecipe, command: str, data: dict, scores
     }
 
 
-def _balanced(asr: list[Example], emotion: list[Example], recipe: EmbeddedRecipe) -> list[Example]:
+def _balanced(asr: list[TrainItem], emotion: list[TrainItem], recipe: EmbeddedRecipe) -> list[TrainItem]:
     """Stage 3's pool: every emotion clip three times and a seeded draw of transcription clips, so that emotion
     rows are ``balance_emotion_share`` of it."""
     import numpy as np

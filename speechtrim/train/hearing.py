@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from speechtrim.assets.cache import atomic_file
 from speechtrim.models.vocab_projector import ctc_loss
 from speechtrim.train.encoder_cache import pad_frames
+from speechtrim.train.trainer import TrainItem
 
 logger = logging.getLogger(__name__)
 
@@ -84,18 +85,6 @@ class StageConfig:
             raise ValueError(f"time_mask must be in [0, 1), got {self.time_mask}")
 
 
-@dataclass
-class Example:
-    """One training example: encoder frames (T, D_enc), the user prompt with ``<audio>``, the answer, the assistant
-    prefix, and for transcription rows the CTC target (indices into the projector's vocabulary)."""
-
-    frames: torch.Tensor
-    prompt: str
-    target: str
-    assistant_prefix: str = ""
-    ctc_target: torch.Tensor | None = None
-
-
 def ctc_text(sentence: str) -> str:
     """What the CTC head spells: lower case, words and apostrophes only, single spaces."""
     return " ".join(re.sub(r"[^a-z' ]+", " ", sentence.lower()).split())
@@ -126,8 +115,8 @@ class _Interrupted(Exception):
     pass
 
 
-def _run_stage(name: str, model: torch.nn.Module, examples: list[Example], config: StageConfig,
-               loss_fn: Callable[[list[Example], int], dict[str, torch.Tensor]], parameters: list[dict],
+def _run_stage(name: str, model: torch.nn.Module, examples: list[TrainItem], config: StageConfig,
+               loss_fn: Callable[[list[TrainItem], int], dict[str, torch.Tensor]], parameters: list[dict],
                checkpoint: Path | None, evaluate: Callable[[], dict[str, float]] | None,
                progress: bool) -> list[dict[str, float]]:
     """The shared loop: schedule, AdamW, warm-up + cosine, clipping, checkpoints, resume, evaluation callback."""
@@ -241,7 +230,7 @@ def _load_trained(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> Non
         set_peft_model_state_dict(model.llm, lora)
 
 
-def _padded(model: torch.nn.Module, batch: list[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(model: torch.nn.Module, batch: list[TrainItem]) -> tuple[torch.Tensor, torch.Tensor]:
     frames, mask = pad_frames([example.frames for example in batch])
     return frames.to(model.device), mask.to(model.device)
 
@@ -261,14 +250,14 @@ def time_masked(frames: torch.Tensor, mask: torch.Tensor, share: float, generato
     return frames * keep.unsqueeze(-1).to(frames.device, frames.dtype)
 
 
-def ctc_stage(model: torch.nn.Module, examples: list[Example], config: StageConfig, checkpoint: Path | None = None,
+def ctc_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageConfig, checkpoint: Path | None = None,
               evaluate: Callable[[], dict[str, float]] | None = None, progress: bool = True) -> list[dict[str, float]]:
     """Train the projector's CTC head alone on transcription examples (``ctc_target`` set); returns the history."""
     examples = [example for example in examples if example.ctc_target is not None]
     projector = model.projector
     embeddings = model.llm.get_input_embeddings().weight
 
-    def loss_fn(batch: list[Example], step: int) -> dict[str, torch.Tensor]:
+    def loss_fn(batch: list[TrainItem], step: int) -> dict[str, torch.Tensor]:
         frames, mask = _padded(model, batch)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         frames = time_masked(frames, mask, config.time_mask, generator)
@@ -281,18 +270,18 @@ def ctc_stage(model: torch.nn.Module, examples: list[Example], config: StageConf
     return _run_stage("ctc", model, examples, config, loss_fn, groups, checkpoint, evaluate, progress)
 
 
-def joint_stage(model: torch.nn.Module, examples: list[Example], config: StageConfig, checkpoint: Path | None = None,
+def joint_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageConfig, checkpoint: Path | None = None,
                 evaluate: Callable[[], dict[str, float]] | None = None, progress: bool = True) -> list[dict[str, float]]:
     """Train projector and LoRA matrices with the LM loss (+ ``ctc_weight`` x CTC on transcription rows)."""
     projector = model.projector
 
-    def loss_fn(batch: list[Example], step: int) -> dict[str, torch.Tensor]:
+    def loss_fn(batch: list[TrainItem], step: int) -> dict[str, torch.Tensor]:
         frames, mask = _padded(model, batch)
         embeds, embeds_mask, logits = model.project(frames, mask)
         embeds, embeds_mask = model.adapter(embeds, embeds_mask)
         inputs = model.build_inputs([example.prompt for example in batch], embeds, embeds_mask,
                                     targets=[example.target for example in batch],
-                                    assistant_prefix=[example.assistant_prefix for example in batch])
+                                    assistant_prefix=[example.assistant_prefix or "" for example in batch])
         lm = model.loss(inputs, reduction=config.lm_reduction)
         rows = [row for row, example in enumerate(batch) if example.ctc_target is not None]
         result = {"lm": lm.detach()}
@@ -317,4 +306,4 @@ def joint_stage(model: torch.nn.Module, examples: list[Example], config: StageCo
     return _run_stage("joint", model, examples, config, loss_fn, groups, checkpoint, evaluate, progress)
 
 
-__all__ = ["Example", "StageConfig", "ctc_stage", "ctc_text", "ctc_token_ids", "joint_stage"]
+__all__ = ["StageConfig", "ctc_stage", "ctc_text", "ctc_token_ids", "joint_stage"]

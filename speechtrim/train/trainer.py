@@ -86,13 +86,15 @@ class TrainConfig:
 
 @dataclass
 class TrainItem:
-    """One training example: cached encoder frames (T, D_enc), the user prompt with ``<audio>``, the answer, and
-    optionally its own assistant prefix (None: ``fit``'s), so one run can mix tasks."""
+    """One training example: cached encoder frames (T, D_enc), the user prompt with ``<audio>``, the answer,
+    optionally its own assistant prefix (None: the trainer's), so one run can mix tasks, and for transcription rows
+    of the embedded model's CTC training the transcript as indices into the projector's vocabulary."""
 
     frames: torch.Tensor
     prompt: str
     target: str
     assistant_prefix: str | None = None
+    ctc_target: torch.Tensor | None = None
 
 
 def seed_everything(seed: int) -> None:
