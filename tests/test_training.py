@@ -179,7 +179,7 @@ def test_cross_validation_learns_beats_text_only_and_resumes(setup, tmp_path):
     config = TrainConfig(epochs=20, batch_size=4, grad_accum=1, lr=1e-2)
     audio = cross_validate(model, dataset, frames, transcripts, "mean", tmp_path / "mean", folds=2, config=config,
                            progress=False)
-    text = cross_validate(model, dataset, frames, transcripts, TEXT_ONLY, tmp_path / "text", folds=2, config=config,
+    text = cross_validate(model, dataset, frames, transcripts, None, tmp_path / "text", folds=2, config=config,
                           progress=False)
     assert summarise(audio)["wa"] > summarise(text)["wa"], "the text says nothing; only audio can beat chance"
     assert summarise(text)["audio_tokens"] == 0 and summarise(audio)["audio_tokens"] == 1

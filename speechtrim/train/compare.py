@@ -137,7 +137,8 @@ def compare_adapters(
     rows = []
     for name in ((TEXT_ONLY,) if text_only else ()) + tuple(adapters):
         logger.info("cross-validating %s", name)
-        results = cross_validate(base, dataset, frames, transcripts, name, out_dir / name, folds, config,
+        adapter = None if name == TEXT_ONLY else name
+        results = cross_validate(base, dataset, frames, transcripts, adapter, out_dir / name, folds, config,
                                  progress=progress, prefix_cache=prefix_cache)
         row = {"adapter": name, **summarise(results), "folds": len(results)}
         width = base.llm.get_input_embeddings().embedding_dim

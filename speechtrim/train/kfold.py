@@ -31,7 +31,7 @@ from speechtrim.train.encoder_cache import pad_frames
 from speechtrim.train.trainer import TrainConfig, TrainItem, fit, seed_everything, trainable_state
 
 logger = logging.getLogger(__name__)
-TEXT_ONLY = "text_only"
+TEXT_ONLY = "text_only"  # the row label of the text-only baseline in comparison tables
 
 
 @dataclass
@@ -66,7 +66,7 @@ def cross_validate(
     dataset: Dataset,
     frames: list[torch.Tensor],
     transcripts: list[str],
-    adapter: str,
+    adapter: str | None,
     out_dir: Path,
     folds: int = 5,
     config: TrainConfig = TrainConfig(),
@@ -74,14 +74,14 @@ def cross_validate(
     progress: bool = True,
     prefix_cache: PrefixCache | None = None,
 ) -> list[FoldResult]:
-    """Train and test ``adapter`` on every fold (or score the text-only baseline when ``adapter == "text_only"``).
+    """Train and test ``adapter`` on every fold, or score the text-only baseline (no audio) when it is None.
 
     Args:
         base: a SpeechLM whose frozen encoder and LLM are shared by every fold's fresh projector + adapter.
         dataset: the labelled clips.
         frames: cached encoder frames of each clip, (T_i, D_enc).
         transcripts: Whisper transcription of each clip (the prompt's "Transcription:").
-        adapter: an adapter name, or "text_only".
+        adapter: a length adapter name, or None for the text-only baseline.
         out_dir: where fold results and checkpoints go (resumable).
         folds: number of folds.
         config: training settings.
@@ -101,27 +101,27 @@ def cross_validate(
             results.append(FoldResult(**json.loads(done.read_text())))
             continue
         seed_everything(config.seed + fold)
-        model = base.sharing(adapter="none" if adapter == TEXT_ONLY else adapter,
+        model = base.sharing(adapter=adapter or "none",
                              adapter_params=dict(adapter_params or {}))
         started = time.perf_counter()
         history: list[dict[str, float]] = []
-        if adapter != TEXT_ONLY:
+        if adapter is not None:
             items = [TrainItem(frames[i], prompts[i], " " + dataset.examples[i].label) for i in train_index]
             history = fit(model, items, config, checkpoint=out_dir / f"fold{fold}.ckpt",
                           assistant_prefix=EMOTION_ANSWER_PREFIX, progress=progress, prefix_cache=prefix_cache)
         train_seconds = time.perf_counter() - started
         test = [(frames[i], prompts[i], dataset.examples[i].label) for i in test_index]
-        predictions, tokens, seconds = predict(model, test, labels, text_only=adapter == TEXT_ONLY, progress=progress,
+        predictions, tokens, seconds = predict(model, test, labels, text_only=adapter is None, progress=progress,
                                                prefix_cache=prefix_cache)
         scores = classification_metrics([label for _, _, label in test], predictions)
         result = FoldResult(fold, scores["wa"], scores["ua"], scores["macro_f1"], tokens, seconds, train_seconds,
                             history[-1]["loss"] if history else None, len(test))
         write_json_atomic(done, asdict(result))
-        if adapter != TEXT_ONLY:
+        if adapter is not None:
             torch.save(trainable_state(model), out_dir / f"fold{fold}.weights.pt")
             (out_dir / f"fold{fold}.ckpt").unlink(missing_ok=True)
         results.append(result)
-        logger.info("%s fold %d: WA %.3f F1 %.3f", adapter, fold, result.wa, result.macro_f1)
+        logger.info("%s fold %d: WA %.3f F1 %.3f", adapter or TEXT_ONLY, fold, result.wa, result.macro_f1)
     return results
 
 
