@@ -417,7 +417,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _run_select_layer(args: argparse.Namespace) -> int:
-    from speechtrim.layer_selection import select_layer, selection_path
+    from speechtrim.layer_selection import select_layer
+    from speechtrim.layer_store import selection_path
     from speechtrim.prompts import ASR_PROMPT, emotion_prompt
 
     if args.clips < 1:
@@ -443,7 +444,7 @@ def _run_select_layer(args: argparse.Namespace) -> int:
         step = max(len(dataset) // args.clips, 1)
         chosen = dataset.examples[::step][: args.clips]
         clips = [(load_audio(e.audio_path), emotion_prompt(e.text, dataset.labels)) for e in chosen]
-    from speechtrim.layer_selection import check_overwrite
+    from speechtrim.layer_store import check_overwrite
 
     calibration = {"data": args.data, "clips": len(clips)}
     check_overwrite(model.llm, calibration, layers, force=args.force)  # before the slow part

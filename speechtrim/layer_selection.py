@@ -19,13 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from speechtrim.layer_store import (  # noqa: F401  (the store is importable from here too)
-    check_overwrite,
-    model_key,
-    save_selection,
-    selected_layer,
-    selection_path,
-)
+from speechtrim.layer_store import save_selection
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 
 from speechtrim.flops import flops_reduction as flops_saved
-from speechtrim.ratio import check_ratio  # noqa: F401  (importable from here)
 
 ACTS_ON = ("hidden", "cache", "embeddings")
 NEEDS = ("scores", "keys")

@@ -228,7 +228,7 @@ def test_bench_quick_cli_on_embedded_model(tmp_path, capsys):
 
 def test_resume_never_reuses_rows_of_other_audio_weights_or_layer(one_thread, tmp_path, monkeypatch):
     """Rows are keyed by the weights' and clips' content and the integer layer that ran, not by names."""
-    from speechtrim.layer_selection import save_selection
+    from speechtrim.layer_store import save_selection
 
     monkeypatch.setenv("SPEECHTRIM_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(5)

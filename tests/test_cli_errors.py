@@ -96,7 +96,7 @@ def test_select_layer_options_are_checked_before_loading(capsys, monkeypatch):
 
 
 def test_a_selection_on_more_data_is_not_overwritten_without_force(tmp_path, monkeypatch):
-    from speechtrim.layer_selection import check_overwrite, save_selection, selection_path
+    from speechtrim.layer_store import check_overwrite, save_selection, selection_path
     from tests.tiny_models import tiny_llama
 
     monkeypatch.setenv("SPEECHTRIM_CACHE", str(tmp_path))

@@ -286,3 +286,12 @@ def test_beam_search_reorders_row_layouts_with_the_cache(llama):
         out = llama.generate(**prompt, max_new_tokens=4, num_beams=3, do_sample=False, return_dict_in_generate=True)
     assert out.sequences.shape == (1, prompt["input_ids"].shape[1] + 4)
     assert "reorder_cache" not in vars(out.past_key_values)  # the per-instance wrapper is gone
+
+
+def test_a_method_that_needs_only_keys_gets_keys_and_no_scores(llama):
+    """Keys-only methods (A-ToMe) skip the per-key attention sums, the costly part of a tap."""
+    method = FnMethod(identity_fn, {2}, frozenset({"keys"}))
+    with Attachment(llama, method, audio_token_id=AUDIO_TOKEN):
+        llama(**audio_prompt([6], seed=15))
+    (step,) = method.steps
+    assert step.scores is None and step.keys is not None and step.keys.shape[2] == step.span_id.shape[1]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from speechtrim import reducers
-from speechtrim.layer_selection import gaussian_entropy, select_layer, selected_layer, transfer_entropy
+from speechtrim.layer_selection import gaussian_entropy, select_layer, transfer_entropy
+from speechtrim.layer_store import selected_layer
 from tests.tiny_models import AUDIO_TOKEN, audio_prompt, tiny_llama
 
 

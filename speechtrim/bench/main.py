@@ -94,7 +94,7 @@ def _layer(option: str | None, decoder: Any) -> tuple[int, str]:
     No ``--layer`` takes the stored transfer-entropy selection when there is one, else layer 2; "auto" requires one.
     """
     from speechtrim.hf.layers import text_backbone
-    from speechtrim.layer_selection import selected_layer, selection_path
+    from speechtrim.layer_store import selected_layer, selection_path
 
     depth = text_backbone(decoder).depth
     if option not in (None, "auto") and not 0 <= int(option) < depth:

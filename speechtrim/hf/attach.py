@@ -98,11 +98,12 @@ class Attachment:
         self.model = model
         self.method = method
         self.backbone: TextBackbone = text_backbone(model)
-        check_method(method, self.backbone.depth)
+        check_method(method)
         self.positions = method.positions
         self.shape = ModelShape(self.backbone.depth, self.backbone.hidden_size, self.backbone.intermediate_size)
         layer, source = method.resolve_layer(model, self.backbone.depth)
-        self.stats = ReductionStats(method.name, method.acts_on, layer, source, *vars(self.shape).values())
+        self.stats = ReductionStats(method.name, method.acts_on, layer, source, self.backbone.depth,
+                                    self.backbone.hidden_size, self.backbone.intermediate_size)
         self._evicts = method.acts_on == "cache"
         self._rotary: nn.Module | None = None
         self.token_id = audio_token_id if audio_token_id is not None else _config_token_id(model)
@@ -374,11 +375,11 @@ class Attachment:
             if state.ratios[layer_idx] <= 0:
                 return kwargs
             tap = AttentionTap(query_valid=self.method.score_queries(valid, state.span_id), keep_keys=False) \
-                if needs else None  # the keys are read from the cache itself, so the tap holds none
+                if "scores" in needs else None  # the keys are read from the cache itself, so the tap holds none
             state.cache_pending[layer_idx] = (valid, tap)
         elif needs and layer_idx + 1 < self.shape.depth and state.ratios[layer_idx + 1] > 0:
             tap = AttentionTap(query_valid=self.method.score_queries(valid, state.span_id),
-                               keep_keys="keys" in needs)
+                               keep_scores="scores" in needs, keep_keys="keys" in needs)
             state.taps[layer_idx + 1] = tap
         else:
             return kwargs

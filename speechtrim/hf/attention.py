@@ -43,11 +43,14 @@ class AttentionTap:
             valid queries (FastAdaSP eq. 5).
         keys: filled by the backend when ``keep_keys``: (B, H_kv, T_kv, head_dim), the layer's key states after
             rotary embedding (what the KV cache stores), before GQA repetition (FastAdaSP eq. 4 input).
+        keep_scores: compute ``scores`` (False for a method that reads only the keys, e.g. A-ToMe: the per-key
+            attention sums are the expensive part of a tap).
         keep_keys: record ``keys``. False for KV-cache evictors, so the tap holds no reference to the full cache
             tensors and eviction really frees them.
     """
 
     query_valid: torch.Tensor | None = None
+    keep_scores: bool = True
     keep_keys: bool = True
     scores: torch.Tensor | None = field(default=None, repr=False)
     keys: torch.Tensor | None = field(default=None, repr=False)
@@ -132,9 +135,10 @@ def speechtrim_sdpa_attention(
     output = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     if tap is not None and query.shape[2] > 1:
         with torch.no_grad():
-            tap.scores = key_attention_scores(
-                query, key, attention_mask, kwargs.get("scaling"), query_valid=tap.query_valid
-            )  # (B, T_kv)
+            if tap.keep_scores:
+                tap.scores = key_attention_scores(
+                    query, key, attention_mask, kwargs.get("scaling"), query_valid=tap.query_valid
+                )  # (B, T_kv)
             if tap.keep_keys:
                 tap.keys = key.detach()  # (B, H_kv, T_kv, d)
     return output

@@ -24,13 +24,12 @@ TESTED_FAMILIES = ("llama", "qwen2", "qwen2_audio", "voxtral", "granite_speech",
 _warned_families: set[str] = set()
 
 
-def check_method(method: object, depth: int) -> None:
+def check_method(method: object) -> None:
     """Refuse a method the attachment cannot run: one that acts before the LLM, or compact positions with a
     cache evictor.
 
     Args:
         method: the reducer (its ``name``, ``acts_on``, ``positions``).
-        depth: number of decoder layers.
     """
     name, acts_on = getattr(method, "name", type(method).__name__), getattr(method, "acts_on", None)
     if acts_on == "embeddings":

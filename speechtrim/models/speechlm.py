@@ -25,7 +25,8 @@ from speechtrim.hf.layers import CACHE_KWARG, returned_cache
 from speechtrim.inference import candidate_log_probs
 from speechtrim.hf.prefix import PrefixCache, as_cache
 from speechtrim.models.config import SpeechLMConfig
-from speechtrim.models.prompting import AUDIO_MARKER, PromptBatch, build_inputs, render_prompt  # noqa: F401
+from speechtrim.models import prompting
+from speechtrim.models.prompting import AUDIO_MARKER, PromptBatch
 from speechtrim.models.vocab_projector import VocabProjector, ctc_greedy
 
 logger = logging.getLogger(__name__)
@@ -265,14 +266,15 @@ class SpeechLM(nn.Module):
     def render_prompt(self, user_text: str, assistant_prefix: str = "") -> str:
         """The chat-formatted prompt for one user message containing one ``<audio>`` marker (see
         :func:`speechtrim.models.prompting.render_prompt`)."""
-        return render_prompt(self.tokenizer, self.system_prompt, user_text, assistant_prefix)
+        return prompting.render_prompt(self.tokenizer, self.system_prompt, user_text, assistant_prefix)
 
     def build_inputs(self, prompts: list[str], audio_embeds: torch.Tensor, audio_mask: torch.Tensor,
                      targets: list[str] | None = None, assistant_prefix: str | list[str] = "",
                      prefix_cache: PrefixCache | None = None) -> PromptBatch:
         """Splice each row's real audio embeddings into its prompt; left-pad the batch (see
         :func:`speechtrim.models.prompting.build_inputs` for the arguments)."""
-        return build_inputs(self, prompts, audio_embeds, audio_mask, targets, assistant_prefix, prefix_cache)
+        return prompting.build_inputs(self, prompts, audio_embeds, audio_mask, targets, assistant_prefix,
+                                      prefix_cache)
 
     def _prefix_kwargs(self, batch: PromptBatch) -> dict[str, Any]:
         """The LLM keyword that passes a fresh cache holding the batch's prefix (none without one)."""
