@@ -174,7 +174,9 @@ def _add_train_embedded(commands: Any) -> None:
                           help="folder for the trained model and training.json (the packaged one lives in "
                                "speechtrim/weights/embedded)")
     embedded.add_argument("--ctc-steps", type=int, default=None, help="steps of the CTC stage (default: the recipe's, 1500)")
-    embedded.add_argument("--joint-steps", type=int, default=None, help="steps of the joint stage (default: the recipe's, 450)")
+    embedded.add_argument("--joint-steps", type=int, default=None, help="steps of the joint stage (default: the recipe's, 360)")
+    embedded.add_argument("--balance-steps", type=int, default=None,
+                          help="steps of the emotion-weighted stage 3 (default: the recipe's, 50; 0: none)")
     embedded.add_argument("--lr", type=float, default=None,
                           help="projector learning rate of the joint stage (default: the recipe's, 1e-4; warm-up then cosine)")
     embedded.add_argument("--batch-size", type=int, default=None, help="clips per joint-stage step (default 16)")
@@ -360,7 +362,11 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
     joint = dataclasses.replace(recipe.joint, seed=args.seed, **overrides)
     fields = {key: value for key, value in (("asr_sentences", args.asr_sentences), ("pool", args.pool),
                                             ("lora_rank", args.lora_rank)) if value is not None}
-    recipe = dataclasses.replace(recipe, ctc=ctc, joint=joint, **fields)
+    if args.balance_steps is not None and args.balance_steps < 0:
+        raise ValueError(f"--balance-steps must be >= 0 (0: no stage 3), got {args.balance_steps}")
+    balance = None if args.balance_steps == 0 or recipe.balance is None else dataclasses.replace(
+        recipe.balance, seed=args.seed, **({"steps": args.balance_steps} if args.balance_steps else {}))
+    recipe = dataclasses.replace(recipe, ctc=ctc, joint=joint, balance=balance, **fields)
     command = "speechtrim " + " ".join(shlex.quote(part) for part in args.argv)
     report = train_embedded(recipe, args.out, args.work, command=command, eval_limit=args.eval_limit)
     held_out = report["held_out"]

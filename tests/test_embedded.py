@@ -63,15 +63,15 @@ def test_training_text_names_the_missing_package(tmp_path):
 
 
 def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world, tmp_path):
-    recipe = EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, asr_seeds=(0, 1), emotion_voices=1,
+    recipe = EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, asr_seeds=(0, 1), emotion_seeds=(1, 2), emotion_voices=1,
                             emotion_sentences=1, emotion_repeat=1, projector_hidden=16, prosody_rank=2, lora_rank=2,
                             ctc=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1, time_mask=0.1),
                             joint=StageConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2,
                                               evaluate_every=2),
                             balance=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1),
-                            eval_clips=2)
+                            eval_clips=2, eval_emotion_clips=3)
     asr, emotion, data = training_data(tiny_build(pool=2), recipe, progress=False)
-    assert data["asr"]["clips"] == 6 and len(asr) == 6 and data["emotion"]["clips"] == len(emotion) == 24
+    assert data["asr"]["clips"] == 6 and len(asr) == 6 and data["emotion"]["clips"] == len(emotion) == 48
     assert all(example.prompt == ASR_PROMPT and example.ctc_target is not None for example in asr)
     assert {example.assistant_prefix for example in emotion} == {EMOTION_ANSWER_PREFIX}
     assert all(example.target.strip() in data["emotion"]["labels"] and example.ctc_target is None
@@ -83,7 +83,8 @@ def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world
     saved = json.loads((tmp_path / "model" / "training.json").read_text())
     assert saved["command"] == "speechtrim train-embedded" and saved["recipe"]["joint"]["seed"] == 0
     assert [row["step"] for row in saved["history"]["joint"]] == [2, 4]
-    assert {"wer_synthetic", "wer_real"} <= set(saved["history"]["joint"][-1])  # the learning curve
+    assert {"wer_synthetic", "wer_real", "emotion_accuracy"} <= set(saved["history"]["joint"][-1])  # learning curve
+    assert set(saved["history"]["ctc_probe"]) == {"ctc_wer_synthetic", "ctc_wer_real"}
     assert set(saved["stage_seconds"]) == {"render", "encode", "ctc", "joint", "balance", "evaluate"}
     assert [row["step"] for row in saved["history"]["balance"]] == [2]
     assert set(saved["held_out"]) == {"synthetic-asr", "pocketsphinx", "synthetic-emotion"}
@@ -103,7 +104,9 @@ def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world
 
 def test_the_held_out_emotion_seed_is_refused():
     with pytest.raises(ValueError, match="held-out emotion set"):
-        EmbeddedRecipe(emotion_seed=0)
+        EmbeddedRecipe(emotion_seeds=(1, 0))
+    with pytest.raises(ValueError, match="distinct seeds"):
+        EmbeddedRecipe(emotion_seeds=(1, 1))
 
 
 def test_the_balance_pool_holds_the_asked_share_of_emotion_rows():
