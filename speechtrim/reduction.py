@@ -53,6 +53,8 @@ class LayerStep:
         scores: (B, T) float32, attention each token received, summed over heads and the queries
             ``score_queries`` chose: in the layer before (hidden-state methods) or in this layer (cache evictors).
         keys: (B, H_kv, T, d) key states after rotary embedding, of the same layer as ``scores``.
+        audio_logits: (B, T, K+1) CTC logits of the model's vocabulary head aligned with the tokens (blank last),
+            for pre-LLM methods on a model that has one (speechtrim's vocabulary projector); None otherwise.
     """
 
     layer: int
@@ -63,6 +65,7 @@ class LayerStep:
     valid: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     keys: torch.Tensor | None = None
+    audio_logits: torch.Tensor | None = None
 
     @property
     def audio(self) -> torch.Tensor:
@@ -88,6 +91,7 @@ class ReductionStats:
         rows_tokens_per_layer: per layer, that count for every batch row.
         cache_tokens_per_layer: KV-cache entries each layer keeps after prefill.
         prefill_calls: prefill forward passes seen while attached.
+        input_tokens: prompt tokens of the last prefill before any reduction, padding excluded (row 0).
     """
 
     method: str
@@ -105,10 +109,12 @@ class ReductionStats:
     rows_tokens_per_layer: list[list[int]] = field(default_factory=list)
     cache_tokens_per_layer: list[int] = field(default_factory=list)
     prefill_calls: int = 0
+    input_tokens: int = 0
 
-    def start_prefill(self, ratios: list[float]) -> None:
-        """Reset the per-layer records for a new prefill that runs ``ratios``."""
+    def start_prefill(self, ratios: list[float], input_tokens: int = 0) -> None:
+        """Reset the per-layer records for a new prefill that runs ``ratios`` on ``input_tokens`` prompt tokens."""
         depth = self.depth
+        self.input_tokens = int(input_tokens)
         self.ratios = list(ratios)
         self.requested_per_layer = [0] * depth
         self.removed_per_layer = [0] * depth
@@ -126,11 +132,12 @@ class ReductionStats:
 
     @property
     def flops_reduction(self) -> float:
-        """Measured prefill-FLOPs reduction (FastAdaSP eq. 10 over the lengths really produced), batch row 0."""
+        """Measured prefill-FLOPs reduction (FastAdaSP eq. 10 over the lengths really produced against the prompt's
+        length at every layer), batch row 0."""
         lengths = self.tokens_per_layer
         if not lengths or not lengths[0]:
             return 0.0
-        base = [lengths[0]] * len(lengths)
+        base = [self.input_tokens or lengths[0]] * len(lengths)
         return flops_saved(base, lengths, self.hidden_size, self.intermediate_size)
 
     def summary(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
+from speechtrim.ops.select import count_to_remove
 from speechtrim.reduction import LayerStep
 
 
@@ -35,6 +36,9 @@ class FnMethod:
 
     def prefill_ratios(self, layer: int, shape, text_tokens: int, audio_tokens: int) -> list[float]:
         return [0.5 if self.layers is None or index in self.layers else 0.0 for index in range(shape.depth)]
+
+    def removal_counts(self, span_id, ratio):
+        return count_to_remove((span_id >= 0).sum(dim=1), ratio)
 
     def score_queries(self, valid, span_id):
         return valid

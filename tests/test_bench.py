@@ -14,7 +14,7 @@ from speechtrim.bench.main import BenchOptions, run_bench
 from speechtrim.bench.report import markdown_tables, plot, write_tables
 from speechtrim.bench.runner import EmbeddedModel
 from speechtrim.bench.scaling import long_audio, max_batch, scaling_study
-from speechtrim.bench.sweep import ROW_KEYS, SweepConfig, read_jsonl, run_sweep, select_methods
+from speechtrim.bench.sweep import ROW_KEYS, SweepConfig, has_ctc_head, read_jsonl, run_sweep, select_methods
 from speechtrim.cli import main
 from speechtrim.eval.harness import EvalItem, EvalSet
 from speechtrim.models.speechlm import SpeechLM
@@ -76,13 +76,15 @@ def test_reduced_fidelity_is_measured_against_the_unreduced_outputs(one_thread, 
 
 
 def test_sweep_rows_keys_targets_fidelity(one_thread, model, tmp_path):
-    config = SweepConfig(targets=(0.1, 0.3), methods=select_methods(None, LAYER), max_new_tokens=3)
+    assert not has_ctc_head(model)  # the toy model's projector is linear: no ctc_compress in "all"
+    config = SweepConfig(targets=(0.1, 0.3), methods=select_methods(None, LAYER, ctc_head=False), max_new_tokens=3)
     rows = run_sweep(model, toy_sets(), config, tmp_path / "rows.jsonl", progress=False)
     reduced = [m for m in config.methods if m.reducer is not None]
     assert len(rows) == 2 * (1 + len(reduced) * 2)
     names = {row["method"] for row in rows}
     assert {"none", "fastadasp-sparse", "fastadasp-constant", "fastadasp-decay"} <= names
-    assert set(reducers.names()) - {"fastadasp"} <= names
+    assert set(reducers.names()) - {"fastadasp", "ctc_compress"} <= names
+    assert {"pre_merge", "samp", "segment_topk"} <= names  # the pre-LLM methods run next to FastAdaSP
     for row in rows:
         assert set(ROW_KEYS) <= set(row), row
         assert not row.get("error"), row

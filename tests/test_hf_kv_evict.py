@@ -171,8 +171,8 @@ def test_plans_touching_text_are_refused_and_hooks_restored(llama_eager):
 def test_bad_arguments_are_refused(llama):
     with pytest.raises(ValueError, match="outside the decoder's layers"):
         Attachment(llama, evictor(h2o(0.3), {4}))
-    with pytest.raises(ValueError, match="before the LLM"):
-        Attachment(llama, FnMethod(h2o(0.3), acts_on="embeddings"))
+    with pytest.raises(ValueError, match="before layer 0, not at layer 2"):
+        Attachment(llama, FnMethod(h2o(0.3), {2}, acts_on="embeddings"))
     with pytest.raises(ValueError, match="acts_on must be"):
         Attachment(llama, FnMethod(h2o(0.3), acts_on="weights"))
     with pytest.raises(ValueError, match="positions='original'"):

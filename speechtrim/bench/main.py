@@ -181,11 +181,11 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
         options: what to run.
         model: an already loaded bench model (tests pass a tiny one); None loads ``options.model``.
     """
-    from speechtrim.bench.sweep import SweepConfig, select_methods
+    from speechtrim.bench.sweep import SweepConfig, has_ctc_head, select_methods
 
     preset = _check_options(options)
     # Validate every name before loading anything heavy: method names, the layer, then data.
-    select_methods(options.methods, 2)
+    select_methods(options.methods, 2, ctc_head=options.model == "embedded")
     depth = _packaged_depth(options) if model is None else None
     if depth is not None and options.layer not in (None, "auto") and int(options.layer) >= depth:
         raise ValueError(f"--layer {options.layer} is outside the model's {depth} decoder layers; pass 0 to {depth - 1}")
@@ -205,7 +205,8 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
 
         model = load_bench_model(options.model, options.speechlm, options.device)
     config = SweepConfig(targets=tuple(options.targets or preset.targets),
-                         methods=select_methods(options.methods, *_layer(options.layer, model.decoder)),
+                         methods=select_methods(options.methods, *_layer(options.layer, model.decoder),
+                                                ctc_head=has_ctc_head(model)),
                          max_new_tokens=options.max_new_tokens or preset.max_new_tokens,
                          repeats=options.repeats or preset.repeats)
     jsonl = out / "results.jsonl"
@@ -246,7 +247,7 @@ def _public(row: dict) -> dict:
 def _run_scaling(options: BenchOptions, out: Path, model: Any) -> dict[str, Any]:
     from speechtrim.assets.cache import atomic_file
     from speechtrim.bench.scaling import scaling_study, scaling_table
-    from speechtrim.bench.sweep import select_methods
+    from speechtrim.bench.sweep import has_ctc_head, select_methods
 
     if model is None:
         from speechtrim.bench.runner import load_bench_model
@@ -256,7 +257,8 @@ def _run_scaling(options: BenchOptions, out: Path, model: Any) -> dict[str, Any]
 
     clips = [utterance.load() for utterance in load_pocketsphinx_clips()]
     names = options.methods or ["fastadasp-sparse"]
-    methods = [m for m in select_methods(names, *_layer(options.layer, model.decoder)) if m.reducer is not None]
+    methods = [m for m in select_methods(names, *_layer(options.layer, model.decoder), ctc_head=has_ctc_head(model))
+               if m.reducer is not None]
     if len(methods) != 1:
         raise ValueError(f"--scaling compares one method with the unreduced model; got {[m.name for m in methods]}")
     target = (options.targets or (0.5,))[0]

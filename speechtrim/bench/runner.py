@@ -17,6 +17,7 @@ import inspect
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,9 @@ class Prepared:
         length: prompt tokens entering the decoder.
         audio_tokens: audio tokens among them.
         encode_s: seconds spent turning the waveform into these inputs (encoder, projector, splice).
+        reduce_audio: for a model whose audio embeddings speechtrim splices itself, ``reduce_audio(reducer)`` gives
+            the clip with its audio embeddings reduced by a pre-LLM method and that method's statistics; None:
+            pre-LLM methods run on the decoder's input embeddings (``reducer(decoder)``).
     """
 
     kwargs: dict[str, Any]
@@ -52,6 +56,7 @@ class Prepared:
     length: int
     audio_tokens: int
     encode_s: float = 0.0
+    reduce_audio: Callable[[Any], tuple[Prepared, Any]] | None = None
 
 
 class _Fingerprinted:
@@ -99,15 +104,34 @@ class EmbeddedModel(_Fingerprinted):
         started = time.perf_counter()
         windows = split_windows(item.audio)
         frames, mask = self.speechlm.encode(windows)  # (W, T, D_enc), (W, T)
-        embeds, embeds_mask = self.speechlm.embed_audio(frames, mask)  # (W, T', D_llm), (W, T')
+        projected, projected_mask, logits = self.speechlm.project(frames, mask)
+        embeds, embeds_mask = self.speechlm.adapter(projected, projected_mask)  # (W, T', D_llm), (W, T')
         flat = embeds[embeds_mask].unsqueeze(0)  # (1, N_audio, D_llm): windows joined in time order
-        ones = torch.ones(flat.shape[:2], dtype=torch.bool, device=flat.device)  # (1, N_audio)
-        batch = self.speechlm.build_inputs([item.prompt], flat, ones, assistant_prefix=item.assistant_prefix)
+        aligned = logits is not None and tuple(logits.shape[:2]) == tuple(embeds.shape[:2])
+        flat_logits = logits[embeds_mask].unsqueeze(0) if aligned else None  # (1, N_audio, K+1)
+        prepared = self._splice(item, flat)
         _sync(flat.device)
+        prepared.encode_s = time.perf_counter() - started
+        text_tokens = prepared.length - prepared.audio_tokens
+
+        def reduce_audio(reducer: Any) -> tuple[Prepared, Any]:
+            from speechtrim.models.audio_reduction import AudioReduction
+
+            reduction = AudioReduction(self.speechlm, reducer)
+            ones = torch.ones(flat.shape[:2], dtype=torch.bool, device=flat.device)
+            reduced, _ = reduction.reduce(flat, ones, flat_logits, [text_tokens])
+            return self._splice(item, reduced), reduction.stats
+
+        prepared.reduce_audio = reduce_audio
+        return prepared
+
+    def _splice(self, item: EvalItem, audio: torch.Tensor) -> Prepared:
+        """The prompt of ``item`` with the audio embeddings (1, N, D) spliced in."""
+        ones = torch.ones(audio.shape[:2], dtype=torch.bool, device=audio.device)  # (1, N_audio)
+        batch = self.speechlm.build_inputs([item.prompt], audio, ones, assistant_prefix=item.assistant_prefix)
         kwargs = {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask,
                   "position_ids": batch.position_ids}
-        return Prepared(kwargs, batch.audio_spans, int(batch.inputs_embeds.shape[1]), int(flat.shape[1]),
-                        time.perf_counter() - started)
+        return Prepared(kwargs, batch.audio_spans, int(batch.inputs_embeds.shape[1]), int(audio.shape[1]))
 
     def token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""
@@ -257,16 +281,25 @@ def _run_once(model: Any, prepared: Prepared, reducer: Any, candidates: list[str
     """One timed pass (``eos`` empty = always generate ``max_new_tokens``)."""
     decoder = model.decoder
     device = prepared.kwargs["attention_mask"].device
-    context = reducer(decoder, audio_spans=prepared.audio_spans) if reducer is not None else contextlib.nullcontext()
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    reduce_s, pre_llm_stats = 0.0, None
+    if reducer is not None and reducer.acts_on == "embeddings" and prepared.reduce_audio is not None:
+        started = time.perf_counter()  # the reduction before the LLM is part of the prefill's cost
+        prepared, pre_llm_stats = prepared.reduce_audio(reducer)
+        _sync(device)
+        reduce_s = time.perf_counter() - started
+    if reducer is not None and pre_llm_stats is None:
+        context = reducer(decoder, audio_spans=prepared.audio_spans)
+    else:
+        context = contextlib.nullcontext(pre_llm_stats)
     with context as stats:
         _sync(device)
         started = time.perf_counter()
         out = decoder(**prepared.kwargs, use_cache=True, **_last_logits_only(decoder))
         _sync(device)
-        prefill_s = time.perf_counter() - started
+        prefill_s = time.perf_counter() - started + reduce_s
         cache = returned_cache(out)
         cache_bytes = kv_cache_bytes(cache)
         logits = out.logits[:, -1]  # (1, V)

@@ -50,7 +50,7 @@ class Method:
         name: the row label, e.g. "fastadasp-sparse".
         reducer: registry name, or None for the unreduced model.
         schedule: "none" (one layer), "constant" or "decay".
-        layer: first reduction layer, or "auto" (transfer-entropy selection).
+        layer: first reduction layer, "auto" (transfer-entropy selection), or None (pre-LLM methods: before layer 0).
         keyed_by: "flops": a column is a target prefill-FLOPs reduction (the ratio is solved per prompt);
             "ratio": a column is the reducer's own ratio (a cache evictor's eviction ratio); from its class.
         layer_source: where ``layer`` came from: "given", "default", or "auto: <selection file>".
@@ -59,7 +59,7 @@ class Method:
     name: str
     reducer: str | None
     schedule: str = "none"
-    layer: int | str = 2
+    layer: int | str | None = 2
     keyed_by: str = "flops"
     layer_source: str = "given"
 
@@ -73,17 +73,19 @@ class Method:
 
 
 def all_methods(layer: int | str = 2, layer_source: str = "given") -> list[Method]:
-    """The unreduced model and every registered hidden-state or cache reducer, each in the schedules it declares
-    for sweeps (FastAdaSP: sparse, constant and decay); the class says how its columns are keyed.
+    """The unreduced model and every registered reducer, each in the schedules it declares for sweeps (FastAdaSP:
+    sparse, constant and decay); the class says how its columns are keyed.
 
     Args:
-        layer: first reduction layer of the methods keyed by FLOPs (the others keep their own default layer).
+        layer: first reduction layer of the in-decoder methods keyed by FLOPs (cache evictors keep their own
+            default layer; pre-LLM methods run before layer 0).
         layer_source: where ``layer`` came from (recorded in every row).
     """
     methods = [Method("none", None, layer_source="unreduced")]
     for name in reducers.names():
         cls = reducers.REDUCERS.get(name)
-        if cls.acts_on not in ("hidden", "cache"):
+        if cls.acts_on == "embeddings":
+            methods.append(Method(name, name, cls.default_schedule, None, layer_source="pre-LLM"))
             continue
         schedules = cls.sweep_schedules or (cls.default_schedule,)
         for schedule in schedules:
@@ -95,15 +97,31 @@ def all_methods(layer: int | str = 2, layer_source: str = "given") -> list[Metho
     return methods
 
 
-def select_methods(names: Sequence[str] | None, layer: int | str = 2, layer_source: str = "given") -> list[Method]:
+def has_ctc_head(model: Any) -> bool:
+    """Whether a bench model has a CTC head over its LLM's vocabulary (speechtrim's vocabulary projector)."""
+    return bool(getattr(getattr(model, "speechlm", None), "has_ctc_head", False))
+
+
+def select_methods(names: Sequence[str] | None, layer: int | str = 2, layer_source: str = "given",
+                   ctc_head: bool = True) -> list[Method]:
     """The methods named (``fastadasp`` = its three strategies); None = all. The unreduced model always comes first.
 
     Args:
         names: method names, e.g. ["fastadasp", "fastv"].
         layer: first reduction layer.
         layer_source: where ``layer`` came from (recorded in every row).
+        ctc_head: whether the model has a CTC head over its LLM's vocabulary; without one, "all" leaves out the
+            methods that read it (ctc_compress) and naming one is refused.
     """
     known = all_methods(layer, layer_source)
+    if not ctc_head:
+        needing = {m.name for m in known if m.reducer and getattr(reducers.REDUCERS.get(m.reducer),
+                                                                     "needs_ctc_head", False)}
+        asked = sorted(needing & set(names or ()))
+        if asked:
+            raise ValueError(f"{asked} read a CTC head over the LLM's vocabulary, which this model does not have "
+                             "(speechtrim's embedded model has one); leave them out of --methods")
+        known = [m for m in known if m.name not in needing]
     if not names:
         return known
     by_name = {method.name: [method] for method in known}

@@ -63,7 +63,6 @@ from speechtrim.hf.positions import (
 from speechtrim.hf.spans import AudioSpans, audio_token_id
 from speechtrim.hf.state import PrefillState, prefill_span_ids
 from speechtrim.ops.plan import Plan, apply_plan, compose_plans
-from speechtrim.ops.select import count_to_remove
 from speechtrim.reduction import LayerStep, ModelShape, ReductionStats
 
 logger = logging.getLogger(__name__)
@@ -99,9 +98,19 @@ class Attachment:
         self.method = method
         self.backbone: TextBackbone = text_backbone(model)
         check_method(method)
-        self.positions = method.positions
+        # A pre-LLM method on a model that splices its own audio embeddings: the decoder's input embeddings are
+        # reduced before layer 0 and the survivors renumbered 0..n-1, which is what the LLM would compute on the
+        # shorter prompt (only M-RoPE models keep their original position ids, see _check_model).
+        self.positions = "compact" if method.acts_on == "embeddings" else method.positions
         self.shape = ModelShape(self.backbone.depth, self.backbone.hidden_size, self.backbone.intermediate_size)
         layer, source = method.resolve_layer(model, self.backbone.depth)
+        if method.acts_on == "embeddings" and layer != 0:
+            raise ValueError(f"{method.name} reduces the audio embeddings before the LLM, so it runs before layer 0, "
+                             f"not at layer {layer}")
+        if getattr(method, "needs_ctc_head", False):
+            raise ValueError(f"{method.name} reads CTC logits over the LLM's vocabulary, which a Hugging Face model "
+                             "does not provide: run it on speechtrim's SpeechLM with projector='vocab' (the embedded "
+                             "model), or use pre_merge, samp or segment_topk here")
         self.stats = ReductionStats(method.name, method.acts_on, layer, source, self.backbone.depth,
                                     self.backbone.hidden_size, self.backbone.intermediate_size)
         self._evicts = method.acts_on == "cache"
@@ -184,7 +193,14 @@ class Attachment:
     def _check_model(self) -> None:
         check_text_decoder(self.backbone)
         if self.positions == "compact":
-            self._rotary = compact_rotary(self.backbone)
+            try:
+                self._rotary = compact_rotary(self.backbone)
+            except ValueError:
+                if self.method.acts_on != "embeddings":
+                    raise
+                logger.warning("%s: %s keeps its original position ids (M-RoPE), so the reduced prompt's positions "
+                               "have gaps where tokens were removed", self.method.name, self.backbone.model_type)
+                self.positions = "original"
         warn_untested_family(self.model, self.backbone)
 
     def _input_modules(self) -> list[nn.Module]:
@@ -242,7 +258,7 @@ class Attachment:
         valid = int(state.padding[0].sum()) if state.padding is not None else span_id.shape[1]
         audio = int((span_id[0] >= 0).sum())
         state.ratios = self.method.prefill_ratios(self.stats.layer, self.shape, valid - audio, audio)
-        self.stats.start_prefill(state.ratios)
+        self.stats.start_prefill(state.ratios, input_tokens=valid)
 
     def _step(self, layer_idx: int, state: PrefillState, hidden: torch.Tensor | None, valid: torch.Tensor | None,
               tap: AttentionTap | None, keys: torch.Tensor | None) -> LayerStep:
@@ -257,8 +273,7 @@ class Attachment:
                 "`with` block."
             )
         ratio = state.ratios[layer_idx]
-        num_audio = (state.span_id >= 0).sum(dim=1)  # (B,)
-        num_remove = count_to_remove(num_audio, ratio).to(state.span_id.device)  # (B,)
+        num_remove = self.method.removal_counts(state.span_id, ratio)  # (B,)
         self.stats.requested_per_layer[layer_idx] = int(num_remove[0])
         return LayerStep(layer_idx, hidden, state.span_id, num_remove, ratio, valid,
                          scores if "scores" in needs else None, keys if "keys" in needs else None)

@@ -25,20 +25,15 @@ _warned_families: set[str] = set()
 
 
 def check_method(method: object) -> None:
-    """Refuse a method the attachment cannot run: one that acts before the LLM, or compact positions with a
-    cache evictor.
+    """Refuse a method the attachment cannot run: an unknown ``acts_on``, compact positions with a cache evictor,
+    or a pre-LLM method that is not at layer 0.
 
     Args:
         method: the reducer (its ``name``, ``acts_on``, ``positions``).
     """
     name, acts_on = getattr(method, "name", type(method).__name__), getattr(method, "acts_on", None)
-    if acts_on == "embeddings":
-        raise ValueError(
-            f"{name} reduces the audio embeddings before the LLM, so it is not attached to the decoder's layers: "
-            "apply it to the audio embeddings before they are spliced into the prompt."
-        )
-    if acts_on not in ("hidden", "cache"):
-        raise ValueError(f"{name}: acts_on must be 'hidden' or 'cache' to attach to a decoder, got {acts_on!r}")
+    if acts_on not in ("hidden", "cache", "embeddings"):
+        raise ValueError(f"{name}: acts_on must be 'hidden', 'cache' or 'embeddings', got {acts_on!r}")
     positions = getattr(method, "positions", "original")
     if positions not in POSITION_MODES:
         raise ValueError(f"positions must be one of {POSITION_MODES}, got {positions!r}")

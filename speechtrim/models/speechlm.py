@@ -95,6 +95,7 @@ class SpeechLM(nn.Module):
         for frozen in (self.encoder, self.llm):
             frozen.requires_grad_(False)
             frozen.eval()
+        self.audio_reduction = None  # a pre-LLM reducer's AudioReduction while `with reducer(self):` lasts
 
     @classmethod
     def from_config(cls, config: SpeechLMConfig, encoder: nn.Module, feature_extractor: Any, llm: nn.Module,
@@ -288,9 +289,17 @@ class SpeechLM(nn.Module):
         self, audios: list[np.ndarray], prompts: list[str], targets: list[str] | None = None,
         assistant_prefix: str | list[str] = "",
     ) -> PromptBatch:
-        """Encode, project, adapt and splice: the whole way from waveforms to LLM inputs."""
+        """Encode, project, adapt (reduce, while a pre-LLM reducer is attached) and splice: the whole way from
+        waveforms to LLM inputs."""
         frames, mask = self.encode(audios)
-        embeds, embeds_mask = self.embed_audio(frames, mask)
+        if self.audio_reduction is None:
+            embeds, embeds_mask = self.embed_audio(frames, mask)
+            return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix)
+        projected, projected_mask, logits = self.project(frames, mask)
+        embeds, embeds_mask = self.adapter(projected, projected_mask)
+        full = self.build_inputs(prompts, embeds, embeds_mask, assistant_prefix=assistant_prefix)  # text counts
+        text_tokens = (full.attention_mask.sum(dim=1) - embeds_mask.sum(dim=1)).tolist()
+        embeds, embeds_mask = self.audio_reduction.reduce(embeds, embeds_mask, logits, text_tokens)
         return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix)
 
     def loss(self, batch: PromptBatch, reduction: str = "tokens") -> torch.Tensor:

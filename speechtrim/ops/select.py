@@ -48,6 +48,67 @@ def count_to_remove_int(num_audio: int, ratio: float) -> int:
     return min(wanted, max(num_audio - 1, 0))
 
 
+def span_lengths(span_id: torch.Tensor) -> torch.Tensor:
+    """(B, S) tokens of each audio span per row, S = the largest span id + 1 (0 for ids a row lacks).
+
+    Args:
+        span_id: (B, T) long, span number of each token; -1 = not reducible.
+    """
+    spans = int(span_id.max()) + 1 if span_id.numel() else 0
+    counts = torch.zeros(span_id.shape[0], max(spans, 1), dtype=torch.long, device=span_id.device)
+    audio = span_id >= 0
+    counts.scatter_add_(1, span_id.clamp(min=0), audio.long())
+    return counts[:, :spans]
+
+
+def span_counts_to_remove(span_id: torch.Tensor, ratio: float) -> torch.Tensor:
+    """(B, S) tokens to remove from each audio span: :func:`count_to_remove` of the span's own length.
+
+    Each span then keeps a number of tokens fixed by its length and the ratio alone, whatever the content: what a
+    serving engine needs to size an audio placeholder before the embeddings exist (pre-LLM methods).
+
+    Args:
+        span_id: (B, T) long, span number of each token; -1 = not reducible.
+        ratio: fraction of each span's tokens to remove, in [0, 1).
+    """
+    lengths = span_lengths(span_id)  # (B, S)
+    return count_to_remove(lengths.reshape(-1), ratio).reshape(lengths.shape)
+
+
+def top_per_span(scores: torch.Tensor, span_id: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool, the ``counts[b, s]`` highest-scoring items of every span s of every row (ties: earlier first).
+
+    Items with span id -1 are never chosen; NaN scores rank last.
+
+    Args:
+        scores: (B, T) float, one score per item (token, or adjacent pair).
+        span_id: (B, T) long, span of each item; -1 = not selectable.
+        counts: (B, S) long, items to choose per span (from :func:`span_counts_to_remove` or similar).
+    """
+    if scores.shape != span_id.shape or scores.dim() != 2:
+        raise ValueError(f"top_per_span expects scores and span_id of one shape (B, T), got {tuple(scores.shape)} "
+                         f"and {tuple(span_id.shape)}")
+    batch, length = scores.shape
+    if length == 0:
+        return torch.zeros_like(span_id, dtype=torch.bool)
+    key = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores.float())
+    by_score = key.sort(dim=1, descending=True, stable=True).indices  # (B, T)
+    score_rank = torch.empty_like(by_score).scatter_(1, by_score, torch.arange(length, device=scores.device)
+                                                     .expand_as(by_score))
+    group = torch.where(span_id >= 0, span_id, torch.full_like(span_id, int(span_id.max()) + 1))
+    order = (group * length + score_rank).sort(dim=1).indices  # grouped by span, best score first
+    grouped = group.gather(1, order)  # (B, T)
+    index = torch.arange(length, device=scores.device).expand(batch, length)
+    opens = torch.ones_like(grouped, dtype=torch.bool)
+    opens[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+    first = torch.where(opens, index, torch.zeros_like(index)).cummax(dim=1).values
+    rank_in_span = index - first  # (B, T), in sorted order
+    padded = torch.cat([counts.long(), torch.zeros(batch, 1, dtype=torch.long, device=counts.device)], dim=1)
+    limit = padded.gather(1, grouped.clamp(max=padded.shape[1] - 1))
+    chosen_sorted = (rank_in_span < limit) & (span_id.gather(1, order) >= 0)
+    return torch.zeros_like(chosen_sorted).scatter_(1, order, chosen_sorted)
+
+
 def evict_plan(scores: torch.Tensor, reducible: torch.Tensor, num_evict: torch.Tensor) -> Plan:
     """Plan to drop the ``num_evict[b]`` lowest-scoring reducible tokens of each row (FastV, random_evict).
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from speechtrim.flops import solve_ratio
 from speechtrim.ops.plan import Plan
+from speechtrim.ops.select import count_to_remove
 from speechtrim.ratio import check_ratio
 from speechtrim.reduction import ACTS_ON, KEYED_BY, NEEDS, LayerStep, ModelShape, ReductionStats
 from speechtrim.registry import Registry
@@ -147,6 +148,16 @@ class Reducer:
             shape.hidden_size, shape.intermediate_size)
         return layer_ratios(self.schedule, ratio, layer, shape.depth)
 
+    def removal_counts(self, span_id: torch.Tensor, ratio: float) -> torch.Tensor:
+        """(B,) tokens a layer at ``ratio`` removes from each row: ``ratio`` of the row's audio tokens (rounded
+        half down, at least one kept; :func:`speechtrim.ops.select.count_to_remove`).
+
+        Args:
+            span_id: (B, T) span ids of the layer (-1: not audio).
+            ratio: the layer's ratio.
+        """
+        return count_to_remove((span_id >= 0).sum(dim=1), ratio).to(span_id.device)
+
     def score_queries(self, valid: torch.Tensor | None, span_id: torch.Tensor) -> torch.Tensor | None:
         """(B, T) bool, the queries whose attention counts in ``LayerStep.scores``: every real token by default.
 
@@ -163,11 +174,25 @@ class Reducer:
     def __call__(self, model: nn.Module, audio_spans: Any = None, audio_token_id: int | None = None) -> Any:
         """Attach to ``model``: ``with reducer(model) as stats: model.generate(...)``.
 
+        A pre-LLM method (``acts_on == "embeddings"``) on speechtrim's SpeechLM reduces the audio embeddings in
+        ``SpeechLM.prepare`` (:class:`speechtrim.models.audio_reduction.AudioReduction`); on a Hugging Face model
+        it reduces the decoder's input embeddings before layer 0.
+
         Args:
-            model: a Hugging Face causal LM or speech LLM (SDPA or eager attention, DynamicCache).
+            model: a Hugging Face causal LM or speech LLM (SDPA or eager attention, DynamicCache), or a SpeechLM.
             audio_spans: one list of ``(start, end)`` per batch row; None finds them from the audio token id.
             audio_token_id: the audio placeholder id, when the model's config does not name one.
         """
+        if self.acts_on == "embeddings":
+            from speechtrim.models.speechlm import SpeechLM
+
+            if isinstance(model, SpeechLM):
+                from speechtrim.models.audio_reduction import AudioReduction
+
+                if audio_spans is not None or audio_token_id is not None:
+                    raise ValueError("a SpeechLM knows where its audio is: attach a pre-LLM reducer to it without "
+                                     "audio_spans or audio_token_id")
+                return AudioReduction(model, self)
         from speechtrim.hf.attach import Attachment
 
         return Attachment(model, self, audio_spans, audio_token_id)
