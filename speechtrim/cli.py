@@ -85,7 +85,43 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_adapter_commands(commands)
     _add_train_embedded(commands)
     _add_bench(commands)
+    _add_serve(commands)
     return parser
+
+
+def _add_serve(commands: Any) -> None:
+    """``serve``: a vLLM server for a SpeechLM's LLM, with prompt embeddings enabled."""
+    serve = commands.add_parser(
+        "serve", help="serve the embedded model's LLM (or --speechlm's) on vLLM with prompt embeddings, on loopback, "
+                      "until Ctrl-C; `speechtrim bench --engine vllm --vllm-url URL` then sends it the audio")
+    serve.add_argument("--speechlm", type=Path, default=None, help="a saved SpeechLM folder (default: the embedded)")
+    serve.add_argument("--port", type=int, default=8000, help="loopback port (default 8000)")
+    serve.add_argument("--max-model-len", type=int, default=4096, help="longest prompt + answer in tokens")
+    serve.add_argument("--dtype", default="float32", help="weights' dtype on the server (float32 on CPU)")
+    serve.add_argument("--startup-timeout", type=float, default=300.0, help="seconds to wait for the server")
+    serve.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from speechtrim.engines.vllm import VLLMServer, export_llm, vllm_python
+
+    vllm_python()  # the environment first: its absence is the likeliest failure
+    if not 0 < args.port < 65536:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    speechlm = _embedded_speechlm(args.speechlm)
+    server = VLLMServer(export_llm(speechlm), port=args.port, max_model_len=args.max_model_len, dtype=args.dtype,
+                        startup_timeout=args.startup_timeout)
+    with server:
+        print(f"vLLM serves {server.model_folder} at {server.url} (log: {server.log_file}); Ctrl-C stops it",
+              file=sys.stderr)
+        print(json.dumps({"command": "serve", "url": server.url, "model": str(server.model_folder),
+                          "log": str(server.log_file)}), flush=True)
+        try:
+            while server.process is not None and server.process.poll() is None:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            return 130
+    raise RuntimeError(f"the vLLM server stopped; its log ({server.log_file}) ends with:\n{server.log_tail()}")
 
 
 def _add_assets(commands: Any) -> None:
@@ -225,6 +261,12 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's); 1 avoids thrashing when other jobs share the cores")
     bench.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    bench.add_argument("--engine", default="transformers", choices=("transformers", "vllm"),
+                       help="where generation runs: transformers (every method) or vllm (pre-LLM methods, served "
+                            "by a vLLM server from .venv-vllm)")
+    bench.add_argument("--vllm-url", default=None,
+                       help="with --engine vllm: a running server (e.g. http://127.0.0.1:8000) instead of starting one")
+    bench.add_argument("--concurrency", type=int, default=16, help="with --engine vllm: requests in flight at once")
     bench.set_defaults(run=_run_bench)
 
 
@@ -405,6 +447,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         layer=args.layer, max_new_tokens=args.max_new_tokens, repeats=args.repeats, device=args.device,
         fresh=args.fresh, scaling=args.scaling, scaling_lengths=numbers(args.scaling_lengths, "--scaling-lengths"),
         memory_budget_gb=args.memory_budget_gb, progress=not args.no_progress, threads=args.threads,
+        engine=args.engine, vllm_url=args.vllm_url, concurrency=args.concurrency,
     )
     started = time.perf_counter()
     summary = run_bench(options)
@@ -412,7 +455,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         print(Path(summary["table"]).read_text())
     else:
         print(Path(summary["tables"]).read_text())
-        print(f"plot: {summary['plot']}; rows: {summary['jsonl']}")
+        print(f"plot: {summary['plot']}; rows: {summary['jsonl']}" if "plot" in summary else f"rows: {summary['jsonl']}")
     summary["wall_s"] = round(time.perf_counter() - started, 1)
     print(json.dumps({"command": "bench", **summary}, default=str))
     if summary.get("failed_rows"):

@@ -62,6 +62,9 @@ class BenchOptions:
         memory_budget_gb: budget of the batch-size estimate.
         progress: show progress bars.
         threads: torch CPU threads (None = torch's default); 1 avoids thread thrashing on a busy machine.
+        engine: "transformers" (every method, in this process) or "vllm" (pre-LLM methods, served by vLLM).
+        vllm_url: a running vLLM server (None: start one from .venv-vllm for the run).
+        concurrency: requests in flight at once with the vLLM engine.
     """
 
     preset: str = "default"
@@ -82,6 +85,9 @@ class BenchOptions:
     memory_budget_gb: float = 80.0
     progress: bool = True
     threads: int | None = None
+    engine: str = "transformers"
+    vllm_url: str | None = None
+    concurrency: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,6 +155,22 @@ def _check_options(options: BenchOptions) -> Preset:
 
         if not torch.cuda.is_available():
             raise ValueError("--device cuda was asked for but torch sees no GPU; use --device cpu")
+    if options.engine not in ("transformers", "vllm"):
+        raise ValueError(f"--engine must be transformers or vllm, got {options.engine!r}")
+    if options.engine == "vllm":
+        if options.model != "embedded":
+            raise ValueError("--engine vllm serves speechtrim's SpeechLM (it computes the prompt embeddings itself): "
+                             "use the embedded model or --speechlm FOLDER; serve a hub speech LLM with vLLM directly")
+        if options.scaling:
+            raise ValueError("--scaling measures the transformers engine; leave out --engine vllm or --scaling")
+        if options.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {options.concurrency}")
+        if options.vllm_url is None:
+            from speechtrim.engines.vllm import vllm_python
+
+            vllm_python()  # the environment must exist before anything slow starts
+    elif options.vllm_url is not None:
+        raise ValueError("--vllm-url only applies with --engine vllm")
     if options.threads is not None:
         if options.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {options.threads}")
@@ -185,11 +207,16 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
 
     preset = _check_options(options)
     # Validate every name before loading anything heavy: method names, the layer, then data.
-    select_methods(options.methods, 2, ctc_head=options.model == "embedded")
+    chosen = select_methods(options.methods, 2, ctc_head=options.model == "embedded")
+    if options.engine == "vllm":
+        from speechtrim.bench.vllm_bench import vllm_methods
+
+        vllm_methods(chosen, named=options.methods is not None)
     depth = _packaged_depth(options) if model is None else None
     if depth is not None and options.layer not in (None, "auto") and int(options.layer) >= depth:
         raise ValueError(f"--layer {options.layer} is outside the model's {depth} decoder layers; pass 0 to {depth - 1}")
-    out = Path(options.out) if options.out is not None else Path("results") / f"bench-{options.preset}"
+    engine = "" if options.engine == "transformers" else f"{options.engine}-"
+    out = Path(options.out) if options.out is not None else Path("results") / f"bench-{engine}{options.preset}"
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; bench writes a folder (results.jsonl, tables.md, tradeoff.png): "
                          "pass a folder path")
@@ -204,6 +231,8 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
         from speechtrim.bench.runner import load_bench_model
 
         model = load_bench_model(options.model, options.speechlm, options.device)
+    if options.engine == "vllm":
+        return _run_vllm(options, out, model, sets, preset)
     config = SweepConfig(targets=tuple(options.targets or preset.targets),
                          methods=select_methods(options.methods, *_layer(options.layer, model.decoder),
                                                 ctc_head=has_ctc_head(model)),
@@ -236,6 +265,41 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
             "jsonl": str(jsonl), "tables": str(out / "tables.md"), "plot": str(out / "tradeoff.png"),
             "reused_rows": reused, "failed_rows": sum(1 for row in rows if row.get("failed")),
             "rows": [_public(row) for row in rows]}
+
+
+def _run_vllm(options: BenchOptions, out: Path, model: Any, sets: list, preset: Preset) -> dict[str, Any]:
+    """The sweep on the vLLM engine: a server started for the run (or ``vllm_url``), pre-LLM methods only."""
+    import contextlib
+
+    from speechtrim.assets.cache import atomic_file
+    from speechtrim.bench.sweep import has_ctc_head, select_methods
+    from speechtrim.bench.vllm_bench import run_vllm_sweep, vllm_methods, vllm_table
+    from speechtrim.engines.vllm import VLLMClient, VLLMServer, export_llm
+
+    methods = vllm_methods(select_methods(options.methods, 0, ctc_head=has_ctc_head(model)),
+                           named=options.methods is not None)
+    out.mkdir(parents=True, exist_ok=True)
+    jsonl = out / "results.jsonl"
+    if jsonl.exists():  # rows are not reused across vLLM runs: set the old ones aside, never delete them
+        jsonl.replace(out / "results.previous.jsonl")
+    server = contextlib.nullcontext()
+    url = options.vllm_url
+    if url is None:
+        server = VLLMServer(export_llm(model.speechlm), log_file=out / "vllm-server.log")
+        url = server.url
+    with server:
+        client = VLLMClient(url)
+        try:
+            rows = run_vllm_sweep(model, sets, methods, tuple(options.targets or preset.targets), client, jsonl,
+                                  options.max_new_tokens or preset.max_new_tokens, options.concurrency,
+                                  options.progress)
+        finally:
+            client.close()
+    with atomic_file(out / "tables.md") as handle:
+        handle.write(f"# {model.name} served by vLLM ({url}), {options.concurrency} requests in flight\n\n"
+                     f"{vllm_table(rows)}\n")
+    return {"model": model.name, "engine": "vllm", "url": url, "data": ", ".join(s.describe() for s in sets),
+            "jsonl": str(jsonl), "tables": str(out / "tables.md"), "rows": rows}
 
 
 def _public(row: dict) -> dict:

@@ -127,6 +127,8 @@ def reduce_embeddings(reducer: PreLLMReducer, embeds: torch.Tensor, mask: torch.
     counts = mask.sum(dim=1).tolist()
     texts = text_tokens if text_tokens is not None else [0] * len(counts)
     ratios = [reducer.embedding_ratio(int(n), int(t), shape) for n, t in zip(counts, texts)]
+    if not any(ratios):  # nothing to remove: the very same tensors
+        return ReducedEmbeddings(embeds, mask, ratios, [0] * len(ratios))
     out_embeds: list[torch.Tensor] = []
     removed: list[int] = []
     for ratio in sorted(set(ratios)):  # rows of one ratio run together

@@ -86,14 +86,14 @@ class Samp(PreLLMReducer):
 
     def plan(self, step: LayerStep) -> Plan:
         span_id = step.span_id
-        received, own = attention_received(step.hidden, span_id)  # (B, T) each
+        received, own = attention_received(step.hidden.detach(), span_id)  # (B, T) each
         starts = torch.ones_like(span_id, dtype=torch.bool)
         keep = torch.ones_like(span_id, dtype=torch.bool)
         positions = torch.arange(span_id.shape[1])
         for row in range(span_id.shape[0]):
             for span in sorted(set(span_id[row].tolist()) - {-1}):
                 members = positions[span_id[row].cpu() == span]
-                opens, groups_kept = self._span(step.hidden[row, members].float().cpu(),
+                opens, groups_kept = self._span(step.hidden[row, members].detach().float().cpu(),
                                                 received[row, members].cpu(), own[row, members].cpu(), step.ratio)
                 starts[row, members] = opens.to(starts.device)
                 keep[row, members] = groups_kept.to(keep.device)

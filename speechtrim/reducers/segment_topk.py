@@ -58,7 +58,7 @@ class SegmentTopK(PreLLMReducer):
 
     def plan(self, step: LayerStep) -> Plan:
         span_id = step.span_id
-        scores, _ = attention_received(step.hidden, span_id)  # (B, T)
+        scores, _ = attention_received(step.hidden.detach(), span_id)  # (B, T)
         segment = torch.full_like(span_id, -1)
         drops: list[list[int]] = []
         lengths = span_lengths(span_id).tolist()  # (B, S)

@@ -1,0 +1,1 @@
+"""Where generation runs: transformers (every method, in this process) or vLLM (pre-LLM methods, a server)."""
