@@ -199,3 +199,13 @@ def test_the_sweep_runs_pre_llm_methods_before_layer_zero_and_drops_ctc_without_
     assert "ctc_compress" not in {m.name for m in select_methods(None, 3, ctc_head=False)}
     with pytest.raises(ValueError, match="CTC head"):
         select_methods(["ctc_compress"], 3, ctc_head=False)
+
+
+def test_samp_reduces_long_spans_window_by_window_with_a_fixed_count():
+    reducer = reducers.build("samp", ratio=0.5, window=8)
+    embeds, mask, _ = embeddings(LENGTHS)
+    out = reduce_embeddings(reducer, embeds, mask)
+    assert reducer.output_length(37) == 37 - (4 * 4 + 2)  # windows 8, 8, 8, 8, 5 lose 4, 4, 4, 4, 2
+    assert out.mask.sum(dim=1).tolist() == [reducer.output_length(n) for n in LENGTHS]
+    with pytest.raises(ValueError, match="window"):
+        reducers.build("samp", ratio=0.5, window=1)
