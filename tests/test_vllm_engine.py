@@ -5,6 +5,7 @@ server is in tests/test_vllm_server.py (slow)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import threading
@@ -17,7 +18,7 @@ from speechtrim import reducers
 from speechtrim.bench.main import BenchOptions, run_bench
 from speechtrim.bench.runner import EmbeddedModel
 from speechtrim.bench.sweep import select_methods
-from speechtrim.bench.vllm_bench import label_of, run_vllm_sweep, vllm_methods
+from speechtrim.bench.vllm_bench import label_of, run_vllm_sweep, throughput_table, vllm_methods, vllm_throughput
 from speechtrim.engines.vllm import VLLMClient, encode_embeddings
 from tests.test_bench import toy_sets
 from tests.tiny_speechlm import tiny_speechlm
@@ -96,7 +97,8 @@ def test_the_vllm_sweep_runs_pre_llm_methods_and_keeps_rows_when_the_server_dies
     methods = vllm_methods(select_methods(None, 0, ctc_head=False), named=False)
     assert {m.name for m in methods} == {"none", "pre_merge", "samp", "segment_topk"}
     client = VLLMClient(fake_server)
-    rows = run_vllm_sweep(model, toy_sets(), methods, (0.3,), client, tmp_path / "rows.jsonl", max_new_tokens=4,
+    connect = lambda: contextlib.nullcontext(client)  # noqa: E731
+    rows = run_vllm_sweep(model, toy_sets(), methods, (0.3,), connect, tmp_path / "rows.jsonl", max_new_tokens=4,
                           concurrency=2, progress=False)
     assert len(rows) == 2 * 4 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 8
     full = {row["data"]: row for row in rows if row["method"] == "none"}
@@ -110,7 +112,7 @@ def test_the_vllm_sweep_runs_pre_llm_methods_and_keeps_rows_when_the_server_dies
         assert row["requests_per_s"] > 0 and row["ttft_ms_median"] >= 0
     FakeVLLM.fail_after = len(FakeVLLM.seen) + 3  # the server dies during the next sweep
     with pytest.raises(ConnectionError, match="rows finished so far are kept"):
-        run_vllm_sweep(model, toy_sets(), methods, (0.3,), client, tmp_path / "again.jsonl", max_new_tokens=4,
+        run_vllm_sweep(model, toy_sets(), methods, (0.3,), connect, tmp_path / "again.jsonl", max_new_tokens=4,
                        concurrency=1, progress=False)
     kept = (tmp_path / "again.jsonl").read_text().splitlines()
     assert len(kept) == 1 and json.loads(kept[0])["method"] == "none"
@@ -134,3 +136,17 @@ def test_a_missing_vllm_environment_names_the_set_up_command(monkeypatch, tmp_pa
     with pytest.raises(FileNotFoundError, match="scripts/setup.sh"):
         run_bench(BenchOptions(preset="quick", engine="vllm"))
     assert reducers.REDUCERS.get("pre_merge").acts_on == "embeddings"
+
+
+def test_the_throughput_study_measures_transformers_first_then_vllm(fake_server):
+    torch.set_num_threads(1)
+    model = EmbeddedModel(tiny_speechlm(seed=0, layers=4, max_positions=4096), "tiny", trained=False)
+    methods = vllm_methods(select_methods(["pre_merge"], 0, ctc_head=False), named=True)
+    clips = [item.audio for item in toy_sets()[0].items]
+    client = VLLMClient(fake_server)
+    rows = vllm_throughput(model, clips, methods, (2.0,), (0.5,), lambda: contextlib.nullcontext(client),
+                           requests=2, max_new_tokens=3, progress=False)
+    assert [row["method"] for row in rows] == ["none", "pre_merge"]
+    assert rows[1]["audio_tokens"] < rows[0]["audio_tokens"]
+    assert all(row["vllm_requests_per_s"] > 0 and row["transformers_tokens_per_s"] > 0 for row in rows)
+    assert "| 2 s x 2 | pre_merge | 50% |" in throughput_table(rows)

@@ -161,8 +161,6 @@ def _check_options(options: BenchOptions) -> Preset:
         if options.model != "embedded":
             raise ValueError("--engine vllm serves speechtrim's SpeechLM (it computes the prompt embeddings itself): "
                              "use the embedded model or --speechlm FOLDER; serve a hub speech LLM with vLLM directly")
-        if options.scaling:
-            raise ValueError("--scaling measures the transformers engine; leave out --engine vllm or --scaling")
         if options.concurrency < 1:
             raise ValueError(f"--concurrency must be >= 1, got {options.concurrency}")
         if options.vllm_url is None:
@@ -220,6 +218,12 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; bench writes a folder (results.jsonl, tables.md, tradeoff.png): "
                          "pass a folder path")
+    if options.scaling and options.engine == "vllm":
+        if model is None:
+            from speechtrim.bench.runner import load_bench_model
+
+            model = load_bench_model(options.model, options.speechlm, options.device)
+        return _run_vllm(options, out, model, [], preset)
     if options.scaling:
         return _run_scaling(options, out, model)
     from speechtrim.eval.harness import load_eval_set
@@ -276,30 +280,55 @@ def _run_vllm(options: BenchOptions, out: Path, model: Any, sets: list, preset: 
     from speechtrim.bench.vllm_bench import run_vllm_sweep, vllm_methods, vllm_table
     from speechtrim.engines.vllm import VLLMClient, VLLMServer, export_llm
 
-    methods = vllm_methods(select_methods(options.methods, 0, ctc_head=has_ctc_head(model)),
-                           named=options.methods is not None)
+    names = options.methods or (["pre_merge"] if options.scaling else None)
+    methods = vllm_methods(select_methods(names, 0, ctc_head=has_ctc_head(model)), named=names is not None)
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "results.jsonl"
     if jsonl.exists():  # rows are not reused across vLLM runs: set the old ones aside, never delete them
         jsonl.replace(out / "results.previous.jsonl")
-    server = contextlib.nullcontext()
     url = options.vllm_url
-    if url is None:
-        server = VLLMServer(export_llm(model.speechlm), log_file=out / "vllm-server.log")
-        url = server.url
-    with server:
-        client = VLLMClient(url)
-        try:
-            rows = run_vllm_sweep(model, sets, methods, tuple(options.targets or preset.targets), client, jsonl,
-                                  options.max_new_tokens or preset.max_new_tokens, options.concurrency,
-                                  options.progress)
-        finally:
-            client.close()
+    server = None if url is not None else VLLMServer(export_llm(model.speechlm), log_file=out / "vllm-server.log")
+    url = url or server.url
+
+    @contextlib.contextmanager
+    def connect():
+        """The server (started now, stopped after) and a client of it."""
+        with server if server is not None else contextlib.nullcontext():
+            client = VLLMClient(url)
+            try:
+                yield client
+            finally:
+                client.close()
+
+    if options.scaling:
+        return _vllm_throughput(options, out, model, methods, connect, url)
+    rows = run_vllm_sweep(model, sets, methods, tuple(options.targets or preset.targets), connect, jsonl,
+                          options.max_new_tokens or preset.max_new_tokens, options.concurrency, options.progress)
     with atomic_file(out / "tables.md") as handle:
         handle.write(f"# {model.name} served by vLLM ({url}), {options.concurrency} requests in flight\n\n"
                      f"{vllm_table(rows)}\n")
     return {"model": model.name, "engine": "vllm", "url": url, "data": ", ".join(s.describe() for s in sets),
             "jsonl": str(jsonl), "tables": str(out / "tables.md"), "rows": rows}
+
+
+def _vllm_throughput(options: BenchOptions, out: Path, model: Any, methods: list, connect: Any,
+                     url: str) -> dict[str, Any]:
+    """``--engine vllm --scaling``: throughput of ``concurrency`` long clips, vLLM vs the transformers loop."""
+    from speechtrim.assets.cache import atomic_file
+    from speechtrim.bench.vllm_bench import throughput_table, vllm_throughput
+    from speechtrim.data.realspeech import load_pocketsphinx_clips
+
+    clips = [utterance.load() for utterance in load_pocketsphinx_clips()]
+    rows = vllm_throughput(model, clips, methods, tuple(options.scaling_lengths), tuple(options.targets or (0.3, 0.5)),
+                           connect, options.concurrency, options.max_new_tokens or 16, options.progress)
+    with atomic_file(out / "throughput.jsonl") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+    table = throughput_table(rows)
+    with atomic_file(out / "throughput.md") as handle:
+        handle.write(f"# {model.name}: {options.concurrency} concurrent clips, vLLM ({url}) vs the transformers "
+                     "loop (one clip at a time; its TTFT is the clip's prefill alone)\n\n" + table + "\n")
+    return {"model": model.name, "engine": "vllm", "scaling": True, "url": url,
+            "table": str(out / "throughput.md"), "rows": rows}
 
 
 def _public(row: dict) -> dict:

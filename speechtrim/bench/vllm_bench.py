@@ -19,6 +19,7 @@ import json
 import logging
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,16 +58,19 @@ def label_of(text: str, labels: tuple[str, ...]) -> str:
 
 
 def run_vllm_sweep(model: Any, sets: list[EvalSet], methods: list[Method], targets: tuple[float, ...],
-                   client: Any, jsonl: Path, max_new_tokens: int = 32, concurrency: int = 16,
+                   connect: Callable[[], Any], jsonl: Path, max_new_tokens: int = 32, concurrency: int = 16,
                    progress: bool = True) -> list[dict[str, Any]]:
     """Every method x target on every set through the vLLM server; rows appended to ``jsonl`` as they finish.
+
+    The transformers pass over the unreduced clips (agreement and throughput) runs first, before ``connect``
+    starts or reaches the server, so that an idle server's workers do not share the cores with it.
 
     Args:
         model: an :class:`~speechtrim.bench.runner.EmbeddedModel` (speechtrim splices the audio itself).
         sets: evaluation sets.
         methods: the unreduced model and pre-LLM methods (:func:`vllm_methods`).
         targets: target prefill-FLOPs reductions.
-        client: a :class:`~speechtrim.engines.vllm.VLLMClient`.
+        connect: a context-manager factory yielding a :class:`~speechtrim.engines.vllm.VLLMClient`.
         jsonl: the results file.
         max_new_tokens: most tokens generated per clip.
         concurrency: requests in flight at once.
@@ -76,62 +80,74 @@ def run_vllm_sweep(model: Any, sets: list[EvalSet], methods: list[Method], targe
 
     from speechtrim.bench.runner import run_item
 
-    client.check()
+    local = []  # per set: the prepared clips, transformers' unreduced answers and their seconds
+    for evalset in tqdm(sets, desc="transformers pass", unit="set", disable=not progress):
+        prepared = [model.prepare(item) for item in evalset.items]
+        started = time.perf_counter()
+        runs = [run_item(model, clip, None, max_new_tokens=max_new_tokens) for clip in prepared]
+        local.append((prepared, runs, time.perf_counter() - started))
     rows: list[dict[str, Any]] = []
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     total = sum(1 + len(targets) * (len(methods) - 1) for _ in sets)
-    bar = tqdm(total=total, desc="vllm sweep", unit="row", disable=not progress)
-    for evalset in sets:
-        prepared = [model.prepare(item) for item in evalset.items]
-        references = [item.reference for item in evalset.items]
-        full, full_row = None, None
-        for method in methods:
-            for target in (targets if method.reducer is not None else (0.0,)):
-                reducer = method.build(target)
-                started = time.perf_counter()
-                if reducer is None:
-                    inputs, saved = prepared, [0.0] * len(prepared)
-                else:
-                    pairs = [clip.reduce_audio(reducer) for clip in prepared]
-                    inputs, saved = [pair[0] for pair in pairs], [pair[1].flops_reduction for pair in pairs]
-                reduce_s = time.perf_counter() - started
-                completions, wall = client.complete_many([clip.kwargs["inputs_embeds"][0] for clip in inputs],
-                                                         max_new_tokens, concurrency)
-                texts = [completion.text for completion in completions]
-                outputs = [label_of(text, evalset.labels) for text in texts] if evalset.labels else texts
-                record = TASK_RECORDS[evalset.task]
-                scores = task_scores(evalset.task, references, outputs)
-                row = {"engine": "vllm", "data": evalset.name, "task": evalset.task, "clips": len(evalset),
-                       "method": method.name, "target": target, "flops_reduction": statistics.mean(saved),
-                       "metric_name": record.metric, "metric": scores[record.metric],
-                       "metric_ci": score_interval(evalset.task, references, outputs),
-                       "fidelity": None if full is None else fidelity(evalset.task, full, outputs),
-                       "requests_per_s": len(evalset) / (wall + reduce_s),
-                       "tokens_per_s": sum(c.tokens for c in completions) / (wall + reduce_s),
-                       "ttft_ms_median": 1000 * statistics.median(c.ttft_s for c in completions),
-                       "concurrency": concurrency, "max_new_tokens": max_new_tokens,
-                       "audio_tokens": statistics.mean(clip.audio_tokens for clip in inputs)}
-                if reducer is None:
-                    full = outputs
+    with connect() as client:
+        client.check()
+        bar = tqdm(total=total, desc="vllm sweep", unit="row", disable=not progress)
+        for evalset, (prepared, runs, local_s) in zip(sets, local):
+            references = [item.reference for item in evalset.items]
+            full = None
+            for method in methods:
+                for target in (targets if method.reducer is not None else (0.0,)):
+                    row = _sweep_row(evalset, method, target, prepared, client, max_new_tokens, concurrency)
+                    outputs = row.pop("outputs")
+                    if method.reducer is None:
+                        full = outputs
+                        texts = row.pop("texts")
+                        local_texts = [run.generated for run in runs]
+                        row["transformers_agreement"] = sum(a == b for a, b in zip(local_texts, texts)) / len(texts)
+                        row["transformers_requests_per_s"] = len(evalset) / local_s
+                        row["transformers_tokens_per_s"] = sum(run.decode_steps + 1 for run in runs) / local_s
+                        row["examples"] = [{"vllm": a, "transformers": b} for a, b in zip(texts[:3], local_texts)]
+                        if row["transformers_agreement"] < 1.0:
+                            logger.warning("%s: %.0f %% of vLLM's unreduced answers equal transformers' greedy "
+                                           "ones", evalset.name, 100 * row["transformers_agreement"])
+                    else:
+                        row.pop("texts")
                     row["fidelity"] = fidelity(evalset.task, full, outputs)
-                    started = time.perf_counter()
-                    local = [run_item(model, clip, None, max_new_tokens=max_new_tokens) for clip in prepared]
-                    local_s = time.perf_counter() - started
-                    local_texts = [run.generated for run in local]
-                    row["transformers_agreement"] = sum(a == b for a, b in zip(local_texts, texts)) / len(texts)
-                    row["transformers_requests_per_s"] = len(evalset) / local_s
-                    row["transformers_tokens_per_s"] = sum(run.decode_steps + 1 for run in local) / local_s
-                    row["examples"] = [{"vllm": a, "transformers": b} for a, b in zip(texts[:3], local_texts[:3])]
-                    full_row = row
-                rows.append(row)
-                with open(jsonl, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(row) + "\n")
-                bar.update(1)
-        if full_row is not None and full_row["transformers_agreement"] < 1.0:
-            logger.warning("%s: %.0f %% of vLLM's unreduced answers equal transformers' greedy ones", evalset.name,
-                           100 * full_row["transformers_agreement"])
-    bar.close()
+                    row["metric_ci"] = score_interval(evalset.task, references, outputs)
+                    rows.append(row)
+                    with open(jsonl, "a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                    bar.update(1)
+        bar.close()
     return rows
+
+
+def _sweep_row(evalset: EvalSet, method: Method, target: float, prepared: list, client: Any, max_new_tokens: int,
+               concurrency: int) -> dict[str, Any]:
+    """One method at one target on one set through vLLM (with its per-clip ``outputs`` and ``texts``)."""
+    reducer = method.build(target)
+    started = time.perf_counter()
+    if reducer is None:
+        inputs, saved = prepared, [0.0] * len(prepared)
+    else:
+        pairs = [clip.reduce_audio(reducer) for clip in prepared]
+        inputs, saved = [pair[0] for pair in pairs], [pair[1].flops_reduction for pair in pairs]
+    reduce_s = time.perf_counter() - started
+    completions, wall = client.complete_many([clip.kwargs["inputs_embeds"][0] for clip in inputs], max_new_tokens,
+                                             concurrency)
+    texts = [completion.text for completion in completions]
+    outputs = [label_of(text, evalset.labels) for text in texts] if evalset.labels else texts
+    record = TASK_RECORDS[evalset.task]
+    scores = task_scores(evalset.task, [item.reference for item in evalset.items], outputs)
+    return {"engine": "vllm", "data": evalset.name, "task": evalset.task, "clips": len(evalset),
+            "method": method.name, "target": target, "flops_reduction": statistics.mean(saved),
+            "metric_name": record.metric, "metric": scores[record.metric],
+            "requests_per_s": len(evalset) / (wall + reduce_s),
+            "tokens_per_s": sum(c.tokens for c in completions) / (wall + reduce_s),
+            "ttft_ms_median": 1000 * statistics.median(c.ttft_s for c in completions),
+            "concurrency": concurrency, "max_new_tokens": max_new_tokens,
+            "audio_tokens": statistics.mean(clip.audio_tokens for clip in inputs), "outputs": outputs,
+            "texts": texts}
 
 
 def vllm_table(rows: list[dict[str, Any]]) -> str:
@@ -152,4 +168,85 @@ def vllm_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["label_of", "run_vllm_sweep", "vllm_methods", "vllm_table"]
+
+
+
+def vllm_throughput(model: Any, clips: list, methods: list[Method], lengths: tuple[float, ...],
+                    targets: tuple[float, ...], connect: Callable[[], Any], requests: int = 16,
+                    max_new_tokens: int = 16, progress: bool = True) -> list[dict[str, Any]]:
+    """Throughput on long audio: ``requests`` different clips of each length (real clips rotated, joined and tiled),
+    unreduced and with each pre-LLM method at each target, through the transformers loop (one clip at a time, a
+    fixed ``max_new_tokens`` greedy decode; measured first, with no server running) and then through vLLM (all
+    clips in flight at once).
+
+    Args:
+        model: an :class:`~speechtrim.bench.runner.EmbeddedModel`.
+        clips: real clips to build the long audio from.
+        methods: the unreduced model and pre-LLM methods.
+        lengths: audio lengths in seconds.
+        targets: FLOPs targets of the reduced runs.
+        connect: a context-manager factory yielding a :class:`~speechtrim.engines.vllm.VLLMClient`.
+        requests: clips per length, sent concurrently.
+        max_new_tokens: tokens generated per clip.
+        progress: show a progress bar.
+    """
+    from tqdm.auto import tqdm
+
+    from speechtrim.bench.runner import run_item
+    from speechtrim.bench.scaling import long_audio
+    from speechtrim.eval.harness import EvalItem
+    from speechtrim.prompts import ASR_PROMPT
+
+    runs = [(method, target) for method in methods for target in (targets if method.reducer else (0.0,))]
+    pending = []  # (row, inputs) waiting for vLLM
+    bar = tqdm(total=2 * len(lengths) * len(runs), desc="throughput", unit="run", disable=not progress)
+    for seconds in lengths:
+        items = [EvalItem(f"long{seconds:g}-{i}", long_audio(clips[i % len(clips):] + clips[: i % len(clips)],
+                                                              seconds), "", ASR_PROMPT) for i in range(requests)]
+        prepared = [model.prepare(item) for item in items]
+        for method, target in runs:
+            reducer = method.build(target)
+            started = time.perf_counter()
+            inputs = prepared if reducer is None else [clip.reduce_audio(reducer)[0] for clip in prepared]
+            reduce_s = time.perf_counter() - started
+            started = time.perf_counter()
+            local = [run_item(model, clip, None, max_new_tokens=max_new_tokens, stop_at_eos=False)
+                     for clip in inputs]
+            local_s = time.perf_counter() - started + reduce_s
+            row = {"seconds": seconds, "method": method.name, "target": target, "requests": requests,
+                   "audio_tokens": statistics.mean(clip.audio_tokens for clip in inputs),
+                   "transformers_requests_per_s": requests / local_s,
+                   "transformers_tokens_per_s": sum(run.decode_steps + 1 for run in local) / local_s,
+                   "transformers_ttft_ms_median": 1000 * statistics.median(run.prefill_s for run in local),
+                   "reduce_ms_per_clip": 1000 * reduce_s / requests, "reduce_s": reduce_s}
+            pending.append((row, inputs))
+            bar.update(1)
+    rows: list[dict[str, Any]] = []
+    with connect() as client:
+        client.check()
+        for row, inputs in pending:
+            completions, wall = client.complete_many([clip.kwargs["inputs_embeds"][0] for clip in inputs],
+                                                     max_new_tokens, requests)
+            reduce_s = row.pop("reduce_s")
+            row.update({"vllm_requests_per_s": requests / (wall + reduce_s),
+                        "vllm_tokens_per_s": sum(c.tokens for c in completions) / (wall + reduce_s),
+                        "vllm_ttft_ms_median": 1000 * statistics.median(c.ttft_s for c in completions)})
+            rows.append(row)
+            bar.update(1)
+    bar.close()
+    return rows
+
+
+def throughput_table(rows: list[dict[str, Any]]) -> str:
+    """A Markdown table of :func:`vllm_throughput` rows."""
+    lines = ["| audio | method | target | audio tokens | vLLM req/s | vLLM tok/s | vLLM TTFT ms | transformers req/s "
+             "| transformers tok/s | transformers TTFT ms | reduce ms/clip |", "|" + "---|" * 11]
+    for row in rows:
+        lines.append(f"| {row['seconds']:g} s x {row['requests']} | {row['method']} | {row['target']:.0%} | "
+                     f"{row['audio_tokens']:.0f} | {row['vllm_requests_per_s']:.2f} | {row['vllm_tokens_per_s']:.1f} | "
+                     f"{row['vllm_ttft_ms_median']:.0f} | {row['transformers_requests_per_s']:.2f} | "
+                     f"{row['transformers_tokens_per_s']:.1f} | {row['transformers_ttft_ms_median']:.0f} | "
+                     f"{row['reduce_ms_per_clip']:.1f} |")
+    return "\n".join(lines)
+
+__all__ = ["label_of", "run_vllm_sweep", "throughput_table", "vllm_methods", "vllm_table", "vllm_throughput"]

@@ -127,7 +127,7 @@ class VLLMServer:
     def start(self) -> VLLMServer:
         """Start the server and wait until it answers (``startup_timeout``); its log is in ``log_file``."""
         environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                       "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2")}
+                       "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4")}
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "w", encoding="utf-8")  # noqa: SIM115 - closed by stop()
         self._log = log
