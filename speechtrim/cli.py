@@ -210,9 +210,9 @@ def _add_train_embedded(commands: Any) -> None:
                           help="folder for the trained model and training.json (the packaged one lives in "
                                "speechtrim/weights/embedded)")
     embedded.add_argument("--ctc-steps", type=int, default=None, help="steps of the CTC stage (default: the recipe's, 1500)")
-    embedded.add_argument("--joint-steps", type=int, default=None, help="steps of the joint stage (default: the recipe's, 360)")
+    embedded.add_argument("--joint-steps", type=int, default=None, help="steps of the joint stage (default: the recipe's, 450)")
     embedded.add_argument("--balance-steps", type=int, default=None,
-                          help="steps of the emotion-weighted stage 3 (default: the recipe's, 50; 0: none)")
+                          help="steps of the emotion-weighted stage 3 (default: the recipe's, 100; 0: none)")
     embedded.add_argument("--lr", type=float, default=None,
                           help="projector learning rate of the joint stage (default: the recipe's, 1e-4; warm-up then cosine)")
     embedded.add_argument("--batch-size", type=int, default=None, help="clips per joint-stage step (default 16)")
