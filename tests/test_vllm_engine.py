@@ -18,7 +18,8 @@ from speechtrim import reducers
 from speechtrim.bench.main import BenchOptions, run_bench
 from speechtrim.bench.runner import EmbeddedModel
 from speechtrim.bench.sweep import select_methods
-from speechtrim.bench.vllm_bench import label_of, run_vllm_sweep, throughput_table, vllm_methods, vllm_throughput
+from speechtrim.bench.vllm_bench import (label_of, run_vllm_sweep, throughput_table, vllm_methods, vllm_table,
+                                         vllm_throughput)
 from speechtrim.engines.vllm import VLLMClient, encode_embeddings
 from tests.test_bench import toy_sets
 from tests.tiny_speechlm import tiny_speechlm
@@ -98,9 +99,13 @@ def test_the_vllm_sweep_runs_pre_llm_methods_and_keeps_rows_when_the_server_dies
     assert {m.name for m in methods} == {"none", "pre_merge", "samp", "segment_topk"}
     client = VLLMClient(fake_server)
     connect = lambda: contextlib.nullcontext(client)  # noqa: E731
-    rows = run_vllm_sweep(model, toy_sets(), methods, (0.3,), connect, tmp_path / "rows.jsonl", max_new_tokens=4,
-                          concurrency=2, progress=False)
-    assert len(rows) == 2 * 4 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 8
+    rows = run_vllm_sweep(model, toy_sets(), methods, (0.3, 0.97), connect, tmp_path / "rows.jsonl",
+                          max_new_tokens=4, concurrency=2, progress=False)
+    assert len(rows) == 2 * 7 and len((tmp_path / "rows.jsonl").read_text().splitlines()) == 14
+    unreachable = [row for row in rows if row.get("unreachable")]
+    assert unreachable and all(row["target"] == 0.97 for row in unreachable)  # a '—' cell, not a crash
+    assert "| — |" in vllm_table(rows)
+    rows = [row for row in rows if not row.get("unreachable")]
     full = {row["data"]: row for row in rows if row["method"] == "none"}
     for row in rows:
         if row["method"] == "none":

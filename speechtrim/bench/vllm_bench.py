@@ -25,6 +25,7 @@ from typing import Any
 
 from speechtrim.bench.sweep import Method
 from speechtrim.eval.harness import TASK_RECORDS, EvalSet, fidelity, score_interval, task_scores
+from speechtrim.flops import TargetUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +98,17 @@ def run_vllm_sweep(model: Any, sets: list[EvalSet], methods: list[Method], targe
             full = None
             for method in methods:
                 for target in (targets if method.reducer is not None else (0.0,)):
-                    row = _sweep_row(evalset, method, target, prepared, client, max_new_tokens, concurrency)
+                    try:
+                        row = _sweep_row(evalset, method, target, prepared, client, max_new_tokens, concurrency)
+                    except TargetUnreachable as error:  # e.g. 30 % of a prompt that is mostly text: a '—' cell
+                        logger.info("%s at %.0f%% on %s: %s", method.name, 100 * target, evalset.name, error)
+                        row = {"engine": "vllm", "data": evalset.name, "task": evalset.task, "clips": len(evalset),
+                               "method": method.name, "target": target, "unreachable": str(error)}
+                        rows.append(row)
+                        with open(jsonl, "a", encoding="utf-8") as handle:
+                            handle.write(json.dumps(row) + "\n")
+                        bar.update(1)
+                        continue
                     outputs = row.pop("outputs")
                     if method.reducer is None:
                         full = outputs
@@ -156,6 +167,10 @@ def vllm_table(rows: list[dict[str, Any]]) -> str:
               "| transformers req/s | = transformers |")
     lines = [header, "|" + "---|" * 12]
     for row in rows:
+        if row.get("unreachable"):
+            lines.append(f"| {row['data']} ({row['clips']}) | {row['method']} | {row['target']:.0%} | — |" + " |" * 8)
+            continue
+
         def cell(key: str, digits: int = 3) -> str:
             value = row.get(key)
             return "—" if value is None else (f"{value:.{digits}f}" if isinstance(value, float) else str(value))
