@@ -29,6 +29,7 @@ class FakeVLLM(BaseHTTPRequestHandler):
     """Streams "happy <n>" for a prompt of n embeddings, word by word, as vLLM's completions endpoint does."""
 
     seen: list[tuple[int, int]] = []  # (tokens, width) of each prompt received
+    fixed: list[bool] = []  # whether each request asked for exactly max_tokens
     fail_after: int | None = None
 
     def log_message(self, *args: object) -> None:
@@ -48,6 +49,7 @@ class FakeVLLM(BaseHTTPRequestHandler):
         embeds = torch.load(io.BytesIO(base64.b64decode(body["prompt_embeds"])))
         FakeVLLM.seen.append(tuple(embeds.shape))
         assert body["temperature"] == 0.0 and body["stream"] is True
+        FakeVLLM.fixed.append(bool(body.get("ignore_eos")) and body.get("min_tokens") == body["max_tokens"])
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.end_headers()
@@ -60,7 +62,7 @@ class FakeVLLM(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server():
-    FakeVLLM.seen, FakeVLLM.fail_after = [], None
+    FakeVLLM.seen, FakeVLLM.fixed, FakeVLLM.fail_after = [], [], None
     server = ThreadingHTTPServer(("127.0.0.1", 0), FakeVLLM)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -152,6 +154,7 @@ def test_the_throughput_study_measures_transformers_first_then_vllm(fake_server)
     rows = vllm_throughput(model, clips, methods, (2.0,), (0.5,), lambda: contextlib.nullcontext(client),
                            requests=2, max_new_tokens=3, progress=False)
     assert [row["method"] for row in rows] == ["none", "pre_merge"]
+    assert FakeVLLM.fixed and all(FakeVLLM.fixed)  # fixed-length decodes, as the transformers loop runs them
     assert rows[1]["audio_tokens"] < rows[0]["audio_tokens"]
     assert all(row["vllm_requests_per_s"] > 0 and row["transformers_tokens_per_s"] > 0 for row in rows)
     assert "| 2 s x 2 | pre_merge | 50% |" in throughput_table(rows)

@@ -241,7 +241,7 @@ def vllm_throughput(model: Any, clips: list, methods: list[Method], lengths: tup
         client.check()
         for row, inputs in pending:
             completions, wall = client.complete_many([clip.kwargs["inputs_embeds"][0] for clip in inputs],
-                                                     max_new_tokens, requests)
+                                                     max_new_tokens, requests, fixed_length=True)
             reduce_s = row.pop("reduce_s")
             row.update({"vllm_requests_per_s": requests / (wall + reduce_s),
                         "vllm_tokens_per_s": sum(c.tokens for c in completions) / (wall + reduce_s),

@@ -228,12 +228,20 @@ class VLLMClient:
             raise ConnectionError(f"no vLLM server answers at {self.url}: start one with `speechtrim serve` (or "
                                   "`vllm serve MODEL --enable-prompt-embeds`), or leave --vllm-url out to start one")
 
-    def complete(self, embeds: torch.Tensor, max_tokens: int = 32) -> Completion:
-        """Greedy completion of one prompt given as embeddings (T, D), streamed to time the first token."""
+    def complete(self, embeds: torch.Tensor, max_tokens: int = 32, fixed_length: bool = False) -> Completion:
+        """Greedy completion of one prompt given as embeddings (T, D), streamed to time the first token.
+
+        Args:
+            embeds: (T, D) the whole prompt's embeddings.
+            max_tokens: most tokens generated.
+            fixed_length: generate exactly ``max_tokens`` (end-of-sequence ignored), for throughput comparisons.
+        """
         import httpx
 
         body = {"model": self.model, "prompt_embeds": encode_embeddings(embeds), "max_tokens": int(max_tokens),
                 "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+        if fixed_length:
+            body.update({"ignore_eos": True, "min_tokens": int(max_tokens)})
         started = time.perf_counter()
         first = None
         pieces: list[str] = []
@@ -262,13 +270,13 @@ class VLLMClient:
         total = time.perf_counter() - started
         return Completion("".join(pieces).strip(), tokens, (first or time.perf_counter()) - started, total)
 
-    def complete_many(self, prompts: list[torch.Tensor], max_tokens: int = 32,
-                      concurrency: int = 16) -> tuple[list[Completion], float]:
+    def complete_many(self, prompts: list[torch.Tensor], max_tokens: int = 32, concurrency: int = 16,
+                      fixed_length: bool = False) -> tuple[list[Completion], float]:
         """Send every prompt, ``concurrency`` at a time (vLLM batches what arrives together); the completions in
-        order and the wall seconds for all of them."""
+        order and the wall seconds for all of them (``fixed_length``: see :meth:`complete`)."""
         started = time.perf_counter()
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
-            results = list(pool.map(lambda embeds: self.complete(embeds, max_tokens), prompts))
+            results = list(pool.map(lambda embeds: self.complete(embeds, max_tokens, fixed_length), prompts))
         return results, time.perf_counter() - started
 
     def close(self) -> None:
