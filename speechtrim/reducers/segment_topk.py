@@ -5,9 +5,12 @@ Plain top-k by attention keeps tokens that cluster in time; cutting each audio s
 ``segment_tokens`` tokens and keeping the top of each spreads what survives over the whole clip. Each span keeps
 ``n - count_to_remove(n, ratio)`` tokens, shared among its segments in proportion to their lengths (largest
 remainders, ties to the earlier segment), so the count is a function of the length and the ratio only. The paper
-ranks by the attention each token receives in the audio encoder; before the LLM, on any model, the score here is
-the mean attention received under a parameter-free self-attention of the span's embeddings
-(:func:`speechtrim.reducers.pre_llm.attention_received`).
+ranks by the attention each token receives in the audio encoder. Before the LLM, on any model, speechtrim has only
+the embeddings, and under a parameter-free self-attention of them (:func:`speechtrim.reducers.pre_llm.
+attention_received`) the attention *received* ranks the most repeated frames first (silence, blanks: every similar
+frame attends to them), which kept the pauses and dropped the words (fidelity 71 % WER at 10 % FLOPs saved on 4
+pocketsphinx clips). The score is therefore the attention a token keeps for itself, the diagonal, which is high
+for distinct tokens and low for repeated ones.
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class SegmentTopK(PreLLMReducer):
 
     def plan(self, step: LayerStep) -> Plan:
         span_id = step.span_id
-        scores, _ = attention_received(step.hidden.detach(), span_id)  # (B, T)
+        _, scores = attention_received(step.hidden.detach(), span_id)  # (B, T): self-attention, distinctiveness
         segment = torch.full_like(span_id, -1)
         drops: list[list[int]] = []
         lengths = span_lengths(span_id).tolist()  # (B, S)
