@@ -195,6 +195,9 @@ def test_scaling_study(one_thread, model):
         assert reduced["kv_cache_bytes"] < full["kv_cache_bytes"]
         assert reduced["max_batch_kv_bound"] >= full["max_batch_kv_bound"]
         assert full["tokens_per_s"] > 0 and reduced["tokens_per_s"] > 0  # fixed-length decode: 1 step each
+        assert full["overhead_at_ratio_zero"] is None and reduced["overhead_at_ratio_zero"] > -1.0
+        assert reduced["ideal_fraction"] == pytest.approx(
+            reduced["measured_prefill_speedup"] / reduced["theoretical_prefill_speedup"])
     assert max_batch(100.0, 40, 20.0) == 3 and max_batch(10.0, 40, 20.0) == 0
 
 

@@ -83,6 +83,8 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
         # fixed-length decode (no stop at end-of-sequence) so both runs time the same number of tokens
         full = run_item(model, prepared, None, None, max_new_tokens, repeats, stop_at_eos=False)
         reduced = run_item(model, prepared, method.build(target), None, max_new_tokens, repeats, stop_at_eos=False)
+        # the same method attached at ratio 0: its hooks, taps and bookkeeping with nothing removed (issue 15)
+        idle = run_item(model, prepared, method.build_zero(), None, max_new_tokens, repeats, stop_at_eos=False)
         # bytes one generated token adds to the cache: every layer stores one key and one value column
         per_token = full.kv_cache_bytes / max(prepared.length, 1)
         for name, run in (("none", full), (method.name, reduced)):
@@ -94,6 +96,9 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
                 "flops_reduction": run.flops_reduction,
                 "theoretical_prefill_speedup": 1.0 / (1.0 - run.flops_reduction),
                 "measured_prefill_speedup": full.prefill_s / run.prefill_s if run.prefill_s > 0 else None,
+                "ideal_fraction": (full.prefill_s / run.prefill_s) * (1.0 - run.flops_reduction)
+                if run.prefill_s > 0 else None,
+                "overhead_at_ratio_zero": None if name == "none" else idle.prefill_s / full.prefill_s - 1.0,
                 "encode_ms": 1000 * prepared.encode_s, "prefill_ms": 1000 * run.prefill_s,
                 "decode_ms": 1000 * run.decode_s, "tokens_per_s": decode_tps,
                 "rtf": (prepared.encode_s + run.prefill_s + run.decode_s) / float(seconds),
@@ -107,7 +112,8 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
 def scaling_table(rows: Sequence[dict]) -> str:
     """Markdown table of the scaling rows."""
     headers = ["audio s", "method", "audio tokens", "FLOPs red. %", "prefill × theory", "prefill × measured",
-               "prefill ms", "decode ms", "tokens/s", "RTF", "KV MB", "max batch (KV-bound est.)"]
+               "measured / theory", "overhead at ratio 0", "prefill ms", "decode ms", "tokens/s", "RTF", "KV MB",
+               "max batch (KV-bound est.)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:
         tps = row["tokens_per_s"]
@@ -115,6 +121,8 @@ def scaling_table(rows: Sequence[dict]) -> str:
         lines.append("| " + " | ".join([
             f"{row['seconds']:g}", row["method"], str(row["audio_tokens"]), f"{100 * row['flops_reduction']:.1f}",
             f"{row['theoretical_prefill_speedup']:.2f}", f"{speed:.2f}" if speed else "n/a",
+            f"{row['ideal_fraction']:.2f}" if row.get("ideal_fraction") else "n/a",
+            "—" if row.get("overhead_at_ratio_zero") is None else f"{100 * row['overhead_at_ratio_zero']:+.1f} %",
             f"{row['prefill_ms']:.0f}", f"{row['decode_ms']:.0f}", f"{tps:.1f}" if tps else "n/a",
             f"{row['rtf']:.3f}", f"{row['kv_cache_bytes'] / 2**20:.1f}", str(row["max_batch_kv_bound"]),
         ]) + " |")

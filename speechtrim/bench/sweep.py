@@ -63,6 +63,12 @@ class Method:
     keyed_by: str = "flops"
     layer_source: str = "given"
 
+    def build_zero(self) -> Any:
+        """The reducer attached at ratio 0 (everything but the removal): what its overhead is measured with."""
+        if self.reducer is None:
+            return None
+        return reducers.build(self.reducer, ratio=0.0, layer=self.layer, schedule=self.schedule)
+
     def build(self, target: float) -> Any:
         """The reducer for one column of the tables (None for the unreduced model)."""
         if self.reducer is None:
