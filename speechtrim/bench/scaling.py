@@ -80,11 +80,15 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
         if not warmed:
             run_item(model, prepared, None, None, 2)
             warmed = True
-        # fixed-length decode (no stop at end-of-sequence) so both runs time the same number of tokens
-        full = run_item(model, prepared, None, None, max_new_tokens, repeats, stop_at_eos=False)
-        reduced = run_item(model, prepared, method.build(target), None, max_new_tokens, repeats, stop_at_eos=False)
-        # the same method attached at ratio 0: its hooks, taps and bookkeeping with nothing removed (issue 15)
-        idle = run_item(model, prepared, method.build_zero(), None, max_new_tokens, repeats, stop_at_eos=False)
+        # fixed-length decode (no stop at end-of-sequence) so every run times the same number of tokens; the
+        # unreduced model, the method, and the method attached at ratio 0 (its hooks, taps and bookkeeping with
+        # nothing removed) take turns, repeat by repeat, so that a drift of the machine hits all three alike
+        configs = {"full": None, "reduced": method.build(target), "idle": method.build_zero()}
+        runs: dict[str, list] = {key: [] for key in configs}
+        for _ in range(max(repeats, 1)):
+            for key, reducer in configs.items():
+                runs[key].append(run_item(model, prepared, reducer, None, max_new_tokens, 1, stop_at_eos=False))
+        full, reduced, idle = (_median_run(runs[key]) for key in configs)
         # bytes one generated token adds to the cache: every layer stores one key and one value column
         per_token = full.kv_cache_bytes / max(prepared.length, 1)
         for name, run in (("none", full), (method.name, reduced)):
@@ -107,6 +111,14 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
                 "depth": backbone.depth,
             })
     return rows
+
+
+def _median_run(runs: list) -> Any:
+    """The first run, with the median prefill and decode seconds of all of them."""
+    first = runs[0]
+    first.prefill_s = float(np.median([run.prefill_s for run in runs]))
+    first.decode_s = float(np.median([run.decode_s for run in runs]))
+    return first
 
 
 def scaling_table(rows: Sequence[dict]) -> str:
