@@ -63,7 +63,7 @@ from speechtrim.hf.positions import (
 from speechtrim.hf.spans import AudioSpans, audio_token_id
 from speechtrim.hf.state import PrefillState, prefill_span_ids
 from speechtrim.ops.plan import Plan, apply_plan, compose_plans
-from speechtrim.reduction import LayerStep, ModelShape, ReductionStats
+from speechtrim.reduction import LayerStep, ReductionStats
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class Attachment:
         # reduced before layer 0 and the survivors renumbered 0..n-1, which is what the LLM would compute on the
         # shorter prompt (only M-RoPE models keep their original position ids, see _check_model).
         self.positions = "compact" if method.acts_on == "embeddings" else method.positions
-        self.shape = ModelShape(self.backbone.depth, self.backbone.hidden_size, self.backbone.intermediate_size)
+        self.shape = self.backbone.shape
         layer, source = method.resolve_layer(model, self.backbone.depth)
         if method.acts_on == "embeddings" and layer != 0:
             raise ValueError(f"{method.name} reduces the audio embeddings before the LLM, so it runs before layer 0, "

@@ -15,6 +15,8 @@ import transformers
 from packaging.version import Version
 from torch import nn
 
+from speechtrim.reduction import ModelShape
+
 logger = logging.getLogger(__name__)
 
 # transformers 5.24 renamed the KV-cache argument and output field ``past_key_values`` to ``cache`` (the old name
@@ -63,6 +65,11 @@ class TextBackbone:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+
+    @property
+    def shape(self) -> ModelShape:
+        """The sizes a ratio plan or a FLOPs target depends on."""
+        return ModelShape(self.depth, self.hidden_size, self.intermediate_size)
 
     @property
     def model_type(self) -> str:

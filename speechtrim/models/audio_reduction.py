@@ -17,12 +17,6 @@ from speechtrim.reduction import ModelShape, ReductionStats
 from speechtrim.reducers.pre_llm import ReducedEmbeddings, reduce_embeddings
 
 
-def model_shape(llm: torch.nn.Module) -> ModelShape:
-    """The sizes of an LLM's text decoder that a FLOPs target depends on."""
-    backbone = text_backbone(llm)
-    return ModelShape(backbone.depth, backbone.hidden_size, backbone.intermediate_size)
-
-
 def new_stats(reducer: Any, shape: ModelShape) -> ReductionStats:
     """Empty statistics of a pre-LLM method (its one reduction is before layer 0)."""
     return ReductionStats(reducer.name, "embeddings", 0, "default", shape.depth, shape.hidden_size,
@@ -56,7 +50,7 @@ class AudioReduction:
                              "method (pre_merge, samp, segment_topk)")
         self.speechlm = speechlm
         self.reducer = reducer
-        self.shape = model_shape(speechlm.llm)
+        self.shape = text_backbone(speechlm.llm).shape
         self.stats = new_stats(reducer, self.shape)
 
     def __enter__(self) -> ReductionStats:
@@ -78,4 +72,4 @@ class AudioReduction:
         return reduced.embeds, reduced.mask
 
 
-__all__ = ["AudioReduction", "model_shape", "new_stats", "record"]
+__all__ = ["AudioReduction", "new_stats", "record"]

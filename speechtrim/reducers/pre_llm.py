@@ -181,15 +181,15 @@ def merge_per_span(similarity: torch.Tensor, span_id: torch.Tensor, ratio: float
     return merge_plan(masked, weights, chosen.sum(dim=1))
 
 
-def evict_per_span(scores: torch.Tensor, span_id: torch.Tensor, ratio: float) -> Plan:
-    """Drop the ``count_to_remove(span length, ratio)`` lowest-scoring tokens of every span.
+def evict_per_span(scores: torch.Tensor, span_id: torch.Tensor, counts: torch.Tensor) -> Plan:
+    """Drop the ``counts[b, s]`` lowest-scoring tokens of every span (or segment) s of every row b.
 
     Args:
         scores: (B, T) importance of each token.
-        span_id: (B, T) span of each token, -1 = not audio.
-        ratio: share of every span's tokens removed.
+        span_id: (B, T) span (or segment) of each token, -1 = not audio.
+        counts: (B, S) tokens to drop per span.
     """
-    dropped = top_per_span(-scores.float(), span_id, span_counts_to_remove(span_id, ratio))  # (B, T)
+    dropped = top_per_span(-scores.float(), span_id, counts)  # (B, T)
     return evict_plan(scores, dropped, dropped.sum(dim=1))
 
 

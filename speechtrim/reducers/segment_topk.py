@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from speechtrim.ops.plan import Plan
-from speechtrim.ops.select import count_to_remove_int, evict_plan, span_lengths, top_per_span
+from speechtrim.ops.select import count_to_remove_int, span_lengths
 from speechtrim.reducers.base import REDUCERS
-from speechtrim.reducers.pre_llm import PreLLMReducer, attention_received
+from speechtrim.reducers.pre_llm import PreLLMReducer, attention_received, evict_per_span
 from speechtrim.reduction import LayerStep
 
 
@@ -82,8 +82,7 @@ class SegmentTopK(PreLLMReducer):
         width = max((len(row) for row in drops), default=0)
         counts = torch.tensor([row + [0] * (width - len(row)) for row in drops], dtype=torch.long,
                               device=span_id.device).reshape(len(drops), width)
-        dropped = top_per_span(-scores, segment, counts)  # the lowest-scored of every segment
-        return evict_plan(scores, dropped, dropped.sum(dim=1))
+        return evict_per_span(scores, segment, counts)  # the lowest-scored of every segment
 
 
 __all__ = ["SegmentTopK", "segment_quotas"]
