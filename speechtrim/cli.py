@@ -258,6 +258,11 @@ def _add_bench(commands: Any) -> None:
                        help="scaling study on 30-240 s audio instead of the sweep (FastAdaSP Tables 4, 5, 12, 13)")
     bench.add_argument("--scaling-lengths", default="30,60,120,240", help="audio lengths of --scaling, seconds")
     bench.add_argument("--memory-budget-gb", type=float, default=80.0, help="budget of the batch-size estimate")
+    bench.add_argument("--batch-budget-gb", type=float, default=4.0,
+                       help="--scaling: memory budget of the largest batch found by running it, each measurement in "
+                            "a child process (0: measure no memory)")
+    bench.add_argument("--batch-lengths", default=None,
+                       help="--scaling: audio lengths whose largest batch is searched (default: the longest)")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's); 1 avoids thrashing when other jobs share the cores")
     bench.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -431,7 +436,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         except ValueError:
             values = ()
         if not values:
-            example = "30,60,120" if option == "--scaling-lengths" else "0.1,0.3,0.5"
+            example = "30,60,120" if option in ("--scaling-lengths", "--batch-lengths") else "0.1,0.3,0.5"
             raise ValueError(f"{option} takes comma-separated numbers such as {example}, got {text!r}")
         return values
 
@@ -446,7 +451,9 @@ def _run_bench(args: argparse.Namespace) -> int:
         targets=numbers(args.targets, "--targets"), model=args.model, speechlm=args.speechlm, out=args.out,
         layer=args.layer, max_new_tokens=args.max_new_tokens, repeats=args.repeats, device=args.device,
         fresh=args.fresh, scaling=args.scaling, scaling_lengths=numbers(args.scaling_lengths, "--scaling-lengths"),
-        memory_budget_gb=args.memory_budget_gb, progress=not args.no_progress, threads=args.threads,
+        memory_budget_gb=args.memory_budget_gb, batch_budget_gb=args.batch_budget_gb,
+        batch_lengths=numbers(args.batch_lengths, "--batch-lengths") if args.batch_lengths else None,
+        progress=not args.no_progress, threads=args.threads,
         engine=args.engine, vllm_url=args.vllm_url, concurrency=args.concurrency,
     )
     started = time.perf_counter()

@@ -12,7 +12,7 @@ from speechtrim import reducers
 from speechtrim.bench import sweep as sweep_module
 from speechtrim.bench.main import BenchOptions, run_bench
 from speechtrim.bench.report import markdown_tables, plot, write_tables
-from speechtrim.bench.runner import EmbeddedModel
+from speechtrim.bench.runner import EmbeddedModel, run_item
 from speechtrim.bench.scaling import long_audio, max_batch, scaling_study
 from speechtrim.bench.sweep import ROW_KEYS, SweepConfig, has_ctc_head, read_jsonl, run_sweep, select_methods
 from speechtrim.cli import main
@@ -23,15 +23,6 @@ from tests.tiny_speechlm import tiny_speechlm
 LAYER = 2
 STRICT = ("fastadasp-sparse", "fastadasp-constant", "fastadasp-decay", "avg_merge", "fastv", "random_merge",
           "random_evict")  # methods that can always reach the targets used here
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one thread (and do not thrash when other jobs share the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_bench_model(seed: int = 0) -> SpeechLM:
@@ -196,6 +187,10 @@ def test_scaling_study(one_thread, model):
         assert reduced["max_batch_kv_bound"] >= full["max_batch_kv_bound"]
         assert full["tokens_per_s"] > 0 and reduced["tokens_per_s"] > 0  # fixed-length decode: 1 step each
         assert full["overhead_at_ratio_zero"] is None and reduced["overhead_at_ratio_zero"] > -1.0
+        assert full["decode_vs_unreduced"] == pytest.approx(1.0) and reduced["decode_vs_unreduced"] > 0
+        # layer 0 runs on the full prompt in both runs and taps scores for layer 1's decision
+        assert full["costliest_layer_vs_unreduced"] is None and reduced["costliest_layer_vs_unreduced"] > 0
+        assert full["max_batch_measured"] is None  # no MemoryPlan: nothing measured
         assert reduced["ideal_fraction"] == pytest.approx(
             reduced["measured_prefill_speedup"] / reduced["theoretical_prefill_speedup"])
     assert max_batch(100.0, 40, 20.0) == 3 and max_batch(10.0, 40, 20.0) == 0
@@ -350,3 +345,19 @@ def test_a_layer_beyond_the_model_is_refused_before_the_sweep(one_thread, model,
     with pytest.raises(ValueError, match="--layer 99 is outside the model's 4 decoder layers; pass 0 to 3"):
         run_bench(options, model=model)
     assert not (tmp_path / "out" / "results.jsonl").exists()
+
+
+def test_layer_clock_and_costliest_layer(one_thread, model):
+    from speechtrim.bench.scaling import LayerClock, costliest_layer
+    from speechtrim.hf.layers import text_backbone
+
+    layers = text_backbone(model.decoder).layers
+    prepared = model.prepare(EvalItem("clip", np.full(16000, 0.05, dtype=np.float32), "", "Transcribe.\n<audio>"))
+    with LayerClock(layers) as clock:
+        run_item(model, prepared, None, None, 3, 1, stop_at_eos=False)  # prefill, then 1-token decode steps
+    assert [length for length, _ in clock.prefill] == [prepared.length] * len(layers)  # decode steps not counted
+    assert all(seconds > 0 for _, seconds in clock.prefill)
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)  # hooks removed
+    full = [(100, 1.0), (100, 2.0), (100, 1.0), (100, 1.0)]
+    assert costliest_layer(full, [(100, 1.1), (100, 5.0), (50, 0.4), (50, 0.4)]) == pytest.approx(2.5)
+    assert costliest_layer(full, [(50, 0.5)] * 4) is None

@@ -17,7 +17,7 @@ from speechtrim.eval.harness import (
     load_manifest_set,
     task_scores,
 )
-from tests.test_bench import one_thread, tiny_bench_model  # noqa: F401  (fixture)
+from tests.test_bench import tiny_bench_model
 
 
 def write_clips(folder, count=3, seconds=0.5):

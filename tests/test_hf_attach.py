@@ -295,3 +295,73 @@ def test_a_method_that_needs_only_keys_gets_keys_and_no_scores(llama):
         llama(**audio_prompt([6], seed=15))
     (step,) = method.steps
     assert step.scores is None and step.keys is not None and step.keys.shape[2] == step.span_id.shape[1]
+
+
+def _naive_scores(query, key, value, allowed, valid):
+    """The definition: full softmax over allowed keys, column sums over heads and valid queries, and P V."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    logits = (query @ key.transpose(2, 3)) * query.shape[-1] ** -0.5
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (probs.sum(dim=1) * valid[:, :, None]).sum(dim=1), probs @ value
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal-bool-padded", "not-causal"])
+def test_one_pass_scoring_gives_the_attention_output_and_the_column_sums(mask_kind):
+    from speechtrim.hf import attention
+
+    generator = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, length, width = 2, 6, 2, 37, 8
+    query = torch.randn(batch, heads, length, width, generator=generator)
+    key = torch.randn(batch, kv_heads, length, width, generator=generator)
+    value = torch.randn(batch, kv_heads, length, width, generator=generator)
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = causal[None, None].expand(batch, 1, length, length).clone()
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    if mask_kind == "causal-bool-padded":
+        allowed[1, :, :, :5] = False  # left padding of row 1
+        valid[1, :5] = False
+    if mask_kind == "not-causal":
+        allowed[:, :, 3, 20] = True  # one query sees a later key: no causal shortcut allowed
+    mask = None if mask_kind == "none" else allowed
+    expected_scores, expected_output = _naive_scores(query, key, value, allowed, valid)
+    previous = attention._SCORE_BLOCK_ROWS
+    attention._SCORE_BLOCK_ROWS = 8  # several blocks, the last one short
+    try:
+        scores, output = attention.key_attention_scores(query, key, mask, None, query_valid=valid, value=value)
+        two_pass = attention.key_attention_scores(query, key, mask, None, query_valid=valid)
+    finally:
+        attention._SCORE_BLOCK_ROWS = previous
+    assert torch.allclose(scores, expected_scores, atol=1e-5)
+    assert torch.allclose(two_pass, expected_scores, atol=1e-5)
+    rows = valid[:, None, :, None]  # fully masked padding queries: outputs are not compared
+    assert torch.allclose(output * rows, expected_output * rows, atol=1e-5)
+
+
+def test_tapped_inference_takes_the_one_pass_path_and_matches_sdpa(llama, monkeypatch):
+    from speechtrim.hf import attention
+
+    prompt = audio_prompt([4, 9], seed=3)
+    seen = {}
+
+    def recorder(layer_idx, hidden, span_id, scores):
+        seen[layer_idx] = scores.clone()
+        return None
+
+    with torch.no_grad():
+        reference = llama(**prompt).logits
+        calls = []
+        real = attention.key_attention_scores
+        monkeypatch.setattr(attention, "key_attention_scores",
+                            lambda *args, **kwargs: calls.append("value" in kwargs) or real(*args, **kwargs))
+        with Attachment(llama, scored(recorder, {1, 2, 3}), audio_token_id=AUDIO_TOKEN):
+            fused = llama(**prompt).logits
+        one_pass, fused_calls = dict(seen), list(calls)
+        monkeypatch.setattr(attention, "_fusable", lambda *args: False)
+        with Attachment(llama, scored(recorder, {1, 2, 3}), audio_token_id=AUDIO_TOKEN):
+            llama(**prompt)
+    assert len(fused_calls) == 3 and all(fused_calls)  # every tapped layer's output came from the scoring pass
+    assert not any(calls[3:])  # and the second run really took SDPA plus the separate pass
+    assert torch.allclose(fused, reference, atol=1e-5)
+    for layer in (1, 2, 3):
+        assert torch.allclose(one_pass[layer], seen[layer], atol=1e-5)

@@ -60,6 +60,8 @@ class BenchOptions:
         scaling: run the scaling study instead of the sweep.
         scaling_lengths: audio lengths of the scaling study, seconds.
         memory_budget_gb: budget of the batch-size estimate.
+        batch_budget_gb: budget of the measured largest batch of ``--scaling`` (0: measure no memory).
+        batch_lengths: audio lengths whose largest batch ``--scaling`` searches (None: the longest).
         progress: show progress bars.
         threads: torch CPU threads (None = torch's default); 1 avoids thread thrashing on a busy machine.
         engine: "transformers" (every method, in this process) or "vllm" (pre-LLM methods, served by vLLM).
@@ -83,6 +85,8 @@ class BenchOptions:
     scaling: bool = False
     scaling_lengths: tuple[float, ...] = (30, 60, 120, 240)
     memory_budget_gb: float = 80.0
+    batch_budget_gb: float = 4.0
+    batch_lengths: tuple[float, ...] | None = None
     progress: bool = True
     threads: int | None = None
     engine: str = "transformers"
@@ -143,6 +147,13 @@ def _check_options(options: BenchOptions) -> Preset:
         if bad or not options.scaling_lengths:
             raise ValueError(f"--scaling-lengths takes audio lengths in seconds such as 30,60,120; got "
                              f"{list(options.scaling_lengths) or 'none'}")
+        if not (math.isfinite(options.batch_budget_gb) and options.batch_budget_gb >= 0):
+            raise ValueError(f"--batch-budget-gb must be >= 0 (0: no memory measurement), got "
+                             f"{options.batch_budget_gb}")
+        stray = sorted(set(options.batch_lengths or ()) - set(options.scaling_lengths))
+        if stray:
+            raise ValueError(f"--batch-lengths {stray} are not among --scaling-lengths "
+                             f"{list(options.scaling_lengths)}; pick lengths the study runs")
     if options.layer is not None and options.layer != "auto":
         try:
             layer = int(options.layer)
@@ -339,9 +350,13 @@ def _public(row: dict) -> dict:
 
 def _run_scaling(options: BenchOptions, out: Path, model: Any) -> dict[str, Any]:
     from speechtrim.assets.cache import atomic_file
-    from speechtrim.bench.scaling import scaling_study, scaling_table
+    from speechtrim.bench.scaling import MemoryPlan, scaling_study, scaling_table
     from speechtrim.bench.sweep import has_ctc_head, select_methods
 
+    memory = None
+    if options.batch_budget_gb > 0:  # children load the model from these options, not from ``model``
+        memory = MemoryPlan(options.model, str(options.speechlm) if options.speechlm else None, options.device,
+                            options.batch_budget_gb, options.batch_lengths, threads=options.threads)
     if model is None:
         from speechtrim.bench.runner import load_bench_model
 
@@ -357,7 +372,7 @@ def _run_scaling(options: BenchOptions, out: Path, model: Any) -> dict[str, Any]
     target = (options.targets or (0.5,))[0]
     rows = scaling_study(model, clips, methods[0], options.scaling_lengths, target,
                          options.max_new_tokens or 16, options.repeats or 1, options.memory_budget_gb,
-                         options.progress)
+                         options.progress, memory)
     with atomic_file(out / "scaling.jsonl") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
     table = scaling_table(rows)

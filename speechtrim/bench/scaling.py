@@ -2,16 +2,20 @@
 
 For each audio length (real clips concatenated and tiled to 30-240 s) the unreduced model and the reducer run the
 same prompt. Reported per length: theoretical prefill speed-up (FLOPs ratio, eq. 10 over the measured per-layer
-lengths) vs measured prefill speed-up, decode throughput, KV-cache bytes, and the largest batch that fits a memory
-budget. That last figure is an estimate bounded by the KV cache: ``(budget - weight bytes) // (KV bytes after
-prefill + KV bytes of the generated tokens)`` per clip, ignoring activations and allocator overhead; it is labelled
-so in every table.
+lengths) vs measured prefill speed-up, decode throughput against the unreduced model's, KV-cache bytes, and two
+figures for the largest batch under a memory budget: an estimate bounded by the KV cache, ``(budget - weight bytes)
+// (KV bytes after prefill + KV bytes of the generated tokens)`` per clip (activations ignored), and, with a
+``MemoryPlan``, the batch found by running it (``speechtrim.bench.memory``: a child process per measurement, peak
+resident memory on CPU, peak allocated memory on CUDA) next to the measured peak of one clip.
 """
 
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,9 +57,78 @@ def max_batch(budget_bytes: float, weights: int, per_clip_bytes: float) -> int:
     return max(int((budget_bytes - weights) // per_clip_bytes), 0)
 
 
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How the scaling study measures memory; every figure comes from a child process that loads the model anew.
+
+    Args:
+        model: the bench model as ``load_bench_model`` takes it ("embedded", a folder, a hub id).
+        speechlm: a saved SpeechLM folder (None: ``model``).
+        device: torch device of the children.
+        budget_gb: the budget of the measured largest batch.
+        search_lengths: audio lengths (seconds) whose largest batch is searched; None: the longest one only (a
+            search runs batches up to the answer + 1, minutes at 240 s on CPU).
+        new_tokens: tokens generated per row in a measurement.
+        limit: the largest batch tried.
+        threads: torch CPU threads of the children (None: torch's default).
+        factory: "package.module:function" building the bench model in the children instead (see ``MemoryJob``).
+    """
+
+    model: str = "embedded"
+    speechlm: str | None = None
+    device: str = "cpu"
+    budget_gb: float = 4.0
+    search_lengths: tuple[float, ...] | None = None
+    new_tokens: int = 4
+    limit: int = 256
+    threads: int | None = None
+    factory: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.budget_gb > 0 or self.new_tokens < 1 or self.limit < 1:
+            raise ValueError(f"--batch-budget-gb must be > 0 (got {self.budget_gb}), new tokens and the batch limit "
+                             f">= 1 (got {self.new_tokens}, {self.limit})")
+
+
+def _measure_memory(plan: MemoryPlan, prepared: Any, method: Any, target: float, reduced: bool, search: bool,
+                    folder: Path) -> dict[str, Any]:
+    """Peak memory of one clip and (``search``) the largest batch under the budget, for the unreduced model or the
+    method; children read the prompt from ``folder``."""
+    from speechtrim.bench.memory import MemoryJob, largest_batch, measure_in_child, save_inputs
+
+    reducer_name, reducer_kwargs = None, None
+    kwargs, spans = prepared.kwargs, prepared.audio_spans
+    if reduced and method.layer is None and prepared.reduce_audio is not None:  # pre-LLM: the child gets the result
+        shorter, _ = prepared.reduce_audio(method.build(target))
+        kwargs, spans = shorter.kwargs, shorter.audio_spans
+    elif reduced:
+        key = "ratio" if method.keyed_by == "ratio" else "flops_reduction"
+        reducer_name = method.reducer
+        reducer_kwargs = {key: target, "layer": method.layer, "schedule": method.schedule}
+    inputs = save_inputs(kwargs, spans, folder)
+    results: dict[int, dict] = {}
+
+    def peak_of(batch: int) -> int:
+        job = MemoryJob(str(inputs), plan.model, plan.speechlm, plan.device, reducer_name, reducer_kwargs, batch,
+                        plan.new_tokens, plan.threads, plan.factory)
+        results[batch] = measure_in_child(job)
+        return results[batch]["peak_bytes"]
+
+    budget = int(plan.budget_gb * 2**30)
+    if search:
+        best, _ = largest_batch(peak_of, budget, plan.limit)
+    else:
+        best = None
+        peak_of(1)
+    return {"peak_mem_mb": results[1]["peak_bytes"] / 2**20,
+            "peak_mem_source": "cuda allocated" if plan.device.startswith("cuda") else "process RSS (child)",
+            "max_batch_measured": best, "batch_budget_gb": plan.budget_gb,
+            "batch_peaks_mb": {str(b): round(r["peak_bytes"] / 2**20, 1) for b, r in sorted(results.items())}}
+
+
 def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths: Sequence[float] = LENGTHS,
                   target: float = 0.5, max_new_tokens: int = 16, repeats: int = 1, memory_budget_gb: float = 80.0,
-                  progress: bool = True) -> list[dict]:
+                  progress: bool = True, memory: MemoryPlan | None = None) -> list[dict]:
     """Unreduced vs reduced runs on long audio; one row per (length, with/without reduction).
 
     Args:
@@ -68,6 +141,7 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
         repeats: timed runs (median) after one warm-up.
         memory_budget_gb: memory budget of the batch-size estimate.
         progress: show a progress bar.
+        memory: measure peak memory and the largest batch (None: the rows carry the KV-bound estimate only).
     """
     weights = weight_bytes(model.decoder)
     backbone = text_backbone(model.decoder)
@@ -85,12 +159,24 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
         # nothing removed) take turns, repeat by repeat, so that a drift of the machine hits all three alike
         configs = {"full": None, "reduced": method.build(target), "idle": method.build_zero()}
         runs: dict[str, list] = {key: [] for key in configs}
+        clocks: dict[str, list] = {key: [] for key in configs}
         for _ in range(max(repeats, 1)):
             for key, reducer in configs.items():
-                runs[key].append(run_item(model, prepared, reducer, None, max_new_tokens, 1, stop_at_eos=False))
+                with LayerClock(backbone.layers) as clock:
+                    runs[key].append(run_item(model, prepared, reducer, None, max_new_tokens, 1, stop_at_eos=False))
+                clocks[key].append(clock.prefill)
         full, reduced, idle = (_median_run(runs[key]) for key in configs)
+        layer_cost = costliest_layer(_median_layers(clocks["full"]), _median_layers(clocks["reduced"]))
         # bytes one generated token adds to the cache: every layer stores one key and one value column
         per_token = full.kv_cache_bytes / max(prepared.length, 1)
+        measured: dict[str, dict] = {}
+        if memory is not None:
+            search = seconds in (memory.search_lengths or (max(lengths),))
+            with tempfile.TemporaryDirectory(prefix="speechtrim-memory-") as folder:
+                for name, is_reduced in (("none", False), (method.name, True)):
+                    measured[name] = _measure_memory(memory, prepared, method, target, is_reduced, search,
+                                                     Path(folder))
+        full_tps = full.decode_steps / full.decode_s if full.decode_steps and full.decode_s > 0 else None
         for name, run in (("none", full), (method.name, reduced)):
             per_clip = run.kv_cache_bytes + per_token * max_new_tokens
             decode_tps = run.decode_steps / run.decode_s if run.decode_steps and run.decode_s > 0 else None
@@ -103,14 +189,70 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
                 "ideal_fraction": (full.prefill_s / run.prefill_s) * (1.0 - run.flops_reduction)
                 if run.prefill_s > 0 else None,
                 "overhead_at_ratio_zero": None if name == "none" else idle.prefill_s / full.prefill_s - 1.0,
+                "costliest_layer_vs_unreduced": None if name == "none" else layer_cost,
                 "encode_ms": 1000 * prepared.encode_s, "prefill_ms": 1000 * run.prefill_s,
                 "decode_ms": 1000 * run.decode_s, "tokens_per_s": decode_tps,
                 "rtf": (prepared.encode_s + run.prefill_s + run.decode_s) / float(seconds),
+                "decode_vs_unreduced": decode_tps / full_tps if decode_tps and full_tps else None,
                 "kv_cache_bytes": run.kv_cache_bytes, "peak_mem_mb": run.peak_mem_mb,
                 "memory_budget_gb": memory_budget_gb, "max_batch_kv_bound": max_batch(budget, weights, per_clip),
-                "depth": backbone.depth,
+                "max_batch_measured": None, "depth": backbone.depth, **measured.get(name, {}),
             })
     return rows
+
+
+class LayerClock:
+    """Seconds each decoder layer took in the prefill of the runs inside the ``with`` block (hooks on the layers,
+    registered first, so a reducer's own pre-hook work at a layer counts to that layer).
+
+    ``prefill``: per layer, (input length, seconds) of the last forward with more than one token."""
+
+    def __init__(self, layers: Sequence[Any]) -> None:
+        self.layers = list(layers)
+        self.prefill: list[tuple[int, float]] = [(0, 0.0)] * len(self.layers)
+        self._started: dict[int, tuple[int, float]] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> LayerClock:
+        import time
+
+        def before(index: int) -> Any:
+            def hook(module: Any, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._started[index] = (int(hidden.shape[1]), time.perf_counter())
+            return hook
+
+        def after(index: int) -> Any:
+            def hook(module: Any, args: tuple, kwargs: dict, output: Any) -> None:
+                length, started = self._started.pop(index, (0, 0.0))
+                if length > 1:
+                    self.prefill[index] = (length, time.perf_counter() - started)
+            return hook
+
+        for index, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(before(index), with_kwargs=True, prepend=True))
+            self._handles.append(layer.register_forward_hook(after(index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _median_layers(clocks: list[list[tuple[int, float]]]) -> list[tuple[int, float]]:
+    """Per layer: the input length and the median seconds over repeats."""
+    return [(layer_runs[0][0], float(np.median([seconds for _, seconds in layer_runs])))
+            for layer_runs in zip(*clocks)]
+
+
+def costliest_layer(full: list[tuple[int, float]], reduced: list[tuple[int, float]]) -> float | None:
+    """The largest ratio of a layer's time with the method to the same layer's time unreduced, among the layers that
+    ran on the unreduced length in both (where the method only observes, e.g. computes attention scores); None when
+    there is no such layer (a reduction from layer 0)."""
+    ratios = [with_method / without for (length, without), (reduced_length, with_method) in zip(full, reduced)
+              if length == reduced_length and length > 1 and without > 0]
+    return max(ratios) if ratios else None
 
 
 def _median_run(runs: list) -> Any:
@@ -123,9 +265,11 @@ def _median_run(runs: list) -> Any:
 
 def scaling_table(rows: Sequence[dict]) -> str:
     """Markdown table of the scaling rows."""
+    measured = next((row for row in rows if row.get("batch_budget_gb")), None)
+    batch_header = f"max batch @ {measured['batch_budget_gb']:g} GB (measured)" if measured else "max batch (measured)"
     headers = ["audio s", "method", "audio tokens", "FLOPs red. %", "prefill × theory", "prefill × measured",
-               "measured / theory", "overhead at ratio 0", "prefill ms", "decode ms", "tokens/s", "RTF", "KV MB",
-               "max batch (KV-bound est.)"]
+               "measured / theory", "overhead at ratio 0", "costliest layer ×", "prefill ms", "decode ms", "tokens/s", "decode × none",
+               "RTF", "KV MB", "peak MB (1 clip)", batch_header, "max batch (KV-bound est.)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:
         tps = row["tokens_per_s"]
@@ -135,9 +279,24 @@ def scaling_table(rows: Sequence[dict]) -> str:
             f"{row['theoretical_prefill_speedup']:.2f}", f"{speed:.2f}" if speed else "n/a",
             f"{row['ideal_fraction']:.2f}" if row.get("ideal_fraction") else "n/a",
             "—" if row.get("overhead_at_ratio_zero") is None else f"{100 * row['overhead_at_ratio_zero']:+.1f} %",
+            "—" if row.get("costliest_layer_vs_unreduced") is None else f"{row['costliest_layer_vs_unreduced']:.2f}",
             f"{row['prefill_ms']:.0f}", f"{row['decode_ms']:.0f}", f"{tps:.1f}" if tps else "n/a",
-            f"{row['rtf']:.3f}", f"{row['kv_cache_bytes'] / 2**20:.1f}", str(row["max_batch_kv_bound"]),
+            f"{row['decode_vs_unreduced']:.2f}" if row.get("decode_vs_unreduced") else "n/a",
+            f"{row['rtf']:.3f}", f"{row['kv_cache_bytes'] / 2**20:.1f}",
+            f"{row['peak_mem_mb']:.0f}" if row.get("peak_mem_mb") else "n/a",
+            "—" if row.get("max_batch_measured") is None else str(row["max_batch_measured"]),
+            str(row["max_batch_kv_bound"]),
         ]) + " |")
     budget = rows[0]["memory_budget_gb"] if rows else 0
-    return ("\n".join(lines) + f"\n\nmax batch: KV-cache-bound estimate for a {budget:g} GB budget, "
-            "(budget - weights) / (KV bytes after prefill + KV bytes of the generated tokens); activations ignored.")
+    notes = ["costliest layer ×: among the layers that still run on the full prompt with the method attached, the "
+             "largest ratio of a layer's prefill time to the same layer's unreduced time (the layer that computes "
+             "attention scores for the next one's decision); '—': the method reduces from layer 0.",
+             f"max batch (KV-bound est.): for a {budget:g} GB budget, (budget - weights) / (KV bytes after prefill + "
+             "KV bytes of the generated tokens); activations ignored."]
+    if measured:
+        notes.append(f"peak MB and max batch (measured): {measured['peak_mem_source']}, one child process per "
+                     f"measurement; the largest batch whose peak stayed within {measured['batch_budget_gb']:g} GB, "
+                     "found by running batches (that one fitted, one more did not); '—': not searched at that length.")
+    else:
+        notes.append("peak MB: torch's peak allocated memory on CUDA, n/a on CPU without --batch-budget-gb.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
