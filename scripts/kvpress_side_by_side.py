@@ -46,8 +46,9 @@ def _timed(fn):
     return value, time.perf_counter() - started
 
 
-def greedy(model, inputs: dict, cache, first_logits, new_tokens: int) -> list[int]:
-    """Fixed-length greedy decode after a prefill (batch of one); end-of-sequence is not a stop."""
+def greedy(model, inputs: dict, cache, first_logits, new_tokens: int, with_mask: bool = True) -> list[int]:
+    """Fixed-length greedy decode after a prefill (batch of one); end-of-sequence is not a stop. ``with_mask=False``
+    passes positions only, as kvpress's pipeline decodes over a compressed cache."""
     import torch
 
     token = first_logits.argmax(dim=-1, keepdim=True)  # (1, 1)
@@ -57,8 +58,8 @@ def greedy(model, inputs: dict, cache, first_logits, new_tokens: int) -> list[in
         while len(generated) < new_tokens:
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             position = position + 1
-            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
-                        use_cache=True)
+            masks = {"attention_mask": mask} if with_mask else {}
+            out = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True, **masks)
             token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
             generated.append(int(token))
     return generated
@@ -149,7 +150,7 @@ def run_kvpress(work: Path, repeats: int) -> None:
                                                                     use_cache=True, **extra))
                     times.append(seconds)
                     cached = int(cache.get_seq_length())
-                    tokens = greedy(model, prompt, cache, out.logits[:, -1], spec["new_tokens"])
+                    tokens = greedy(model, prompt, cache, out.logits[:, -1], spec["new_tokens"], with_mask=False)
                 runs[f"{press_name}@{kept}"] = {"press": press_name, "kept": kept, "cached": cached,
                                                 "tokens": tokens, "prefill_s": statistics.median(times)}
         results.append({"clip": row["clip"], "runs": runs})
