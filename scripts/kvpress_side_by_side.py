@@ -3,7 +3,7 @@
 kvpress is never a dependency of speechtrim: it runs in its own environment (``.venv-kvpress``, made by
 ``--setup``), on the embedded model's LLM exported as a plain Hugging Face folder (LoRA merged), fed the very same
 ``inputs_embeds`` the embedded model builds. Both sides run a manual prefill (kvpress: with the press attached, as
-its own pipeline does) and the same greedy loop for a fixed number of tokens; a press's compression ratio is set so
+its own pipeline does) and a fixed-length greedy loop for a fixed number of tokens; a press's compression ratio is set so
 that it keeps exactly as many KV columns per layer as the speechtrim method kept.
 
     .venv/bin/python scripts/kvpress_side_by_side.py --setup          # once: .venv-kvpress with kvpress 0.5.5
@@ -46,20 +46,18 @@ def _timed(fn):
     return value, time.perf_counter() - started
 
 
-def greedy(model, inputs: dict, cache, first_logits, new_tokens: int, with_mask: bool = True) -> list[int]:
-    """Fixed-length greedy decode after a prefill (batch of one); end-of-sequence is not a stop. ``with_mask=False``
-    passes positions only, as kvpress's pipeline decodes over a compressed cache."""
+def greedy(model, inputs: dict, cache, first_logits, new_tokens: int) -> list[int]:
+    """kvpress's side (its own transformers, so not speechtrim's ``greedy_continue``): fixed-length greedy decode
+    over a compressed cache, positions only and no mask, as kvpress's pipeline decodes; batch of one."""
     import torch
 
     token = first_logits.argmax(dim=-1, keepdim=True)  # (1, 1)
     generated = [int(token)]
-    mask, position = inputs["attention_mask"], inputs["position_ids"][..., -1:]
+    position = inputs["position_ids"][..., -1:]
     with torch.no_grad():
         while len(generated) < new_tokens:
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             position = position + 1
-            masks = {"attention_mask": mask} if with_mask else {}
-            out = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True, **masks)
+            out = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
             generated.append(int(token))
     return generated
@@ -75,6 +73,7 @@ def prepare(work: Path, clips: int, ratios: list[float], new_tokens: int, repeat
     from speechtrim.eval.harness import load_eval_set
     from speechtrim.hf.kv_evict import kv_cache_bytes
     from speechtrim.hf.layers import returned_cache
+    from speechtrim.inference import greedy_continue
 
     model = load_bench_model("embedded")
     llm_folder = export_llm(model.speechlm)
@@ -93,13 +92,15 @@ def prepare(work: Path, clips: int, ratios: list[float], new_tokens: int, repeat
                     if reducer is None:
                         out, seconds = _timed(lambda: model.decoder(**prepared.kwargs, use_cache=True))
                         stats = None
-                        generated = greedy(model.decoder, prepared.kwargs, returned_cache(out), out.logits[:, -1],
-                                           new_tokens)
+                        generated = greedy_continue(model.decoder, out.logits[:, -1], returned_cache(out),
+                                                    prepared.kwargs["attention_mask"],
+                                                    prepared.kwargs["position_ids"], new_tokens, set())
                     else:
                         with reducer(model.decoder, audio_spans=prepared.audio_spans) as stats:
                             out, seconds = _timed(lambda: model.decoder(**prepared.kwargs, use_cache=True))
-                            generated = greedy(model.decoder, prepared.kwargs, returned_cache(out),
-                                               out.logits[:, -1], new_tokens)
+                            generated = greedy_continue(model.decoder, out.logits[:, -1], returned_cache(out),
+                                                        prepared.kwargs["attention_mask"],
+                                                        prepared.kwargs["position_ids"], new_tokens, set())
                 times.append(seconds)
                 outputs = generated
                 size = kv_cache_bytes(returned_cache(out))
@@ -150,7 +151,7 @@ def run_kvpress(work: Path, repeats: int) -> None:
                                                                     use_cache=True, **extra))
                     times.append(seconds)
                     cached = int(cache.get_seq_length())
-                    tokens = greedy(model, prompt, cache, out.logits[:, -1], spec["new_tokens"], with_mask=False)
+                    tokens = greedy(model, prompt, cache, out.logits[:, -1], spec["new_tokens"])
                 runs[f"{press_name}@{kept}"] = {"press": press_name, "kept": kept, "cached": cached,
                                                 "tokens": tokens, "prefill_s": statistics.median(times)}
         results.append({"clip": row["clip"], "runs": runs})

@@ -102,9 +102,7 @@ def _measure_memory(plan: MemoryPlan, prepared: Any, method: Any, target: float,
         shorter, _ = prepared.reduce_audio(method.build(target))
         kwargs, spans = shorter.kwargs, shorter.audio_spans
     elif reduced:
-        key = "ratio" if method.keyed_by == "ratio" else "flops_reduction"
-        reducer_name = method.reducer
-        reducer_kwargs = {key: target, "layer": method.layer, "schedule": method.schedule}
+        reducer_name, reducer_kwargs = method.reducer, method.build_kwargs(target)
     inputs = save_inputs(kwargs, spans, folder)
     results: dict[int, dict] = {}
 

@@ -69,13 +69,16 @@ class Method:
             return None
         return reducers.build(self.reducer, ratio=0.0, layer=self.layer, schedule=self.schedule)
 
+    def build_kwargs(self, target: float) -> dict[str, Any]:
+        """``reducers.build`` keyword arguments of one column (what a child process rebuilds the reducer from)."""
+        key = "ratio" if self.keyed_by == "ratio" else "flops_reduction"
+        return {key: target, "layer": self.layer, "schedule": self.schedule}
+
     def build(self, target: float) -> Any:
         """The reducer for one column of the tables (None for the unreduced model)."""
         if self.reducer is None:
             return None
-        if self.keyed_by == "ratio":
-            return reducers.build(self.reducer, ratio=target, layer=self.layer, schedule=self.schedule)
-        return reducers.build(self.reducer, flops_reduction=target, layer=self.layer, schedule=self.schedule)
+        return reducers.build(self.reducer, **self.build_kwargs(target))
 
 
 def all_methods(layer: int | str = 2, layer_source: str = "given") -> list[Method]:
