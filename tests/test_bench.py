@@ -196,6 +196,40 @@ def test_scaling_study(one_thread, model):
     assert max_batch(100.0, 40, 20.0) == 3 and max_batch(10.0, 40, 20.0) == 0
 
 
+def test_scaling_study_keeps_each_length_as_it_finishes_and_resumes(one_thread, model, tmp_path, monkeypatch):
+    import speechtrim.bench.scaling as scaling
+
+    clips = [np.full(8000, 0.05, dtype=np.float32)]
+    method = select_methods(["fastadasp-sparse"], 1)[1]
+    store = tmp_path / "rows.jsonl"
+    real_run = scaling.run_item
+    calls = []
+
+    def run_item(*args, **kwargs):
+        calls.append(args[1].length)
+        if len(calls) > 4:  # warm-up + 3 runs of the first length pass; the second length is cut short
+            raise KeyboardInterrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(scaling, "run_item", run_item)
+    with pytest.raises(KeyboardInterrupt):
+        scaling_study(model, clips, method, lengths=(1.0, 2.0), target=0.4, max_new_tokens=2, progress=False,
+                      store=store)
+    kept = [json.loads(line) for line in store.read_text().splitlines()]
+    assert [(row["seconds"], row["method"]) for row in kept] == [(1.0, "none"), (1.0, "fastadasp-sparse")]
+    monkeypatch.setattr(scaling, "run_item", real_run)
+    calls.clear()
+    rows = scaling_study(model, clips, method, lengths=(1.0, 2.0), target=0.4, max_new_tokens=2, progress=False,
+                         store=store)
+    assert [(row["seconds"], row["method"]) for row in rows] == [
+        (1.0, "none"), (1.0, "fastadasp-sparse"), (2.0, "none"), (2.0, "fastadasp-sparse")]
+    assert rows[:2] == [{k: v for k, v in row.items() if k != "key"} for row in kept]  # reused, not rerun
+    assert len(store.read_text().splitlines()) == 4
+    other = scaling_study(model, clips, method, lengths=(1.0,), target=0.3, max_new_tokens=2, progress=False,
+                          store=store)  # another target: nothing reused
+    assert other[1]["target"] == 0.3 and len(store.read_text().splitlines()) == 6
+
+
 def test_bad_input_messages(capsys):
     with pytest.raises(ValueError, match="unknown method.*fastadasp-sparse"):
         select_methods(["fastadasp", "tome"])

@@ -2,7 +2,8 @@
 
 Files in the output folder: ``results.jsonl`` (one row per method x target, appended as each finishes: a rerun
 resumes), ``tables.md`` (FastAdaSP Tables 2/3/9 shape), ``tradeoff.png`` (metric vs measured FLOPs reduction), and
-for ``--scaling`` ``scaling.jsonl`` and ``scaling.md``.
+for ``--scaling`` ``scaling-rows.jsonl`` (each length's two rows appended as it finishes, keyed by what made them:
+a rerun resumes), ``scaling.jsonl`` (this run's rows in order) and ``scaling.md``.
 """
 
 from __future__ import annotations
@@ -372,7 +373,7 @@ def _run_scaling(options: BenchOptions, out: Path, model: Any) -> dict[str, Any]
     target = (options.targets or (0.5,))[0]
     rows = scaling_study(model, clips, methods[0], options.scaling_lengths, target,
                          options.max_new_tokens or 16, options.repeats or 1, options.memory_budget_gb,
-                         options.progress, memory)
+                         options.progress, memory, store=out / "scaling-rows.jsonl")
     with atomic_file(out / "scaling.jsonl") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
     table = scaling_table(rows)

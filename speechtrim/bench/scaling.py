@@ -126,8 +126,12 @@ def _measure_memory(plan: MemoryPlan, prepared: Any, method: Any, target: float,
 
 def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths: Sequence[float] = LENGTHS,
                   target: float = 0.5, max_new_tokens: int = 16, repeats: int = 1, memory_budget_gb: float = 80.0,
-                  progress: bool = True, memory: MemoryPlan | None = None) -> list[dict]:
+                  progress: bool = True, memory: MemoryPlan | None = None, store: Path | None = None) -> list[dict]:
     """Unreduced vs reduced runs on long audio; one row per (length, with/without reduction).
+
+    With ``store`` (a JSONL file) the two rows of each length are appended there as soon as that length is done,
+    keyed by everything that made them (``scaling_key``), and a length whose rows are already there is not run
+    again: an interrupted study resumes where it stopped.
 
     Args:
         model: an :class:`~speechtrim.bench.runner.EmbeddedModel` or ``HubModel``.
@@ -140,14 +144,29 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
         memory_budget_gb: memory budget of the batch-size estimate.
         progress: show a progress bar.
         memory: measure peak memory and the largest batch (None: the rows carry the KV-bound estimate only).
+        store: the resumable rows file (None: nothing is kept until the caller writes the result).
     """
+    from speechtrim.bench.sweep import append_jsonl, read_jsonl, repair_jsonl
+
+    done: dict[str, dict] = {}
+    if store is not None:
+        repair_jsonl(store)
+        done = read_jsonl(store)
+    settings = {"method": method, "target": target, "max_new_tokens": max_new_tokens, "repeats": repeats,
+                "memory_budget_gb": memory_budget_gb, "memory": memory, "lengths": sorted(lengths)}
     weights = weight_bytes(model.decoder)
     backbone = text_backbone(model.decoder)
     rows: list[dict] = []
     budget = memory_budget_gb * 2**30
     warmed = False
     for seconds in tqdm(lengths, desc="scaling", unit="length", disable=not progress):
-        item = EvalItem(f"{seconds:g}s", long_audio(clips, seconds), "", ASR_PROMPT)
+        audio = long_audio(clips, seconds)
+        length_key = scaling_key(model, audio, seconds, settings)
+        if all(f"{length_key}/{name}" in done for name in ("none", method.name)):
+            rows += [done[f"{length_key}/{name}"] for name in ("none", method.name)]
+            logger.info("scaling: %g s reused from %s", seconds, store)
+            continue
+        item = EvalItem(f"{seconds:g}s", audio, "", ASR_PROMPT)
         prepared = median_encode(model, item, 1)
         if not warmed:
             run_item(model, prepared, None, None, 2)
@@ -196,7 +215,29 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
                 "memory_budget_gb": memory_budget_gb, "max_batch_kv_bound": max_batch(budget, weights, per_clip),
                 "max_batch_measured": None, "depth": backbone.depth, **measured.get(name, {}),
             })
-    return rows
+        if store is not None:
+            for row in rows[-2:]:
+                append_jsonl(store, {**row, "key": f"{length_key}/{row['method']}"})
+    return [{name: value for name, value in row.items() if name != "key"} for row in rows]
+
+
+def scaling_key(model: Any, audio: np.ndarray, seconds: float, settings: dict[str, Any]) -> str:
+    """A hash of everything that makes one length's rows: the model's weights, the audio, the method and the study's
+    settings, the torch threads and device, and the software versions."""
+    import dataclasses
+    from importlib.metadata import version
+
+    import torch
+
+    from speechtrim.fingerprint import array_fingerprint, json_fingerprint
+
+    plain = {name: dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+             for name, value in settings.items()}
+    return json_fingerprint({"model": model.fingerprint, "audio": array_fingerprint(audio), "seconds": seconds,
+                             **plain, "threads": torch.get_num_threads(),
+                             "device": str(next(model.decoder.parameters()).device),
+                             "speechtrim": version("speechtrim"), "transformers": version("transformers"),
+                             "torch": torch.__version__})
 
 
 class LayerClock:
