@@ -204,7 +204,8 @@ def _add_train_embedded(commands: Any) -> None:
     embedded = commands.add_parser(
         "train-embedded",
         help="train the embedded speech LLM (Whisper base -> vocabulary projector -> SmolLM2 with LoRA) on "
-             "synthetic ASR + emotion: a CTC stage, then a joint stage; then score it on held-out data",
+             "synthetic ASR + emotion: a CTC stage, a joint stage, an emotion-weighted stage, an utterance-summary stage; "
+             "then score it on held-out data",
     )
     embedded.add_argument("--out", type=Path, default=Path("results/embedded"),
                           help="folder for the trained model and training.json (the packaged one lives in "
@@ -213,6 +214,13 @@ def _add_train_embedded(commands: Any) -> None:
     embedded.add_argument("--joint-steps", type=int, default=None, help="steps of the joint stage (default: the recipe's, 450)")
     embedded.add_argument("--balance-steps", type=int, default=None,
                           help="steps of the emotion-weighted stage 3 (default: the recipe's, 100; 0: none)")
+    embedded.add_argument("--summary-steps", type=int, default=None,
+                          help="steps of stage 4, the utterance summary trained alone for emotion (default: the "
+                               "recipe's, 150; 0: no summary)")
+    embedded.add_argument("--init", type=Path, default=None,
+                          help="start from a model saved by an earlier train-embedded run of this recipe without its "
+                               "summary stage (e.g. speechtrim/weights/embedded) and run only the summary stage; "
+                               "its history and stage times carry over into training.json")
     embedded.add_argument("--lr", type=float, default=None,
                           help="projector learning rate of the joint stage (default: the recipe's, 1e-4; warm-up then cosine)")
     embedded.add_argument("--batch-size", type=int, default=None, help="clips per joint-stage step (default 16)")
@@ -413,9 +421,19 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
         raise ValueError(f"--balance-steps must be >= 0 (0: no stage 3), got {args.balance_steps}")
     balance = None if args.balance_steps == 0 or recipe.balance is None else dataclasses.replace(
         recipe.balance, seed=args.seed, **({"steps": args.balance_steps} if args.balance_steps else {}))
-    recipe = dataclasses.replace(recipe, ctc=ctc, joint=joint, balance=balance, **fields)
+    if args.summary_steps is not None and args.summary_steps < 0:
+        raise ValueError(f"--summary-steps must be >= 0 (0: no summary stage), got {args.summary_steps}")
+    summary = None if args.summary_steps == 0 or recipe.summary is None else dataclasses.replace(
+        recipe.summary, seed=args.seed, **({"steps": args.summary_steps} if args.summary_steps else {}))
+    if args.init is not None and summary is None:
+        raise ValueError("--init runs only the summary stage: it cannot be combined with --summary-steps 0")
+    if args.init is not None and not (args.init / "training.json").is_file():
+        raise ValueError(f"--init {args.init}: no training.json there; give a folder written by train-embedded")
+    recipe = dataclasses.replace(recipe, ctc=ctc, joint=joint, balance=balance, summary=summary,
+                                 **({"summary_tokens": 0} if summary is None else {}), **fields)
     command = "speechtrim " + " ".join(shlex.quote(part) for part in args.argv)
-    report = train_embedded(recipe, args.out, args.work, command=command, eval_limit=args.eval_limit)
+    report = train_embedded(recipe, args.out, args.work, command=command, eval_limit=args.eval_limit,
+                            init=args.init)
     held_out = report["held_out"]
     print(f"held-out synthetic ASR WER {held_out['synthetic-asr']['wer']:.3f}, "
           f"pocketsphinx (real) WER {held_out['pocketsphinx']['wer']:.3f}, "

@@ -1,5 +1,6 @@
 """Training the embedded model (issue 5) end to end on a tiny SpeechLM: data mix, held-out scores, saved files."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -69,9 +70,20 @@ def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world
                             joint=StageConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2,
                                               evaluate_every=2),
                             balance=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1),
+                            summary_tokens=2, summary_hidden=8, summary_emotion_seeds=(3, 4),
+                            summary=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, ctc_weight=0.0,
+                                                lm_reduction="rows", evaluate_every=2),
                             eval_clips=2, eval_emotion_clips=3)
-    asr, emotion, data = training_data(tiny_build(pool=2), recipe, progress=False)
-    assert data["asr"]["clips"] == 6 and len(asr) == 6 and data["emotion"]["clips"] == len(emotion) == 48
+    asr, by_seed, data = training_data(tiny_build(pool=2), recipe, progress=False)
+    assert sorted(by_seed) == [1, 2, 3, 4] and all(len(items) == 24 for items in by_seed.values())
+    emotion = [item for items in by_seed.values() for item in items]
+    alone = {tuple(tensor.shape) for tensor in (by_seed[3][0].frames, by_seed[4][0].frames)}
+    packed = {tuple(by_seed[1][0].frames.shape)}
+    from speechtrim.assets.cache import cache_root
+
+    solo_files = list((cache_root() / "encoder-frames" / "whisper-tiny").glob("*.safetensors"))
+    assert len(solo_files) == 48 and alone and packed  # the summary's clips were encoded alone, as at inference
+    assert data["asr"]["clips"] == 6 and len(asr) == 6 and data["emotion"]["clips"] == len(emotion) == 96
     assert all(example.prompt == ASR_PROMPT and example.ctc_target is not None for example in asr)
     assert {example.assistant_prefix for example in emotion} == {EMOTION_ANSWER_PREFIX}
     assert all(example.target.strip() in data["emotion"]["labels"] and example.ctc_target is None
@@ -85,14 +97,17 @@ def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world
     assert [row["step"] for row in saved["history"]["joint"]] == [2, 4]
     assert {"wer_synthetic", "wer_real", "emotion_accuracy"} <= set(saved["history"]["joint"][-1])  # learning curve
     assert set(saved["history"]["ctc_probe"]) == {"ctc_wer_synthetic", "ctc_wer_real"}
-    assert set(saved["stage_seconds"]) == {"render", "encode", "ctc", "joint", "balance", "evaluate"}
+    assert set(saved["stage_seconds"]) == {"render", "encode", "ctc", "joint", "balance", "summary", "evaluate"}
     assert [row["step"] for row in saved["history"]["balance"]] == [2]
+    assert [row["step"] for row in saved["history"]["summary"]] == [2]
+    assert "emotion_accuracy" in saved["history"]["summary"][-1]
     assert set(saved["held_out"]) == {"synthetic-asr", "pocketsphinx", "synthetic-emotion"}
     assert 0.0 <= saved["held_out"]["synthetic-emotion"]["accuracy"] <= 1.0
     assert saved["held_out"]["synthetic-asr"]["wer"] >= 0.0 and report["held_out"] == saved["held_out"]
     loaded = tiny_world.load_speechlm(tmp_path / "model")
     assert loaded.pool == 2 and loaded.system_prompt == "" and loaded.has_ctc_head and not loaded.has_lora
     assert loaded.projector.vocab_ids.tolist() == data["vocab_ids"]
+    assert loaded.projector.summary is not None and loaded.projector.summary.tokens == 2
     fresh = tiny_build(pool=2)
     merged = dict(loaded.llm.named_parameters())
     assert any(not torch.equal(merged[name], p) for name, p in fresh.llm.named_parameters())  # LoRA merged in
@@ -107,6 +122,10 @@ def test_the_held_out_emotion_seed_is_refused():
         EmbeddedRecipe(emotion_seeds=(1, 0))
     with pytest.raises(ValueError, match="distinct seeds"):
         EmbeddedRecipe(emotion_seeds=(1, 1))
+    with pytest.raises(ValueError, match="held-out emotion set"):
+        EmbeddedRecipe(summary_emotion_seeds=(0, 2))
+    with pytest.raises(ValueError, match="must differ from emotion_seeds"):
+        EmbeddedRecipe(emotion_seeds=(1, 2), summary_emotion_seeds=(2, 3))
 
 
 def test_the_balance_pool_holds_the_asked_share_of_emotion_rows():
@@ -120,3 +139,42 @@ def test_the_balance_pool_holds_the_asked_share_of_emotion_rows():
     assert emotional == 30 and len(pool) == 40
     with pytest.raises(ValueError, match="balance_emotion_share"):
         _balanced(asr, emotion, EmbeddedRecipe(balance_emotion_share=1.0))
+
+
+def test_a_summary_stage_starts_from_an_earlier_model_and_leaves_the_word_path_alone(tiny_world, tmp_path):
+    def recipe(summary):
+        return EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, asr_seeds=(0,), emotion_seeds=(1,),
+                              emotion_voices=1, emotion_sentences=1, emotion_repeat=1, projector_hidden=16,
+                              prosody_rank=2, lora_rank=2,
+                              ctc=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1),
+                              joint=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1),
+                              balance=None, summary_tokens=1, summary_hidden=8, summary_emotion_seeds=(2,),
+                              summary=summary, eval_clips=2, eval_emotion_clips=3)
+
+    train_embedded(recipe(None), tmp_path / "first", tmp_path / "work1", command="first", progress=False)
+    first = json.loads((tmp_path / "first" / "training.json").read_text())
+    assert first["history"]["summary"] == [] and "summary" not in first["stage_seconds"]
+    stage = StageConfig(steps=3, batch_size=4, lr=1e-2, warmup=1, ctc_weight=0.0, lm_reduction="rows")
+    report = train_embedded(recipe(stage), tmp_path / "second", tmp_path / "work2", command="second", progress=False,
+                            init=tmp_path / "first")
+    assert report["init"]["command"] == "first" and report["history"]["joint"] == first["history"]["joint"]
+    assert report["stage_seconds"]["ctc"] == first["stage_seconds"]["ctc"]
+    assert [row["step"] for row in report["history"]["summary"]] == [3]
+    assert report["train_seconds"] >= first["train_seconds"]
+    before = tiny_world.load_speechlm(tmp_path / "first")
+    after = tiny_world.load_speechlm(tmp_path / "second")
+    assert before.projector.summary is None and after.projector.summary is not None
+    for name, tensor in before.state_dict().items():  # projector, LoRA-merged LLM: the words' path is the same
+        torch.testing.assert_close(after.state_dict()[name], tensor, rtol=0, atol=0)
+    frames, mask = torch.randn(1, 10, 32), torch.ones(1, 10, dtype=torch.bool)
+    assert after.summarize(frames, mask).shape == (1, 1, before.llm.config.hidden_size)
+    batch = after.build_inputs(["say <audio> now"], *after.embed_audio(frames, mask),
+                               summary=after.summarize(frames, mask))
+    plain = before.build_inputs(["say <audio> now"], *before.embed_audio(frames, mask))
+    assert batch.inputs_embeds.shape[1] == plain.inputs_embeds.shape[1] + 1 and batch.audio_spans == plain.audio_spans
+
+    with pytest.raises(ValueError, match="already has a trained summary"):
+        train_embedded(recipe(stage), tmp_path / "third", tmp_path / "work3", progress=False, init=tmp_path / "second")
+    other = dataclasses.replace(recipe(stage), projector_hidden=8)
+    with pytest.raises(ValueError, match="another recipe.*projector_hidden"):
+        train_embedded(other, tmp_path / "third", tmp_path / "work3", progress=False, init=tmp_path / "first")

@@ -109,7 +109,8 @@ class EmbeddedModel(_Fingerprinted):
         flat = embeds[embeds_mask].unsqueeze(0)  # (1, N_audio, D_llm): windows joined in time order
         aligned = logits is not None and tuple(logits.shape[:2]) == tuple(embeds.shape[:2])
         flat_logits = logits[embeds_mask].unsqueeze(0) if aligned else None  # (1, N_audio, K+1)
-        prepared = self._splice(item, flat)
+        summary = self.speechlm.summarize(frames[mask].unsqueeze(0), mask[mask].unsqueeze(0))  # whole clip
+        prepared = self._splice(item, flat, summary)
         _sync(flat.device)
         prepared.encode_s = time.perf_counter() - started
         text_tokens = prepared.length - prepared.audio_tokens
@@ -120,15 +121,16 @@ class EmbeddedModel(_Fingerprinted):
             reduction = AudioReduction(self.speechlm, reducer)
             ones = torch.ones(flat.shape[:2], dtype=torch.bool, device=flat.device)
             reduced, _ = reduction.reduce(flat, ones, flat_logits, [text_tokens])
-            return self._splice(item, reduced), reduction.stats
+            return self._splice(item, reduced, summary), reduction.stats
 
         prepared.reduce_audio = reduce_audio
         return prepared
 
-    def _splice(self, item: EvalItem, audio: torch.Tensor) -> Prepared:
-        """The prompt of ``item`` with the audio embeddings (1, N, D) spliced in."""
+    def _splice(self, item: EvalItem, audio: torch.Tensor, summary: torch.Tensor | None = None) -> Prepared:
+        """The prompt of ``item`` with the audio embeddings (1, N, D) and the utterance summary (1, n, D) spliced in."""
         ones = torch.ones(audio.shape[:2], dtype=torch.bool, device=audio.device)  # (1, N_audio)
-        batch = self.speechlm.build_inputs([item.prompt], audio, ones, assistant_prefix=item.assistant_prefix)
+        batch = self.speechlm.build_inputs([item.prompt], audio, ones, assistant_prefix=item.assistant_prefix,
+                                           summary=summary)
         kwargs = {"inputs_embeds": batch.inputs_embeds, "attention_mask": batch.attention_mask,
                   "position_ids": batch.position_ids}
         return Prepared(kwargs, batch.audio_spans, int(batch.inputs_embeds.shape[1]), int(audio.shape[1]))

@@ -58,6 +58,7 @@ def build_inputs(
     targets: list[str] | None = None,
     assistant_prefix: str | list[str] = "",
     prefix_cache: PrefixCache | None = None,
+    summary: torch.Tensor | None = None,
 ) -> PromptBatch:
     """Splice each row's real audio embeddings into its prompt; left-pad the batch.
 
@@ -72,10 +73,14 @@ def build_inputs(
         prefix_cache: take the keys and values of the text in front of the audio from this cache instead of
             running the LLM over it (same result, less work when prompts repeat: training, scoring). The
             batch then works with ``loss`` and ``score``, not with ``generate`` or token reducers.
-    A row whose mask is all False gets no audio tokens (the text-only baseline).
+        summary: (B, n, D_llm) utterance-summary vectors (``SpeechLM.summarize``) placed right after each row's
+            audio, outside its audio span: no token reducer removes them.
+    A row whose mask is all False gets no audio tokens and no summary (the text-only baseline).
     """
     if len(prompts) != audio_embeds.shape[0]:
         raise ValueError(f"{len(prompts)} prompts for {audio_embeds.shape[0]} clips")
+    if summary is not None and (summary.ndim != 3 or summary.shape[0] != len(prompts)):
+        raise ValueError(f"summary must be (B, n, D) with B = {len(prompts)} prompts, got {tuple(summary.shape)}")
     prefixes = [assistant_prefix] * len(prompts) if isinstance(assistant_prefix, str) else list(assistant_prefix)
     if len(prefixes) != len(prompts):
         raise ValueError(f"{len(prefixes)} assistant prefixes for {len(prompts)} prompts")
@@ -94,8 +99,10 @@ def build_inputs(
             cached = before_ids if len(audio) or len(after_ids) or targets is not None else before_ids[:0]
             prefix_ids.append(cached)
             before_ids = before_ids[len(cached) :]
-        pieces = [embedding(before_ids), audio.to(embedding.weight.dtype), embedding(after_ids)]
-        length = len(before_ids) + len(audio) + len(after_ids)
+        extra_audio = summary[row] if summary is not None and len(audio) else audio[:0]  # (n or 0, D)
+        pieces = [embedding(before_ids), audio.to(embedding.weight.dtype), extra_audio.to(embedding.weight.dtype),
+                  embedding(after_ids)]
+        length = len(before_ids) + len(audio) + len(extra_audio) + len(after_ids)
         if targets is not None:
             answer_ids = model._ids(targets[row])
             if model.tokenizer.eos_token_id is not None:  # the id itself: text concatenation can merge words

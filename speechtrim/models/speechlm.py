@@ -210,6 +210,28 @@ class SpeechLM(nn.Module):
             return projected, mask, logits
         return self.projector(frames), mask, None
 
+    def add_summary(self, tokens: int, hidden: int = 256) -> None:
+        """Give the vocabulary projector an untrained utterance summary of ``tokens`` vectors (recorded in the
+        settings, so a saved model rebuilds it)."""
+        if not isinstance(self.projector, VocabProjector):
+            raise ValueError("an utterance summary needs the vocabulary projector (projector='vocab')")
+        self.projector.add_summary(tokens, hidden)
+        self.speech_config.projector_params.update(summary_tokens=tokens, summary_hidden=hidden)
+
+    def summarize(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The projector's utterance summary (B, n, D_llm) of encoder frames (B, T, D_enc), or None when it has
+        none; ``build_inputs(..., summary=...)`` places it after the audio span."""
+        result = self.summary_and_logits(frames, mask)
+        return None if result is None else result[0]
+
+    def summary_and_logits(self, frames: torch.Tensor, mask: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The utterance summary (B, n, D_llm) and its scores over the LLM's vocabulary (B, n, V), or None."""
+        if not isinstance(self.projector, VocabProjector) or self.projector.summary is None:
+            return None
+        pooled, pooled_mask = self.pool_frames(frames, mask)
+        return self.projector.summarize(pooled, pooled_mask, self.llm.get_input_embeddings().weight)
+
     def embed_audio(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Projector (after optional frame pooling) then length adapter: (B, T, D_enc) -> (B, T', D_llm)."""
         projected, mask, _ = self.project(frames, mask)
@@ -271,11 +293,11 @@ class SpeechLM(nn.Module):
 
     def build_inputs(self, prompts: list[str], audio_embeds: torch.Tensor, audio_mask: torch.Tensor,
                      targets: list[str] | None = None, assistant_prefix: str | list[str] = "",
-                     prefix_cache: PrefixCache | None = None) -> PromptBatch:
-        """Splice each row's real audio embeddings into its prompt; left-pad the batch (see
-        :func:`speechtrim.models.prompting.build_inputs` for the arguments)."""
+                     prefix_cache: PrefixCache | None = None, summary: torch.Tensor | None = None) -> PromptBatch:
+        """Splice each row's real audio embeddings (and utterance summary) into its prompt; left-pad the batch
+        (see :func:`speechtrim.models.prompting.build_inputs` for the arguments)."""
         return prompting.build_inputs(self, prompts, audio_embeds, audio_mask, targets, assistant_prefix,
-                                      prefix_cache)
+                                      prefix_cache, summary)
 
     def _prefix_kwargs(self, batch: PromptBatch) -> dict[str, Any]:
         """The LLM keyword that passes a fresh cache holding the batch's prefix (none without one)."""
@@ -292,15 +314,17 @@ class SpeechLM(nn.Module):
         """Encode, project, adapt (reduce, while a pre-LLM reducer is attached) and splice: the whole way from
         waveforms to LLM inputs."""
         frames, mask = self.encode(audios)
+        summary = self.summarize(frames, mask)  # (B, n, D_llm) or None: what the reducers leave alone
         if self.audio_reduction is None:
             embeds, embeds_mask = self.embed_audio(frames, mask)
-            return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix)
+            return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix, summary=summary)
         projected, projected_mask, logits = self.project(frames, mask)
         embeds, embeds_mask = self.adapter(projected, projected_mask)
-        full = self.build_inputs(prompts, embeds, embeds_mask, assistant_prefix=assistant_prefix)  # text counts
+        full = self.build_inputs(prompts, embeds, embeds_mask, assistant_prefix=assistant_prefix,
+                                 summary=summary)  # text counts (the summary counts as text)
         text_tokens = (full.attention_mask.sum(dim=1) - embeds_mask.sum(dim=1)).tolist()
         embeds, embeds_mask = self.audio_reduction.reduce(embeds, embeds_mask, logits, text_tokens)
-        return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix)
+        return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix, summary=summary)
 
     def loss(self, batch: PromptBatch, reduction: str = "tokens") -> torch.Tensor:
         """Cross-entropy of the target tokens (``build_inputs(..., targets=...)``) under the LLM.

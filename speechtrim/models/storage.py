@@ -93,9 +93,14 @@ def save_trained(model: SpeechLM, folder: str | Path, extra: dict[str, Any] | No
     return folder
 
 
-def load_speechlm(folder: str | Path) -> SpeechLM:
+def load_speechlm(folder: str | Path, merge: bool = True) -> SpeechLM:
     """Rebuild a SpeechLM saved by ``save_trained``: packaged encoder and LLM, trained projector and adapter, and
-    the LoRA matrices (if any) merged into the LLM's weights, so the LLM is a plain transformers model."""
+    the LoRA matrices (if any) merged into the LLM's weights, so the LLM is a plain transformers model.
+
+    Args:
+        folder: what ``save_trained`` wrote.
+        merge: fold the LoRA matrices into the LLM (False keeps them apart: to train further and save again).
+    """
     import json
 
     from safetensors.torch import load_file
@@ -118,7 +123,8 @@ def load_speechlm(folder: str | Path) -> SpeechLM:
         result = set_peft_model_state_dict(model.llm, lora_state)
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"{folder}: LoRA weights do not fit speechlm.json (unexpected {result.unexpected_keys})")
-        model.merge_lora()
+        if merge:
+            model.merge_lora()
     elif lora_state:
         raise ValueError(f"{folder}: the weights hold LoRA matrices but speechlm.json has no 'lora' entry")
     own = {name: tensor for name, tensor in state.items() if not name.startswith("lora.")}

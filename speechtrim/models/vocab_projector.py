@@ -8,6 +8,11 @@ which sits on the embedding manifold the LLM was trained on, plus a low-rank "pr
 (zero at initialisation) that carries what the text does not (speaking rate, pitch, loudness: the emotion task).
 One output per input frame: the audio span keeps its length, which the token reducers need.
 
+An optional ``UtteranceSummary`` (``summary_tokens`` > 0) adds a few vectors for the whole utterance, built from
+statistics of all its frames (mean, spread, frame-to-frame change, length) and mixed from the LLM's embeddings like
+the per-frame outputs: how it is said rather than what. They go into the prompt right after the audio span, outside
+it, so the token reducers never remove them, and they leave the per-frame path, which carries the words, untouched.
+
 The vocabulary is the LLM token ids that occur in the training transcripts (``vocab_ids``), saved with the weights.
 """
 
@@ -27,16 +32,21 @@ class VocabProjector(nn.Module):
         hidden: width of the MLP's hidden layer.
         prosody_rank: rank of the residual frame path (0: none).
         embedding_std: standard deviation of the LLM's token embeddings (initial scale of the blank vectors).
+        summary_tokens: vectors of the utterance summary (0: none, ``summarize`` returns None).
+        summary_hidden: width of the summary's frame features.
     """
 
     def __init__(self, input_dim: int, llm_dim: int, vocab_ids: torch.Tensor | list[int], hidden: int = 1024,
-                 prosody_rank: int = 64, embedding_std: float = 0.13) -> None:
+                 prosody_rank: int = 64, embedding_std: float = 0.13, summary_tokens: int = 0,
+                 summary_hidden: int = 256) -> None:
         super().__init__()
         vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.long)
         if vocab_ids.ndim != 1 or len(vocab_ids) == 0 or len(torch.unique(vocab_ids)) != len(vocab_ids):
             raise ValueError(f"vocab_ids must be a non-empty 1-D list of distinct token ids, got {len(vocab_ids)}")
         if hidden < 1 or prosody_rank < 0:
             raise ValueError(f"need hidden >= 1 and prosody_rank >= 0, got {hidden} and {prosody_rank}")
+        if not isinstance(summary_tokens, int) or summary_tokens < 0:
+            raise ValueError(f"summary_tokens must be an int >= 0 (0: no utterance summary), got {summary_tokens!r}")
         self.register_buffer("vocab_ids", vocab_ids)
         self.mlp = nn.Sequential(nn.Linear(input_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim))
         self.blank_key = nn.Parameter(torch.randn(llm_dim) * embedding_std)  # scores the blank
@@ -46,6 +56,9 @@ class VocabProjector(nn.Module):
             self.prosody = nn.Sequential(nn.Linear(input_dim, prosody_rank, bias=False),
                                          nn.Linear(prosody_rank, llm_dim, bias=False))
             nn.init.zeros_(self.prosody[1].weight)
+        self.summary = None
+        if summary_tokens:
+            self.add_summary(summary_tokens, summary_hidden)
 
     @property
     def blank(self) -> int:
@@ -66,6 +79,66 @@ class VocabProjector(nn.Module):
         if self.prosody is not None:
             mixed = mixed + self.prosody(frames)
         return mixed, logits
+
+    def add_summary(self, tokens: int, hidden: int = 256) -> None:
+        """Give the projector a freshly initialised ``UtteranceSummary`` of ``tokens`` vectors."""
+        input_dim, llm_dim = self.mlp[0].in_features, self.mlp[-1].out_features
+        self.summary = UtteranceSummary(input_dim, llm_dim, tokens, hidden)
+
+    def summarize(self, frames: torch.Tensor, mask: torch.Tensor, embeddings: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The utterance summary (B, n, D_llm) of ``frames`` (B, T, D_in) with ``mask`` (B, T) and its logits over
+        the LLM's vocabulary (B, n, V), or None without a summary."""
+        return None if self.summary is None else self.summary(frames, mask, embeddings)
+
+
+class UtteranceSummary(nn.Module):
+    """A few "words" about a whole utterance, how it is said: statistics pooling over its frames, an MLP, and, as
+    the per-frame path does for what is said, a posterior-weighted mix of the LLM's own token embeddings.
+
+    Per frame a small feature h_t; over the valid frames their mean, standard deviation and mean absolute change
+    from one frame to the next (a speaking-rate cue), and the log of the frame count; an MLP maps these to
+    ``tokens`` query vectors q_i, whose scores against the LLM's (tied) input embeddings E, l_i = q_i . E_v, give
+    the vectors the LLM reads, e_i = softmax(l_i) . E: on the embedding manifold the LLM knows, so a summary that
+    names a word ("angry", "slow") is one the frozen LLM can read. Trained by the LM loss, and by cross-entropy of
+    l_0 against a word the training data names for the clip (its emotion label), where there is one.
+
+    Args:
+        input_dim: width of a (pooled) encoder frame.
+        llm_dim: the LLM's embedding width.
+        tokens: vectors produced.
+        hidden: width of the per-frame feature.
+    """
+
+    def __init__(self, input_dim: int, llm_dim: int, tokens: int = 1, hidden: int = 256) -> None:
+        super().__init__()
+        if tokens < 1 or hidden < 1:
+            raise ValueError(f"need tokens >= 1 and hidden >= 1, got {tokens} and {hidden}")
+        self.tokens, self.llm_dim = tokens, llm_dim
+        self.frame = nn.Sequential(nn.LayerNorm(input_dim), nn.Linear(input_dim, hidden), nn.GELU())
+        self.out = nn.Sequential(nn.Linear(3 * hidden + 1, 2 * hidden), nn.GELU(),
+                                 nn.Linear(2 * hidden, tokens * llm_dim))
+        self.stats_norm = nn.LayerNorm(3 * hidden + 1)
+
+    def logits(self, frames: torch.Tensor, mask: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """Scores (B, tokens, V) of every LLM token for each summary vector; (B, T, D_in) frames, (B, T) mask,
+        (V, D_llm) embeddings."""
+        features = self.frame(frames)  # (B, T, H)
+        weight = mask.unsqueeze(-1).to(features.dtype)  # (B, T, 1)
+        count = weight.sum(dim=1).clamp(min=1.0)  # (B, 1)
+        mean = (features * weight).sum(dim=1) / count  # (B, H)
+        spread = (((features - mean.unsqueeze(1)) ** 2 * weight).sum(dim=1) / count + 1e-5).sqrt()  # (B, H)
+        pairs = weight[:, 1:] * weight[:, :-1]  # (B, T-1, 1): both frames valid
+        change = ((features[:, 1:] - features[:, :-1]).abs() * pairs).sum(dim=1) / pairs.sum(dim=1).clamp(min=1.0)
+        stats = self.stats_norm(torch.cat([mean, spread, change, count.log()], dim=-1))  # (B, 3H + 1)
+        queries = self.out(stats).reshape(len(frames), self.tokens, self.llm_dim)  # (B, tokens, D_llm)
+        return queries @ embeddings.to(queries.dtype).T  # (B, tokens, V)
+
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor, embeddings: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The summary vectors (B, tokens, D_llm) and their logits (B, tokens, V)."""
+        logits = self.logits(frames, mask, embeddings)
+        return torch.softmax(logits, dim=-1) @ embeddings.to(logits.dtype), logits
 
 
 def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[torch.Tensor], blank: int) -> torch.Tensor:

@@ -4,6 +4,8 @@
    audio position carries. No LLM forward pass: cheap, and it aligns the audio to the LLM's embedding space.
 2. ``joint_stage``: the LLM's next-token loss through the whole model (projector + LoRA matrices on the LLM), with
    the CTC loss kept as an auxiliary term on the transcription rows, on a mix of transcription and emotion examples.
+3. ``summary_stage``: the same LM loss with the projector's utterance summary in the prompt (how the utterance is
+   said: the emotion task), the summary and the LoRA matrices trained, the projector's per-frame path left alone.
 
 Both are step-based with a batch schedule drawn up front from the seed, checkpoint atomically every
 ``checkpoint_every`` steps and on interruption (Ctrl-C, SIGTERM), and resume from the checkpoint with identical
@@ -25,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from speechtrim.assets.cache import atomic_file
@@ -48,6 +51,8 @@ class StageConfig:
         prosody_lr: learning rate of the projector's prosody path (None: ``lr``). The path starts at zero and gets
             no gradient in the CTC stage, so at the joint stage's small projector rate it barely moves.
         ctc_weight: weight of the CTC loss next to the LM loss (joint stage only).
+        summary_weight: weight of the utterance summary's cross-entropy against the rows' ``summary_target``
+            (summary stage only).
         lm_reduction: how the joint stage averages the LM loss ("tokens" or "rows", see ``SpeechLM.loss``).
         max_grad_norm: gradient clipping.
         checkpoint_every: steps between checkpoints.
@@ -64,6 +69,7 @@ class StageConfig:
     prosody_lr: float | None = None
     warmup: int = 20
     ctc_weight: float = 0.3
+    summary_weight: float = 0.0
     lm_reduction: str = "tokens"
     max_grad_norm: float = 1.0
     checkpoint_every: int = 50
@@ -272,16 +278,79 @@ def ctc_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageCo
 
 def joint_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageConfig, checkpoint: Path | None = None,
                 evaluate: Callable[[], dict[str, float]] | None = None, progress: bool = True) -> list[dict[str, float]]:
-    """Train projector and LoRA matrices with the LM loss (+ ``ctc_weight`` x CTC on transcription rows)."""
+    """Train projector and LoRA matrices with the LM loss (+ ``ctc_weight`` x CTC on transcription rows).
+
+    The projector's utterance summary (if any) is neither fed nor trained here: ``summary_stage`` does that."""
+    projector = model.projector
+    lora = [p for name, p in model.llm.named_parameters() if p.requires_grad and "lora_" in name]
+    prosody = getattr(projector, "prosody", None)
+    summary = getattr(projector, "summary", None)
+    excluded = {id(p) for p in summary.parameters()} if summary is not None else set()
+    separate = {id(p) for p in prosody.parameters()} if prosody is not None and config.prosody_lr else set()
+    groups = [{"params": [p for p in projector.parameters() if p.requires_grad and id(p) not in separate | excluded],
+               "lr": config.lr}]
+    if separate:
+        groups.append({"params": [p for p in prosody.parameters() if p.requires_grad], "lr": config.prosody_lr})
+    if lora:
+        groups.append({"params": lora, "lr": config.lora_lr or config.lr})
+    return _run_stage("joint", model, examples, config, _lm_loss(model, config, with_summary=False), groups,
+                      checkpoint, evaluate, progress)
+
+
+def summary_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageConfig,
+                  checkpoint: Path | None = None, evaluate: Callable[[], dict[str, float]] | None = None,
+                  progress: bool = True) -> list[dict[str, float]]:
+    """Train the projector's utterance summary (``lr``; + ``summary_weight`` x cross-entropy of its first vector's
+    scores against the rows' ``summary_target``) with the LM loss, and the LLM's LoRA matrices at ``lora_lr`` (None:
+    they stay as they are). The projector's per-frame path does not change; transcription rows in ``examples`` keep
+    the LLM transcribing with the summary in its prompt."""
+    summary = getattr(model.projector, "summary", None)
+    if summary is None:
+        raise ValueError("summary_stage needs a projector with an utterance summary (summary_tokens >= 1)")
+    groups = [{"params": list(summary.parameters()), "lr": config.lr}]
+    if config.lora_lr:
+        lora = [p for name, p in model.llm.named_parameters() if p.requires_grad and "lora_" in name]
+        if lora:
+            groups.append({"params": lora, "lr": config.lora_lr})
+    return _run_stage("summary", model, examples, config, _lm_loss(model, config, with_summary=True), groups,
+                      checkpoint, evaluate, progress)
+
+
+def summary_word_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageConfig,
+                       checkpoint: Path | None = None, progress: bool = True) -> list[dict[str, float]]:
+    """Teach the utterance summary alone, with no LLM in the loop, to name each row's ``summary_target`` (cross-
+    entropy of its first vector's scores over the LLM's vocabulary): cheap, like the CTC stage for the words, and
+    what makes the summary readable before the LM loss trains the LLM to read it."""
+    summary = getattr(model.projector, "summary", None)
+    if summary is None:
+        raise ValueError("summary_word_stage needs a projector with an utterance summary (summary_tokens >= 1)")
+    examples = [example for example in examples if example.summary_target is not None]
+
+    def loss_fn(batch: list[TrainItem], step: int) -> dict[str, torch.Tensor]:
+        frames, mask = _padded(model, batch)
+        _, logits = model.summary_and_logits(frames, mask)  # (B, n, V)
+        wanted = torch.tensor([example.summary_target for example in batch], device=logits.device)
+        loss = nn.functional.cross_entropy(logits[:, 0].float(), wanted)
+        return {"loss": loss, "summary": loss.detach()}
+
+    groups = [{"params": list(summary.parameters()), "lr": config.lr}]
+    return _run_stage("summary words", model, examples, config, loss_fn, groups, checkpoint, None, progress)
+
+
+def _lm_loss(model: torch.nn.Module, config: StageConfig,
+             with_summary: bool) -> Callable[[list[TrainItem], int], dict[str, torch.Tensor]]:
+    """The LM loss of a batch (+ ``ctc_weight`` x CTC on its transcription rows), the utterance summary fed or not."""
     projector = model.projector
 
     def loss_fn(batch: list[TrainItem], step: int) -> dict[str, torch.Tensor]:
         frames, mask = _padded(model, batch)
         embeds, embeds_mask, logits = model.project(frames, mask)
         embeds, embeds_mask = model.adapter(embeds, embeds_mask)
+        summary, summary_logits = model.summary_and_logits(frames, mask) if with_summary else (None, None)
         inputs = model.build_inputs([example.prompt for example in batch], embeds, embeds_mask,
                                     targets=[example.target for example in batch],
-                                    assistant_prefix=[example.assistant_prefix or "" for example in batch])
+                                    assistant_prefix=[example.assistant_prefix or "" for example in batch],
+                                    summary=summary)
         lm = model.loss(inputs, reduction=config.lm_reduction)
         rows = [row for row, example in enumerate(batch) if example.ctc_target is not None]
         result = {"lm": lm.detach()}
@@ -291,19 +360,17 @@ def joint_stage(model: torch.nn.Module, examples: list[TrainItem], config: Stage
                            projector.blank)
             total = lm + config.ctc_weight * ctc
             result["ctc"] = ctc.detach()
+        named = [row for row, example in enumerate(batch) if example.summary_target is not None]
+        if named and config.summary_weight > 0 and summary_logits is not None:
+            wanted = torch.tensor([batch[row].summary_target for row in named], device=summary_logits.device)
+            word = nn.functional.cross_entropy(summary_logits[named, 0].float(), wanted)
+            total = total + config.summary_weight * word
+            result["summary"] = word.detach()
         result["loss"] = total
         return result
 
-    lora = [p for name, p in model.llm.named_parameters() if p.requires_grad and "lora_" in name]
-    prosody = getattr(projector, "prosody", None)
-    separate = {id(p) for p in prosody.parameters()} if prosody is not None and config.prosody_lr else set()
-    groups = [{"params": [p for p in projector.parameters() if p.requires_grad and id(p) not in separate],
-               "lr": config.lr}]
-    if separate:
-        groups.append({"params": [p for p in prosody.parameters() if p.requires_grad], "lr": config.prosody_lr})
-    if lora:
-        groups.append({"params": lora, "lr": config.lora_lr or config.lr})
-    return _run_stage("joint", model, examples, config, loss_fn, groups, checkpoint, evaluate, progress)
+    return loss_fn
 
 
-__all__ = ["StageConfig", "ctc_stage", "ctc_text", "ctc_token_ids", "joint_stage"]
+__all__ = ["StageConfig", "ctc_stage", "ctc_text", "ctc_token_ids", "joint_stage", "summary_stage",
+           "summary_word_stage"]

@@ -88,13 +88,15 @@ class TrainConfig:
 class TrainItem:
     """One training example: cached encoder frames (T, D_enc), the user prompt with ``<audio>``, the answer,
     optionally its own assistant prefix (None: the trainer's), so one run can mix tasks, and for transcription rows
-    of the embedded model's CTC training the transcript as indices into the projector's vocabulary."""
+    of the embedded model's CTC training the transcript as indices into the projector's vocabulary, and for its
+emotion rows the label's first token id, which the utterance summary learns to name."""
 
     frames: torch.Tensor
     prompt: str
     target: str
     assistant_prefix: str | None = None
     ctc_target: torch.Tensor | None = None
+    summary_target: int | None = None  # an LLM token id the utterance summary should name (the emotion label's)
 
 
 def seed_everything(seed: int) -> None:
