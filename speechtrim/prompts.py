@@ -7,9 +7,10 @@ from collections.abc import Sequence
 ASR_PROMPT = "Transcribe the audio into text.\n<audio>"
 
 # Bellver-Soler et al. (2025), Annex B, adapted to a chat template: the user turn holds the transcription, the audio
-# and the candidate emotions; the assistant turn starts with the answer's prefix.
+# and the candidate emotions; the assistant turn starts with the answer's prefix. ``<audio_summary>`` asks for the
+# embedded model's utterance summary (how it is said); every other model drops it, leaving the paper's text.
 EMOTION_PROMPT = (
-    "Transcription: {transcription}\nAudio: <audio>\nWhat is the emotion of the speaker?\n"
+    "Transcription: {transcription}\nAudio: <audio><audio_summary>\nWhat is the emotion of the speaker?\n"
     "The possible emotions are: {emotions}.\n"
 )
 EMOTION_ANSWER_PREFIX = "The emotion of the audio is:"

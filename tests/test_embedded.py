@@ -168,10 +168,18 @@ def test_a_summary_stage_starts_from_an_earlier_model_and_leaves_the_word_path_a
         torch.testing.assert_close(after.state_dict()[name], tensor, rtol=0, atol=0)
     frames, mask = torch.randn(1, 10, 32), torch.ones(1, 10, dtype=torch.bool)
     assert after.summarize(frames, mask).shape == (1, 1, before.llm.config.hidden_size)
-    batch = after.build_inputs(["say <audio> now"], *after.embed_audio(frames, mask),
-                               summary=after.summarize(frames, mask))
+    asked = ["say <audio><audio_summary> now"]
+    batch = after.build_inputs(asked, *after.embed_audio(frames, mask), summary=after.summarize(frames, mask))
     plain = before.build_inputs(["say <audio> now"], *before.embed_audio(frames, mask))
     assert batch.inputs_embeds.shape[1] == plain.inputs_embeds.shape[1] + 1 and batch.audio_spans == plain.audio_spans
+    # a prompt without the marker gets no summary; a model without one drops the marker: the text is the same
+    unasked = after.build_inputs(["say <audio> now"], *after.embed_audio(frames, mask),
+                                 summary=after.summarize(frames, mask))
+    dropped = before.build_inputs(asked, *before.embed_audio(frames, mask))
+    torch.testing.assert_close(unasked.inputs_embeds, plain.inputs_embeds)
+    torch.testing.assert_close(dropped.inputs_embeds, plain.inputs_embeds)
+    with pytest.raises(ValueError, match="at most one"):
+        after.build_inputs(["<audio_summary> say <audio>"], *after.embed_audio(frames, mask))
 
     with pytest.raises(ValueError, match="already has a trained summary"):
         train_embedded(recipe(stage), tmp_path / "third", tmp_path / "work3", progress=False, init=tmp_path / "second")

@@ -168,7 +168,7 @@ class HubModel(_Fingerprinted):
     def prepare(self, item: EvalItem) -> Prepared:
         """Chat-format the prompt with the audio and let the processor build the inputs."""
         started = time.perf_counter()
-        text = item.prompt.replace("<audio>", "").strip()
+        text = item.prompt.replace("<audio>", "").replace("<audio_summary>", "").strip()
         conversation = [{"role": "user", "content": [{"type": "audio", "audio": item.audio},
                                                      {"type": "text", "text": text}]}]
         inputs = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,

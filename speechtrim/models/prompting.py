@@ -11,6 +11,9 @@ import torch
 from speechtrim.hf.prefix import KeyValues, PrefixCache
 
 AUDIO_MARKER = "<audio>"
+SUMMARY_MARKER = "<audio_summary>"
+"""Where a prompt wants the utterance summary (``SpeechLM.summarize``: how the audio is said); a prompt without it
+gets none, and a model without a summary drops the marker, so the text is the same as without it."""
 
 
 @dataclass
@@ -41,6 +44,9 @@ def render_prompt(tokenizer: Any, system_prompt: str | None, user_text: str, ass
     """
     if user_text.count(AUDIO_MARKER) != 1:
         raise ValueError(f"a prompt needs exactly one {AUDIO_MARKER!r} marker, got: {user_text!r}")
+    if user_text.count(SUMMARY_MARKER) > 1 or SUMMARY_MARKER in user_text.split(AUDIO_MARKER)[0]:
+        raise ValueError(f"a prompt takes at most one {SUMMARY_MARKER!r} marker, after {AUDIO_MARKER!r}; got: "
+                         f"{user_text!r}")
     if getattr(tokenizer, "chat_template", None):
         system = [] if system_prompt is None else [{"role": "system", "content": system_prompt}]
         rendered = tokenizer.apply_chat_template(
@@ -73,8 +79,9 @@ def build_inputs(
         prefix_cache: take the keys and values of the text in front of the audio from this cache instead of
             running the LLM over it (same result, less work when prompts repeat: training, scoring). The
             batch then works with ``loss`` and ``score``, not with ``generate`` or token reducers.
-        summary: (B, n, D_llm) utterance-summary vectors (``SpeechLM.summarize``) placed right after each row's
-            audio, outside its audio span: no token reducer removes them.
+        summary: (B, n, D_llm) utterance-summary vectors (``SpeechLM.summarize``), placed where a row's prompt has
+            the ``<audio_summary>`` marker, outside its audio span (no token reducer removes them); a prompt
+            without the marker gets none, and without ``summary`` the marker is dropped.
     A row whose mask is all False gets no audio tokens and no summary (the text-only baseline).
     """
     if len(prompts) != audio_embeds.shape[0]:
@@ -92,17 +99,20 @@ def build_inputs(
     prefix_ids: list[torch.Tensor] = []
     for row, prompt in enumerate(prompts):
         before, after = model.render_prompt(prompt, prefixes[row]).split(AUDIO_MARKER)
+        between, _, after = after.rpartition(SUMMARY_MARKER)  # between: text from the audio to the marker
         before_ids = model._ids(before)
+        between_ids = model._ids(between)
         after_ids = model._ids(after)
         audio = audio_embeds[row, audio_mask[row]]  # (n_audio, D)
         if prefix_cache is not None:  # the text before the audio comes from the cache, unless nothing follows
             cached = before_ids if len(audio) or len(after_ids) or targets is not None else before_ids[:0]
             prefix_ids.append(cached)
             before_ids = before_ids[len(cached) :]
-        extra_audio = summary[row] if summary is not None and len(audio) else audio[:0]  # (n or 0, D)
-        pieces = [embedding(before_ids), audio.to(embedding.weight.dtype), extra_audio.to(embedding.weight.dtype),
-                  embedding(after_ids)]
-        length = len(before_ids) + len(audio) + len(extra_audio) + len(after_ids)
+        wanted = summary is not None and len(audio) and SUMMARY_MARKER in prompt
+        extra_audio = summary[row] if wanted else audio[:0]  # (n or 0, D)
+        pieces = [embedding(before_ids), audio.to(embedding.weight.dtype), embedding(between_ids),
+                  extra_audio.to(embedding.weight.dtype), embedding(after_ids)]
+        length = len(before_ids) + len(audio) + len(between_ids) + len(extra_audio) + len(after_ids)
         if targets is not None:
             answer_ids = model._ids(targets[row])
             if model.tokenizer.eos_token_id is not None:  # the id itself: text concatenation can merge words
@@ -141,4 +151,4 @@ def _left_pad(model: Any, rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch
     return inputs, attention, offsets
 
 
-__all__ = ["AUDIO_MARKER", "PromptBatch", "build_inputs", "render_prompt"]
+__all__ = ["AUDIO_MARKER", "SUMMARY_MARKER", "PromptBatch", "build_inputs", "render_prompt"]
