@@ -216,7 +216,7 @@ def _add_train_embedded(commands: Any) -> None:
                           help="steps of the emotion-weighted stage 3 (default: the recipe's, 100; 0: none)")
     embedded.add_argument("--summary-steps", type=int, default=None,
                           help="steps of stage 4, the utterance summary trained alone for emotion (default: the "
-                               "recipe's, 150; 0: no summary)")
+                               "recipe's, 60; 0: no summary)")
     embedded.add_argument("--init", type=Path, default=None,
                           help="start from a model saved by an earlier train-embedded run of this recipe without its "
                                "summary stage (e.g. speechtrim/weights/embedded) and run only the summary stage; "

@@ -117,9 +117,9 @@ class EmbeddedRecipe:
     summary_tokens: int = 2
     summary_hidden: int = 256
     summary: StageConfig | None = field(default_factory=lambda: StageConfig(
-        steps=120, batch_size=8, lr=1e-3, lora_lr=2e-4, warmup=10, ctc_weight=0.0, summary_weight=1.0,
+        steps=60, batch_size=8, lr=1e-3, lora_lr=1e-4, warmup=10, ctc_weight=0.0, summary_weight=1.0,
         checkpoint_every=30, evaluate_every=30))
-    summary_emotion_share: float = 0.6
+    summary_emotion_share: float = 0.4
     summary_words: StageConfig | None = field(default_factory=lambda: StageConfig(
         steps=400, batch_size=64, lr=3e-3, warmup=20, checkpoint_every=100))
     summary_emotion_seeds: tuple[int, ...] = (2, 3, 4, 5)
