@@ -52,8 +52,9 @@ class EmbeddedRecipe:
             in use, each seed speaks all of them; with fewer, each seed draws its own).
         emotion_seeds: jitter seeds of the synthetic emotion training set, one rendering each, a fresh prosody draw
             per seed (the held-out set uses the default, 0). One rendering of 288 clips is what the packaged model
-            was trained on; a LoRA fine-tune on it reached training loss 0.03 and held-out accuracy 0.56 (it learns
-            the clips, not the prosody), so more renderings are the next thing to try.
+            was trained on; a LoRA fine-tune on it reached training loss 0.03 and held-out accuracy 0.56. The gap is
+            mostly packing, not data: these clips are encoded packed, held-out clips alone (see
+            ``summary_emotion_seeds``, whose clips are encoded alone).
         emotion_voices: voices per language of the emotion training set.
         emotion_sentences: sentences per language of the emotion training set.
         emotion_repeat: times each emotion clip appears in the joint stage's pool of examples.
