@@ -78,7 +78,8 @@ def prepare(work: Path, clips: int, ratios: list[float], new_tokens: int, repeat
     model = load_bench_model("embedded")
     llm_folder = export_llm(model.speechlm)
     real = load_eval_set("pocketsphinx").items
-    items = (real + load_eval_set("synthetic-asr", max(clips - len(real), 0)).items)[:clips]
+    extra = load_eval_set("synthetic-asr", clips - len(real)).items if clips > len(real) else []
+    items = (real + extra)[:clips]
     rows, prompts = [], []
     for index, item in enumerate(items):
         prepared = model.prepare(item)
@@ -137,7 +138,10 @@ def run_kvpress(work: Path, repeats: int) -> None:
                 press = None
                 if press_name != "none":
                     ratio = 1.0 - (kept + 0.5) / length  # int(length * (1 - ratio)) == kept
-                    press = getattr(kvpress, press_name)(compression_ratio=ratio)
+                    options = {"compression_ratio": ratio}
+                    if press_name == "SnapKVPress":  # its observation window (default 64) must be shorter than
+                        options["window_size"] = min(64, length // 2)  # the prompt: these are ~60-150 tokens
+                    press = getattr(kvpress, press_name)(**options)
                 times, tokens, cached = [], None, None
                 for _ in range(repeats):
                     cache = DynamicCache()
