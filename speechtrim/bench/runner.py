@@ -30,6 +30,7 @@ from speechtrim.eval.harness import EvalItem
 from speechtrim.hf.kv_evict import kv_cache_bytes
 from speechtrim.hf.layers import returned_cache, text_backbone
 from speechtrim.inference import candidate_log_probs, greedy_continue
+from speechtrim.models.prompting import AUDIO_MARKER, SUMMARY_MARKER
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,8 @@ class EmbeddedModel(_Fingerprinted):
         flat = embeds[embeds_mask].unsqueeze(0)  # (1, N_audio, D_llm): windows joined in time order
         aligned = logits is not None and tuple(logits.shape[:2]) == tuple(embeds.shape[:2])
         flat_logits = logits[embeds_mask].unsqueeze(0) if aligned else None  # (1, N_audio, K+1)
-        summary = self.speechlm.summarize(frames[mask].unsqueeze(0), mask[mask].unsqueeze(0))  # whole clip
+        summary = (self.speechlm.summarize(frames[mask].unsqueeze(0), mask[mask].unsqueeze(0))  # whole clip
+                   if SUMMARY_MARKER in item.prompt else None)
         prepared = self._splice(item, flat, summary)
         _sync(flat.device)
         prepared.encode_s = time.perf_counter() - started
@@ -168,7 +170,7 @@ class HubModel(_Fingerprinted):
     def prepare(self, item: EvalItem) -> Prepared:
         """Chat-format the prompt with the audio and let the processor build the inputs."""
         started = time.perf_counter()
-        text = item.prompt.replace("<audio>", "").replace("<audio_summary>", "").strip()
+        text = item.prompt.replace(AUDIO_MARKER, "").replace(SUMMARY_MARKER, "").strip()
         conversation = [{"role": "user", "content": [{"type": "audio", "audio": item.audio},
                                                      {"type": "text", "text": text}]}]
         inputs = self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True,

@@ -26,7 +26,7 @@ from speechtrim.inference import candidate_log_probs
 from speechtrim.hf.prefix import PrefixCache, as_cache
 from speechtrim.models.config import SpeechLMConfig
 from speechtrim.models import prompting
-from speechtrim.models.prompting import AUDIO_MARKER, PromptBatch
+from speechtrim.models.prompting import AUDIO_MARKER, SUMMARY_MARKER, PromptBatch
 from speechtrim.models.vocab_projector import VocabProjector, ctc_greedy
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ class SpeechLM(nn.Module):
 
     def summarize(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """The projector's utterance summary (B, n, D_llm) of encoder frames (B, T, D_enc), or None when it has
-        none; ``build_inputs(..., summary=...)`` places it after the audio span."""
+        none; ``build_inputs(..., summary=...)`` places it where a prompt has ``<audio_summary>``."""
         result = self.summary_and_logits(frames, mask)
         return None if result is None else result[0]
 
@@ -314,7 +314,8 @@ class SpeechLM(nn.Module):
         """Encode, project, adapt (reduce, while a pre-LLM reducer is attached) and splice: the whole way from
         waveforms to LLM inputs."""
         frames, mask = self.encode(audios)
-        summary = self.summarize(frames, mask)  # (B, n, D_llm) or None: what the reducers leave alone
+        asked = any(SUMMARY_MARKER in prompt for prompt in prompts)
+        summary = self.summarize(frames, mask) if asked else None  # (B, n, D_llm): what the reducers leave alone
         if self.audio_reduction is None:
             embeds, embeds_mask = self.embed_audio(frames, mask)
             return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix, summary=summary)

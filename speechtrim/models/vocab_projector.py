@@ -10,8 +10,9 @@ One output per input frame: the audio span keeps its length, which the token red
 
 An optional ``UtteranceSummary`` (``summary_tokens`` > 0) adds a few vectors for the whole utterance, built from
 statistics of all its frames (mean, spread, frame-to-frame change, length) and mixed from the LLM's embeddings like
-the per-frame outputs: how it is said rather than what. They go into the prompt right after the audio span, outside
-it, so the token reducers never remove them, and they leave the per-frame path, which carries the words, untouched.
+the per-frame outputs: how it is said rather than what. They go where a prompt asks for them (``<audio_summary>``,
+after the audio), outside the audio span, so the token reducers never remove them, and they leave the per-frame
+path, which carries the words, untouched.
 
 The vocabulary is the LLM token ids that occur in the training transcripts (``vocab_ids``), saved with the weights.
 """
@@ -99,9 +100,9 @@ class UtteranceSummary(nn.Module):
     Per frame a small feature h_t; over the valid frames their mean, standard deviation and mean absolute change
     from one frame to the next (a speaking-rate cue), and the log of the frame count; an MLP maps these to
     ``tokens`` query vectors q_i, whose scores against the LLM's (tied) input embeddings E, l_i = q_i . E_v, give
-    the vectors the LLM reads, e_i = softmax(l_i) . E: on the embedding manifold the LLM knows, so a summary that
-    names a word ("angry", "slow") is one the frozen LLM can read. Trained by the LM loss, and by cross-entropy of
-    l_0 against a word the training data names for the clip (its emotion label), where there is one.
+    the vectors the LLM reads, e_i = softmax(l_i) . E: on the embedding manifold the LLM knows, so the summary can
+    name a word ("angry", "slow"); the LLM still has to be taught to read it (LoRA). Trained by cross-entropy of
+    l_0 against a word the training data names for the clip (its emotion label), and by the LM loss.
 
     Args:
         input_dim: width of a (pooled) encoder frame.

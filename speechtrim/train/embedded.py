@@ -81,11 +81,12 @@ class EmbeddedRecipe:
         summary_hidden: width of the summary's per-frame features.
         summary_words: stage 4a (None: none), the summary alone taught to name each emotion clip's label (cross-
             entropy over the LLM's vocabulary; no LLM in the loop, seconds).
-        summary: stage 4b (None: no summary at all), the LM loss (row means) with the summary in every prompt,
-            training the summary and the LoRA matrices (``lora_lr``), on emotion clips (``summary_emotion_share`` of
-            the rows) and transcription clips. The frozen LLM does not read the summary by itself: with the
-            embedding of the true label word placed after the audio, the LoRA-tuned model of stages 1-3 scored
-            0.27 on 48 held-out emotion clips, 0.33 without it.
+        summary: stage 4b (None: no summary at all), the LM loss with the summary where the prompt asks for it
+            (``<audio_summary>``: the emotion prompt), training the summary and the LoRA matrices (``lora_lr``), on
+            emotion clips (``summary_emotion_share`` of the rows) and transcription clips (no summary). The LLM
+            does not read the summary by itself: with the embedding of the true label word placed after the
+            audio, the LoRA-tuned model of stages 1-3 scored 0.27 on 48 held-out emotion clips, 0.33 without it.
+            With the summary in every prompt this stage broke transcription (real WER 1.04 after 60 steps).
         summary_emotion_seeds: jitter seeds of the emotion renderings stage 4 trains on (never the held-out one,
             none of ``emotion_seeds``), each clip encoded alone as at inference.
         summary_emotion_share: share of emotion rows in stage 4.

@@ -302,8 +302,8 @@ def summary_stage(model: torch.nn.Module, examples: list[TrainItem], config: Sta
                   progress: bool = True) -> list[dict[str, float]]:
     """Train the projector's utterance summary (``lr``; + ``summary_weight`` x cross-entropy of its first vector's
     scores against the rows' ``summary_target``) with the LM loss, and the LLM's LoRA matrices at ``lora_lr`` (None:
-    they stay as they are). The projector's per-frame path does not change; transcription rows in ``examples`` keep
-    the LLM transcribing with the summary in its prompt."""
+    they stay as they are). The projector's per-frame path does not change; the summary goes only where a row's
+    prompt asks for it (``<audio_summary>``), and transcription rows in ``examples`` keep the LoRA transcribing."""
     summary = getattr(model.projector, "summary", None)
     if summary is None:
         raise ValueError("summary_stage needs a projector with an utterance summary (summary_tokens >= 1)")

@@ -89,7 +89,7 @@ class TrainItem:
     """One training example: cached encoder frames (T, D_enc), the user prompt with ``<audio>``, the answer,
     optionally its own assistant prefix (None: the trainer's), so one run can mix tasks, and for transcription rows
     of the embedded model's CTC training the transcript as indices into the projector's vocabulary, and for its
-emotion rows the label's first token id, which the utterance summary learns to name."""
+    emotion rows the label's first token id, which the utterance summary learns to name."""
 
     frames: torch.Tensor
     prompt: str
