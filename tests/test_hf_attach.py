@@ -365,3 +365,23 @@ def test_tapped_inference_takes_the_one_pass_path_and_matches_sdpa(llama, monkey
     assert torch.allclose(fused, reference, atol=1e-5)
     for layer in (1, 2, 3):
         assert torch.allclose(one_pass[layer], seen[layer], atol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [0, 3])
+def test_the_blockwise_causality_check_agrees_with_the_whole_mask(offset):
+    """``_within_causal`` looks at a few rows at a time; it must agree with the triangle of the whole mask."""
+    from speechtrim.hf.attention import _within_causal
+
+    generator = torch.Generator().manual_seed(offset)
+    q_length = 21
+    kv_length = q_length + offset
+    causal = torch.ones(q_length, kv_length, dtype=torch.bool).tril(diagonal=offset)
+    for trial in range(60):
+        mask = causal & (torch.rand(q_length, kv_length, generator=generator) > 0.3)  # padding-like holes
+        if trial % 2:  # one query sees one later key
+            row = int(torch.randint(0, q_length - 1, (1,), generator=generator))
+            mask[row, int(torch.randint(row + offset + 1, kv_length, (1,), generator=generator))] = True
+        mask = mask[None, None].expand(2, 1, q_length, kv_length)
+        expected = not bool(torch.triu(mask, diagonal=offset + 1).any())
+        for rows in (1, 4, 8, 64):
+            assert _within_causal(mask, offset, rows) is expected

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from speechtrim import reducers
-from speechtrim.bench.memory import (MemoryJob, batched, largest_batch, measure_in_child, peak_rss_bytes, run_batch,
-                                     save_inputs)
+from speechtrim.bench.memory import (MemoryJob, batched, child_environment, largest_batch, measure_in_child,
+                                     peak_rss_bytes, run_batch, save_inputs)
 from speechtrim.bench.runner import EmbeddedModel
 from speechtrim.eval.harness import EvalItem
 from speechtrim.prompts import ASR_PROMPT
@@ -91,6 +91,15 @@ def test_a_child_process_measures_one_batch(tmp_path):
     assert two["batch"] == 2 and two["kv_cache_bytes"] < 2 * one["kv_cache_bytes"]
     with pytest.raises(RuntimeError, match="memory measurement of batch 1 failed"):
         measure_in_child(MemoryJob(str(tmp_path / "missing.pt"), factory=FACTORY))
+
+
+def test_the_child_maps_large_buffers_unless_told_otherwise(monkeypatch):
+    """glibc's growing mmap threshold would keep freed buffers resident by allocation history; the child fixes it."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert child_environment()["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    assert child_environment()["TQDM_DISABLE"] == "1"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")  # a user's own setting wins
+    assert child_environment()["MALLOC_MMAP_THRESHOLD_"] == "1048576"
 
 
 @pytest.mark.slow

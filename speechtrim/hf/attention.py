@@ -29,8 +29,10 @@ logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "speechtrim_sdpa"
 TAP_KWARG = "speechtrim_tap"
-# Bound on the float32 (B, H, block, T_kv) probability block computed at once.
-_SCORE_BLOCK_BYTES = 256 * 1024 * 1024
+# Bound on each float32 (B, H, block, T_kv) buffer of a block (the logits, then the probabilities): 32 MB keeps the
+# tapped layer's transient memory near an ordinary layer's at large batches (at 256 MB, 240 s of audio and batch 4,
+# the scoring layer's peak was 1.6x an ordinary layer's) and still allows the full 256 rows at batch 1, 3,000 keys.
+_SCORE_BLOCK_BYTES = 32 * 1024 * 1024
 # Most query rows per block: small blocks stay in cache (at 3,000 tokens on CPU 256 rows ran 6x faster than 2,466).
 _SCORE_BLOCK_ROWS = 256
 
@@ -58,17 +60,18 @@ class AttentionTap:
     keys: torch.Tensor | None = field(default=None, repr=False)
 
 
-def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
-    """(B, H_kv, T, d) -> (B, H_kv * groups, T, d)."""
-    if groups == 1:
-        return states
-    batch, kv_heads, length, width = states.shape
-    return states[:, :, None].expand(batch, kv_heads, groups, length, width).reshape(batch, -1, length, width)
-
-
-def _within_causal(mask: torch.Tensor, offset: int) -> bool:
-    """Whether a bool (B or 1, 1, T_q, T_kv) mask allows no key after its query (lower-right alignment)."""
-    return not bool(torch.triu(mask, diagonal=offset + 1).any())
+def _within_causal(mask: torch.Tensor, offset: int, rows: int = _SCORE_BLOCK_ROWS) -> bool:
+    """Whether a bool (B or 1, 1, T_q, T_kv) mask allows no key after its query (lower-right alignment); checked
+    ``rows`` query rows at a time, so no (B, 1, T_q, T_kv) copy is made."""
+    q_length, kv_length = mask.shape[-2:]
+    for start in range(0, q_length, rows):
+        stop = min(q_length, start + rows)
+        first = start + offset  # the diagonal key of the block's first query
+        if stop + offset < kv_length and bool(mask[..., start:stop, stop + offset :].any()):
+            return False  # a key later than every query of the block
+        if bool(torch.triu(mask[..., start:stop, max(first, 0) : stop + offset], diagonal=1 + min(first, 0)).any()):
+            return False
+    return True
 
 
 def key_attention_scores(
@@ -83,7 +86,8 @@ def key_attention_scores(
 
     FastAdaSP eq. 5 / FastV / H2O. Computed in float32, in blocks of queries so memory stays bounded; rows whose keys
     are all masked contribute 0. Under a causal mask (None, or a bool mask that allows no later key) a block of
-    queries is scored against the keys up to its last query only, half the work of the full square.
+    queries is scored against the keys up to its last query only, half the work of the full square. The query heads
+    that share a key head (GQA) are scored against it together, so keys and values are never repeated per head.
 
     Args:
         query: (B, H, T_q, d) query states after rotary embedding.
@@ -96,41 +100,46 @@ def key_attention_scores(
             the same probabilities, so a tapped layer runs its attention once instead of SDPA plus a second pass.
     """
     batch, heads, q_length, width = query.shape
-    kv_length = key.shape[2]
-    groups = heads // key.shape[1]
+    kv_heads, kv_length = key.shape[1], key.shape[2]
+    groups = heads // kv_heads  # query head h reads key head h // groups (transformers' repeat_kv)
     scale = scaling if scaling is not None else width**-0.5
-    queries = query.float() * scale
-    keys = _repeat_kv(key, groups).float()  # (B, H, T_kv, d)
-    values = _repeat_kv(value, groups).float() if value is not None else None
+    keys = key.float()  # (B, H_kv, T_kv, d), no copy when float32 already
+    values = value.float() if value is not None else None
     weights = query_valid.to(torch.float32) if query_valid is not None else None  # (B, T_q)
     offset = kv_length - q_length  # causal alignment, lower-right (0 in prefill)
     is_bool = attention_mask is not None and attention_mask.dtype == torch.bool
     causal = attention_mask is None or (is_bool and _within_causal(attention_mask, offset))
     block = max(1, min(_SCORE_BLOCK_ROWS, _SCORE_BLOCK_BYTES // max(1, batch * heads * kv_length * 4)))
-    scores = torch.zeros(batch, 1, 1, kv_length, dtype=torch.float32, device=query.device)
-    output = (torch.empty(batch, heads, q_length, width, dtype=torch.float32, device=query.device)
+    scores = torch.zeros(batch, kv_length, dtype=torch.float32, device=query.device)
+    output = (torch.empty(batch, kv_heads, groups, q_length, width, dtype=torch.float32, device=query.device)
               if values is not None else None)
     for start in range(0, q_length, block):
         stop = min(q_length, start + block)
+        rows = stop - start
         end = stop + offset if causal else kv_length  # keys any query of this block may see
-        logits = torch.matmul(queries[:, :, start:stop], keys[:, :, :end].transpose(2, 3))  # (B, H, b, end)
+        grouped = query[:, :, start:stop].float().reshape(batch, kv_heads, groups * rows, width) * scale
+        logits = torch.matmul(grouped, keys[:, :, :end].transpose(2, 3))  # (B, H_kv, G * b, end)
+        view = logits.view(batch, kv_heads, groups, rows, end)
         if attention_mask is None:  # only the block's own triangle is masked
-            later = torch.ones(stop - start, stop - start, dtype=torch.bool, device=query.device).triu_(1)
-            logits[..., start + offset : end].masked_fill_(later, float("-inf"))
+            later = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1)
+            view[..., start + offset : end].masked_fill_(later, float("-inf"))
         elif is_bool:
-            logits.masked_fill_(~attention_mask[:, :, start:stop, :end], float("-inf"))
+            view.masked_fill_(~attention_mask[:, :, None, start:stop, :end], float("-inf"))
         else:
-            logits += attention_mask[:, :, start:stop, :end].float()
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # (B, H, b, end); fully masked rows -> 0
-        del logits
+            view += attention_mask[:, :, None, start:stop, :end].float()
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # (B, H_kv, G * b, end); fully masked rows -> 0
+        del logits, view
         if output is not None:
-            output[:, :, start:stop] = torch.matmul(probs, values[:, :, :end])
+            output[:, :, :, start:stop] = torch.matmul(probs, values[:, :, :end]).view(batch, kv_heads, groups,
+                                                                                         rows, width)
         if weights is None:
-            scores[..., :end] += probs.sum(dim=(1, 2), keepdim=True)
-        else:
-            scores[..., :end] += torch.matmul(weights[:, None, None, start:stop], probs).sum(dim=1, keepdim=True)
-    scores = scores.view(batch, kv_length)
-    return scores if output is None else (scores, output)
+            scores[:, :end] += probs.sum(dim=(1, 2))
+        else:  # rows of ``probs`` run group-major: the block's query weights once per group
+            row_weights = weights[:, start:stop].repeat(1, groups)[:, None, None]  # (B, 1, 1, G * b)
+            scores[:, :end] += torch.matmul(row_weights, probs).sum(dim=(1, 2))
+    if output is None:
+        return scores
+    return scores, output.view(batch, heads, q_length, width)
 
 
 def _fusable(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
