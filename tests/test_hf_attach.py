@@ -385,3 +385,38 @@ def test_the_blockwise_causality_check_agrees_with_the_whole_mask(offset):
         expected = not bool(torch.triu(mask, diagonal=offset + 1).any())
         for rows in (1, 4, 8, 64):
             assert _within_causal(mask, offset, rows) is expected
+
+
+def test_decode_over_a_full_layout_skips_the_mask_and_matches_the_built_one(llama, monkeypatch):
+    """A reduced layer whose cache columns are all real gets no decode mask (what decode_mask would return) without
+    building one per step; the logits equal those of the path that builds it, and a stale 2-D mask is refused."""
+    from speechtrim import reducers
+    from speechtrim.hf.state import PrefillState
+
+    prompt = audio_prompt([12], seed=4)  # one row: no padding
+
+    def decode(steps: int, stale_mask: bool = False) -> list[torch.Tensor]:
+        cache = DynamicCache()
+        mask = prompt["attention_mask"]
+        logits = []
+        with torch.no_grad(), reducers.build("fastv", ratio=0.5, layer=1)(llama, audio_token_id=AUDIO_TOKEN):
+            out = llama(**prompt, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(dim=-1)
+            for _ in range(steps):
+                mask = mask if stale_mask else torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+                out = llama(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+                logits.append(out.logits[:, -1])
+                token = out.logits[:, -1:].argmax(dim=-1)
+        return logits
+
+    real, answers = PrefillState.layout_is_full, []
+    monkeypatch.setattr(PrefillState, "layout_is_full",
+                        lambda self, layer_idx: answers.append(real(self, layer_idx)) or answers[-1])
+    fast = decode(4)
+    assert answers and all(answers)  # every reduced layer took the fast path at every step
+    monkeypatch.setattr(PrefillState, "layout_is_full", lambda self, layer_idx: False)
+    built = decode(4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(fast, built))
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="extend the 2-D mask"):
+        decode(1, stale_mask=True)

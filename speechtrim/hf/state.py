@@ -34,7 +34,8 @@ class PrefillState:
         cache_pending: active cache layer -> (its valid columns, its own attention tap or None), waiting for the
             layer's attention to run.
         layouts: layer -> (B, T_l) bool, the layer's cache columns that are valid.
-        decode_mask: (B, T0 + generated) bool, 2-D mask of the current decode call.
+        decode_mask: (B, T0 + generated) bool, 2-D mask of the current decode call; None when it has no padding.
+        decode_width: columns of the current decode call's 2-D mask (None: no mask given).
         first_position: (B,) long, original position of each row's first real token (compact positions).
         compact: compact (B, T_l) position ids, cos, sin of the current layout (compact positions).
     """
@@ -48,8 +49,25 @@ class PrefillState:
     cache_pending: dict[int, tuple[torch.Tensor | None, AttentionTap | None]] = field(default_factory=dict)
     layouts: dict[int, torch.Tensor] = field(default_factory=dict)
     decode_mask: torch.Tensor | None = None
+    decode_width: int | None = None
     first_position: torch.Tensor | None = None
     compact: tuple[torch.Tensor, ...] | None = None
+    _full: dict[int, tuple[torch.Tensor, bool]] = field(default_factory=dict, repr=False)
+
+    def set_decode_mask(self, mask: torch.Tensor | None) -> None:
+        """Record a decode call's 2-D mask (B, T0 + generated + q), once per call rather than once per layer."""
+        self.decode_width = int(mask.shape[1]) if mask is not None else None
+        valid = mask.bool() if mask is not None else None
+        self.decode_mask = None if valid is None or bool(valid.all()) else valid
+
+    def layout_is_full(self, layer_idx: int) -> bool:
+        """Whether every prefill cache column of a layer with a layout is a real token (computed once per layout)."""
+        layout = self.layouts[layer_idx]
+        known = self._full.get(layer_idx)
+        if known is None or known[0] is not layout:  # a new layout (eviction, beam reordering): look again
+            known = (layout, bool(layout.all()))
+            self._full[layer_idx] = known
+        return known[1]
 
     def fill_layouts(self, depth: int) -> None:
         """Give every layer a cache layout once any cache is evicted: layer 0's no longer sizes the decode mask.
@@ -89,16 +107,15 @@ class PrefillState:
                 f"layer {layer_idx} holds {cached} cached tokens but its prefill kept {prefix.shape[1]}; the cache "
                 "was cropped or reused across prompts: start a new cache for each prompt."
             )
-        if self.decode_mask is None:
-            return None
-        new_valid = self.decode_mask[:, self.original_length :]  # (B, generated + q)
-        if new_valid.shape[1] != generated + query_length:
+        if self.decode_width is not None and self.decode_width != self.original_length + generated + query_length:
             raise ValueError(
-                f"the attention mask has {self.decode_mask.shape[1]} columns, expected "
+                f"the attention mask has {self.decode_width} columns, expected "
                 f"{self.original_length + generated + query_length} (prompt + generated); extend the 2-D mask "
                 "by one column per generated token, as generate() does."
             )
-        return new_valid
+        if self.decode_mask is None:
+            return None
+        return self.decode_mask[:, self.original_length :]  # (B, generated + q)
 
 
 def prefill_span_ids(
