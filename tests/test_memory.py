@@ -47,6 +47,23 @@ def test_largest_batch_runs_the_answer_and_one_more():
     assert best == 30 and peaks[30] <= 1000 < peaks[31]
 
 
+def test_largest_batch_is_not_misled_by_a_heavy_batch_of_one():
+    """Batch 1 carries fixed transients (its peak is high, the line through 1 and 2 flat): no probe runs far past
+    the answer, and the search still ends with the answer and one more (the 240 s study's shape: ~208 MB a clip)."""
+    calls: list[int] = []
+
+    def peak_of(batch: int) -> int:
+        calls.append(batch)
+        return 1400 if batch == 1 else 1010 + 208 * batch
+
+    best, peaks = largest_batch(peak_of, budget_bytes=4096)
+    assert best == 14 and peaks[14] <= 4096 < peaks[15]
+    assert max(calls) <= 15 and len(calls) == len(set(calls)) <= 6
+    calls.clear()  # a peak that grows faster than any line: bisection steps keep the count near log2
+    best, peaks = largest_batch(lambda b: calls.append(b) or 2 ** min(b, 60), budget_bytes=2**40, limit=256)
+    assert best == 40 and len(calls) <= 16
+
+
 def test_largest_batch_edges():
     assert largest_batch(lambda b: 500, budget_bytes=400) == (0, {1: 500})  # not even one clip fits
     assert largest_batch(lambda b: 1, budget_bytes=400, limit=8)[0] == 8  # everything fits up to the limit

@@ -211,6 +211,13 @@ def measure_in_child(job: MemoryJob, timeout_s: float = 3600.0) -> dict[str, Any
 def largest_batch(peak_of: Callable[[int], int], budget_bytes: int, limit: int = 256) -> tuple[int, dict[int, int]]:
     """The largest batch whose measured peak memory is at most ``budget_bytes``, and every peak measured.
 
+    Each probe is read off the line through the two nearest measured batches that bracket the budget (or, before a
+    batch has missed it, the two largest that fit), so a near-linear peak is settled in a handful of runs: two
+    small batches, the line's guess, its neighbour. Before any miss a probe is at most 4x the largest batch that
+    fitted (a batch of one carries fixed transients that make the first line too flat, and a run's time grows with
+    its batch); a probe that narrows the bracket by less than half is followed by a bisection step, so a peak far
+    from linear still costs no more than a bisection.
+
     Args:
         peak_of: runs a batch and returns its peak bytes (e.g. a child process per call).
         budget_bytes: the budget.
@@ -226,44 +233,28 @@ def largest_batch(peak_of: Callable[[int], int], budget_bytes: int, limit: int =
             logger.info("batch %d: peak %.0f MB (budget %.0f MB)", batch, peaks[batch] / 2**20, budget_bytes / 2**20)
         return peaks[batch] <= budget_bytes
 
+    def on_the_line(low: int, high: int | None) -> int:
+        """Where the line through two measured batches crosses the budget, strictly inside (low, high)."""
+        below = max((b for b in peaks if b < low), default=None) if high is None else None
+        first, second = (below, low) if high is None else (low, high)
+        if first is None:
+            return low + 1
+        per_batch = max((peaks[second] - peaks[first]) / (second - first), 1.0)
+        guess = low + int((budget_bytes - peaks[low]) // per_batch)
+        return max(low + 1, min(guess, min(limit, 4 * low) if high is None else high - 1))
+
     if not fits(1):
         return 0, peaks
-    if limit == 1:
-        return 1, peaks
     low, high = 1, None  # low fits; high (when known) does not
-    if fits(2):
-        low = 2
-        per_batch = max(peaks[2] - peaks[1], 1)
-        guess = min(limit, 2 + int((budget_bytes - peaks[2]) // per_batch))  # the line through batches 1 and 2
-        if guess > low:
-            if fits(guess):
-                low = guess
-            else:
-                high = guess
-    else:
-        high = 2
-    if high is None and low < limit:  # the line is usually right: its neighbour settles it
-        if fits(low + 1):
-            low += 1
-            while high is None and low < limit:  # it grows slower than the line: gallop up
-                probe = min(limit, low * 2)
-                if fits(probe):
-                    low = probe
-                else:
-                    high = probe
+    bisect = False
+    while low < limit and (high is None or high - low > 1):
+        width = (high if high is not None else limit + 1) - low
+        probe = (low + high) // 2 if bisect and high is not None else on_the_line(low, high)
+        if fits(probe):
+            low = probe
         else:
-            high = low + 1
-    if high is not None and high - low > 1:
-        if fits(high - 1):
-            low = high - 1
-        else:
-            high -= 1
-    while high is not None and high - low > 1:
-        middle = (low + high) // 2
-        if fits(middle):
-            low = middle
-        else:
-            high = middle
+            high = probe
+        bisect = not bisect and ((high if high is not None else limit + 1) - low) * 2 > width
     return low, peaks
 
 
