@@ -31,7 +31,7 @@ def main() -> int:
     import torch
 
     from speechtrim.bench.runner import load_bench_model, median_encode, run_item
-    from speechtrim.bench.scaling import LayerClock, long_audio
+    from speechtrim.bench.scaling import LayerClock, _median_layers, long_audio
     from speechtrim.bench.sweep import select_methods
     from speechtrim.data.realspeech import load_pocketsphinx_clips
     from speechtrim.eval.harness import EvalItem
@@ -61,8 +61,7 @@ def main() -> int:
             totals[name].append(run.prefill_s)
     summary = {}
     for name in configs:
-        per_layer = [(clocks[name][0][i][0], 1000 * statistics.median(run[i][1] for run in clocks[name]))
-                     for i in range(len(layers))]
+        per_layer = [(length, 1000 * seconds) for length, seconds in _median_layers(clocks[name])]
         total = 1000 * statistics.median(totals[name])
         inside = sum(ms for _, ms in per_layer)
         print(f"{name}: prefill {total:.0f} ms = layers {inside:.0f} ms + outside the layers {total - inside:.0f} ms")

@@ -416,12 +416,10 @@ class Attachment:
             return kwargs
         batch, query_length = hidden.shape[:2]
         new_valid = state.generated_columns(layer_idx, cached, batch, query_length)  # (B, generated + q) or None
-        if query_length == 1 and new_valid is None and state.layout_is_full(layer_idx):
-            kwargs["attention_mask"] = None  # what decode_mask gives here, without building a column per step
-        else:
-            kwargs["attention_mask"] = decode_mask(
-                prefix, new_valid, cached, query_length, kwargs.get("attention_mask"), self._eager, hidden.dtype
-            )  # (B, 1, q, K) or None
+        kwargs["attention_mask"] = decode_mask(
+            prefix, new_valid, cached, query_length, kwargs.get("attention_mask"), self._eager, hidden.dtype,
+            layout_full=state.layout_is_full(layer_idx) if query_length == 1 and new_valid is None else None,
+        )  # (B, 1, q, K) or None
         if self._rotary is not None:
             kwargs["position_ids"], kwargs["position_embeddings"] = compact_decode_positions(
                 self._rotary, kwargs.get("position_ids"), hidden, prefix, state.padding, state.original_length

@@ -70,6 +70,7 @@ def decode_mask(
     like: torch.Tensor | None,
     eager: bool,
     dtype: torch.dtype,
+    layout_full: bool | None = None,
 ) -> torch.Tensor | None:
     """(B, 1, q, K) mask of a decode step over a layer's ragged cache; None when plain causal does the same.
 
@@ -81,7 +82,11 @@ def decode_mask(
         like: the mask the decoder built for this step (gives the floating dtype), or None.
         eager: the layer runs eager attention.
         dtype: the hidden states' dtype.
+        layout_full: whether every column of ``layout`` is valid, when the caller knows it (one decode step per
+            layer per token: no column is built to find out); None looks.
     """
+    if query_length == 1 and new_valid is None and layout_full:
+        return None  # same as the stock decode mask without padding
     batch = layout.shape[0]
     generated = cached - layout.shape[1]
     if new_valid is None:
