@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-apt_packages=(flite festival festvox-kallpc16k festvox-us-slt-hts espeak-ng sox pocketsphinx-testdata fortunes)
+apt_packages=(flite festival festvox-kallpc16k festvox-us-slt-hts espeak-ng sox pocketsphinx-testdata fortunes wordnet-base)
 missing=()
 for package in "${apt_packages[@]}"; do
     dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")

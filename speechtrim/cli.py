@@ -228,6 +228,8 @@ def _add_train_embedded(commands: Any) -> None:
                           help="LoRA rank on the LLM's linear layers (default 8; 0 keeps the LLM frozen)")
     embedded.add_argument("--asr-sentences", type=int, default=None,
                           help="synthetic ASR training sentences (default: every usable fortune sentence)")
+    embedded.add_argument("--wordnet-sentences", type=int, default=None,
+                          help="WordNet example sentences rendered beside the fortunes (default 2600; 0: none)")
     embedded.add_argument("--pool", type=int, default=None, help="encoder frames per audio token (default 4)")
     embedded.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     embedded.add_argument("--eval-limit", type=int, default=None, help="clips per held-out set (default: all)")
@@ -416,6 +418,7 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
                                                 ("batch_size", args.batch_size)) if value is not None}
     joint = dataclasses.replace(recipe.joint, seed=args.seed, **overrides)
     fields = {key: value for key, value in (("asr_sentences", args.asr_sentences), ("pool", args.pool),
+                                            ("wordnet_sentences", args.wordnet_sentences),
                                             ("lora_rank", args.lora_rank)) if value is not None}
     if args.balance_steps is not None and args.balance_steps < 0:
         raise ValueError(f"--balance-steps must be >= 0 (0: no stage 3), got {args.balance_steps}")

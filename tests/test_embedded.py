@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from speechtrim.data.synthetic_asr import SENTENCES, fortune_sentences, training_sentences
+from speechtrim.data.synthetic_asr import (SENTENCES, SyntheticASRTrainRecipe, fortune_sentences, training_sentences,
+                                           wordnet_sentences)
 from speechtrim.eval.harness import EvalItem, EvalSet
 from speechtrim.models.speechlm import SpeechLM
 from speechtrim.prompts import ASR_PROMPT, EMOTION_ANSWER_PREFIX
@@ -56,7 +57,29 @@ def test_training_sentences_are_distinct_seeded_and_never_held_out():
     assert all(5 <= len(s.split()) <= 16 and not any(c.isdigit() for c in s) for s in sentences)
 
 
+def test_wordnet_sentences_are_plain_everyday_english_and_never_held_out():
+    sentences = wordnet_sentences()
+    assert len(sentences) > 20000 and sentences == sorted(set(sentences))
+    assert all(s[0].isupper() and s.endswith(".") and 5 <= len(s.split()) <= 16 for s in sentences)
+    assert not any(c.isdigit() or c in '"-;()' for s in sentences for c in s)
+    assert "The children played in the park." not in SENTENCES
+    plain = {" ".join(s.lower().strip(".").replace(",", "").split()) for s in sentences}
+    assert not plain & {" ".join(s.lower().strip(".?").replace(",", "").split()) for s in SENTENCES}
+    drawn = training_sentences(50, seed=1, text="wordnet")
+    assert len(set(drawn)) == 50 and set(drawn) <= set(sentences) and drawn == training_sentences(50, 1, "wordnet")
+    words = {word.strip(".,").lower() for s in sentences for word in s.split()}
+    assert {"umbrella", "flight", "chairs", "museum"} <= words  # everyday words the fortunes lack or rarely use
+
+
 def test_training_text_names_the_missing_package(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+        wordnet_sentences(tmp_path / "no-wordnet")
+    with pytest.raises(ValueError, match="unknown training text 'poems'"):
+        training_sentences(5, text="poems")
+    with pytest.raises(ValueError, match="text must be one of"):
+        SyntheticASRTrainRecipe(text="poems")
+    with pytest.raises(ValueError, match="wordnet_sentences must be an int >= 0"):
+        EmbeddedRecipe(wordnet_sentences=-1)
     with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
         fortune_sentences(tmp_path / "no-fortunes")
     with pytest.raises(ValueError, match="count must be between"):
@@ -64,7 +87,7 @@ def test_training_text_names_the_missing_package(tmp_path):
 
 
 def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world, tmp_path):
-    recipe = EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, asr_seeds=(0, 1), emotion_seeds=(1, 2), emotion_voices=1,
+    recipe = EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, asr_seeds=(0, 1), wordnet_sentences=2, emotion_seeds=(1, 2), emotion_voices=1,
                             emotion_sentences=1, emotion_repeat=1, projector_hidden=16, prosody_rank=2, lora_rank=2,
                             ctc=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1, time_mask=0.1),
                             joint=StageConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2,
@@ -83,7 +106,8 @@ def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world
 
     solo_files = list((cache_root() / "encoder-frames" / "whisper-tiny").glob("*.safetensors"))
     assert len(solo_files) == 48 and alone and packed  # the summary's clips were encoded alone, as at inference
-    assert data["asr"]["clips"] == 6 and len(asr) == 6 and data["emotion"]["clips"] == len(emotion) == 96
+    assert data["asr"]["clips"] == 8 and len(asr) == 8 and data["emotion"]["clips"] == len(emotion) == 96
+    assert [rendering["text"] for rendering in data["asr"]["renderings"]] == ["fortunes", "fortunes", "wordnet"]
     assert all(example.prompt == ASR_PROMPT and example.ctc_target is not None for example in asr)
     assert {example.assistant_prefix for example in emotion} == {EMOTION_ANSWER_PREFIX}
     assert all(example.target.strip() in data["emotion"]["labels"] and example.ctc_target is None
@@ -143,7 +167,7 @@ def test_the_balance_pool_holds_the_asked_share_of_emotion_rows():
 
 def test_a_summary_stage_starts_from_an_earlier_model_and_leaves_the_word_path_alone(tiny_world, tmp_path):
     def recipe(summary):
-        return EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, asr_seeds=(0,), emotion_seeds=(1,),
+        return EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, asr_seeds=(0,), wordnet_sentences=0, emotion_seeds=(1,),
                               emotion_voices=1, emotion_sentences=1, emotion_repeat=1, projector_hidden=16,
                               prosody_rank=2, lora_rank=2,
                               ctc=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1),

@@ -2,9 +2,10 @@
 
 - The held-out set (``load_synthetic_asr``): 16 hand-written sentences spoken by three voices (flite slt and rms,
   festival's HTS slt). The embedded model is tested here, so none of these sentences or voices is trained on.
-- The training set (``load_synthetic_asr_train``): short English sayings from Debian's ``fortunes`` package (never
-  one of the held-out sentences) spoken by the other flite and festival voices and espeak-ng, with seeded speed and
-  pitch variation.
+- The training set (``load_synthetic_asr_train``): short English sayings from Debian's ``fortunes`` package, or the
+  example sentences of WordNet's glosses (Debian's ``wordnet-base``: 28,000 everyday sentences, 25,000 distinct
+  words), never one of the held-out sentences, spoken by the other flite and festival voices and espeak-ng, with
+  seeded speed and pitch variation.
 
 Whisper recognises the flite and festival voices at WER 0.07-0.15. Both sets are rendered once into the cache, in a
 folder named by the recipe's hash; every result computed on them must say synthetic.
@@ -61,6 +62,12 @@ FORTUNES_FOLDER = Path("/usr/share/games/fortunes")
 FORTUNE_FILES = ("cookie", "fortunes", "education", "food", "people", "pets", "platitudes", "wisdom", "work",
                  "miscellaneous", "science", "sports", "literature", "kids", "love", "humorists")
 _SPEAKABLE = re.compile(r"[A-Z][A-Za-z ,']*[a-z][.!?]")
+# Second training text: the example sentences quoted in WordNet 3.0's glosses (Debian's wordnet-base; Princeton's
+# WordNet licence: use, copy and distribute with its notice), e.g. "the children played in the park".
+WORDNET_FOLDER = Path("/usr/share/wordnet")
+WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+_WORDNET_EXAMPLE = re.compile(r"[A-Za-z][A-Za-z ,']*[A-Za-z]")
+TEXTS = ("fortunes", "wordnet")
 
 
 def fortune_sentences(folder: Path = FORTUNES_FOLDER) -> list[str]:
@@ -87,13 +94,48 @@ def fortune_sentences(folder: Path = FORTUNES_FOLDER) -> list[str]:
     return sorted(sentences)
 
 
-def training_sentences(count: int, seed: int = 0) -> list[str]:
-    """``count`` distinct training sentences drawn (seeded) from ``fortune_sentences``; none is held out."""
+def wordnet_sentences(folder: Path = WORDNET_FOLDER) -> list[str]:
+    """Every speakable example sentence of WordNet's glosses: plain words (no digits, dashes or abbreviations), 5 to
+    16 words, first letter capitalised and a full stop added, sorted; none of them is a held-out sentence."""
+    if not all((folder / name).is_file() for name in WORDNET_FILES):
+        raise FileNotFoundError(f"the WordNet training sentences come from Debian's wordnet-base package, not found in "
+                                f"{folder}: install it (apt-get install wordnet-base; scripts/setup.sh does)")
+    held_out = {_plain(sentence) for sentence in SENTENCES}
+    sentences: set[str] = set()
+    for name in WORDNET_FILES:
+        for line in (folder / name).read_text(encoding="latin-1").splitlines():
+            if line.startswith(" ") or "|" not in line:  # the licence header, or a synset without a gloss
+                continue
+            for example in re.findall(r'"([^"]+)"', line.split("|", 1)[1]):
+                words = example.split()
+                if (_WORDNET_EXAMPLE.fullmatch(example) and 5 <= len(words) <= 16 and _plain(example) not in held_out
+                        and not any(len(word) > 1 and word.strip(",").isupper() for word in words)):
+                    sentences.add(example[0].upper() + example[1:] + ".")
+    if not sentences:
+        raise ValueError(f"no usable example sentence in the WordNet files of {folder}")
+    return sorted(sentences)
+
+
+def _plain(sentence: str) -> str:
+    return " ".join(re.sub(r"[^a-z' ]+", " ", sentence.lower()).split())
+
+
+def text_sentences(text: str) -> list[str]:
+    """The usable sentences of a training text: "fortunes" (``fortune_sentences``) or "wordnet"
+    (``wordnet_sentences``)."""
+    if text not in TEXTS:
+        raise ValueError(f"unknown training text {text!r}; choose one of {TEXTS}")
+    return fortune_sentences() if text == "fortunes" else wordnet_sentences()
+
+
+def training_sentences(count: int, seed: int = 0, text: str = "fortunes") -> list[str]:
+    """``count`` distinct training sentences drawn (seeded) from ``text``'s sentences (``text_sentences``); none is
+    held out."""
     import numpy as np
 
-    available = fortune_sentences()
+    available = text_sentences(text)
     if not 1 <= count <= len(available):
-        raise ValueError(f"count must be between 1 and {len(available)} (the usable fortune sentences), got {count}")
+        raise ValueError(f"count must be between 1 and {len(available)} (the usable {text} sentences), got {count}")
     order = np.random.default_rng(seed).permutation(len(available))[:count]
     return [available[i] for i in order]
 
@@ -162,13 +204,15 @@ def _render(recipe: SyntheticASRRecipe, folder: Path) -> None:
 
 @dataclass(frozen=True)
 class SyntheticASRTrainRecipe:
-    """The training set: fortune sentences, each spoken by one training voice with seeded speed, pitch and noise.
+    """The training set: fortune (or WordNet) sentences, each spoken by one training voice with seeded speed, pitch
+    and noise.
 
     The training voices are male (flite, festival) or espeak-ng's robotic variants, while two held-out voices are
     female: a pitch range reaching well above the voices' own (up to +7 semitones) gives the set higher voices.
 
     Args:
-        sentences: how many distinct sentences (each rendered once); None takes every usable fortune sentence.
+        sentences: how many distinct sentences (each rendered once); None takes every usable sentence of ``text``.
+        text: where the sentences come from, "fortunes" or "wordnet" (``text_sentences``).
         seed: seed of the sentences, the voice choice, the prosody and the noise.
         speed_range: speaking-rate factors drawn uniformly in this range.
         pitch_range: pitch shift in semitones drawn uniformly in this range.
@@ -178,6 +222,7 @@ class SyntheticASRTrainRecipe:
     """
 
     sentences: int | None = None
+    text: str = "fortunes"
     seed: int = 0
     speed_range: tuple[float, float] = (0.8, 1.25)
     pitch_range: tuple[float, float] = (-3.0, 7.0)
@@ -190,9 +235,15 @@ class SyntheticASRTrainRecipe:
             raise ValueError(f"sentences must be None (all) or an int >= 1, got {self.sentences!r}")
         if not 0.0 <= self.noise_fraction <= 1.0:
             raise ValueError(f"noise_fraction must be in [0, 1], got {self.noise_fraction}")
+        if self.text not in TEXTS:
+            raise ValueError(f"text must be one of {TEXTS}, got {self.text!r}")
 
     def key(self) -> str:
-        text = json.dumps(asdict(self), sort_keys=True) + json.dumps([TRAIN_VOICES, FORTUNE_FILES])
+        fields = asdict(self)
+        if self.text == "fortunes":  # the fortune sets rendered before ``text`` existed keep their cache folder
+            del fields["text"]
+        text = json.dumps(fields, sort_keys=True) + json.dumps([TRAIN_VOICES, FORTUNE_FILES if self.text == "fortunes"
+                                                                  else WORDNET_FILES])
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -214,8 +265,9 @@ def _render_train(recipe: SyntheticASRTrainRecipe, folder: Path, workers: int) -
     from speechtrim.synth import Prosody
 
     rng = np.random.default_rng(recipe.seed)
-    available = len(fortune_sentences())
-    sentences = training_sentences(available if recipe.sentences is None else recipe.sentences, recipe.seed)
+    available = len(text_sentences(recipe.text))
+    sentences = training_sentences(available if recipe.sentences is None else recipe.sentences, recipe.seed,
+                                   recipe.text)
     weights = np.array([weight for *_, weight in TRAIN_VOICES])
     jobs = []  # every random draw happens here, in order, so the set does not depend on the worker count
     for index, sentence in enumerate(sentences):
