@@ -306,7 +306,7 @@ def _naive_scores(query, key, value, allowed, valid):
     return (probs.sum(dim=1) * valid[:, :, None]).sum(dim=1), probs @ value
 
 
-@pytest.mark.parametrize("mask_kind", ["none", "causal-bool-padded", "not-causal"])
+@pytest.mark.parametrize("mask_kind", ["none", "causal-bool-padded", "not-causal", "additive-padded"])
 def test_one_pass_scoring_gives_the_attention_output_and_the_column_sums(mask_kind):
     from speechtrim.hf import attention
 
@@ -318,12 +318,14 @@ def test_one_pass_scoring_gives_the_attention_output_and_the_column_sums(mask_ki
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     allowed = causal[None, None].expand(batch, 1, length, length).clone()
     valid = torch.ones(batch, length, dtype=torch.bool)
-    if mask_kind == "causal-bool-padded":
-        allowed[1, :, :, :5] = False  # left padding of row 1
+    if mask_kind in ("causal-bool-padded", "additive-padded"):
+        allowed[1, :, :, :5] = False  # left padding of row 1: its first queries see no key at all (NaN rows -> 0)
         valid[1, :5] = False
     if mask_kind == "not-causal":
         allowed[:, :, 3, 20] = True  # one query sees a later key: no causal shortcut allowed
     mask = None if mask_kind == "none" else allowed
+    if mask_kind == "additive-padded":
+        mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     expected_scores, expected_output = _naive_scores(query, key, value, allowed, valid)
     previous = attention._SCORE_BLOCK_ROWS
     attention._SCORE_BLOCK_ROWS = 8  # several blocks, the last one short
@@ -334,6 +336,7 @@ def test_one_pass_scoring_gives_the_attention_output_and_the_column_sums(mask_ki
         attention._SCORE_BLOCK_ROWS = previous
     assert torch.allclose(scores, expected_scores, atol=1e-5)
     assert torch.allclose(two_pass, expected_scores, atol=1e-5)
+    assert not output.isnan().any()  # a query that sees no key gets 0, never NaN (it would poison later layers)
     rows = valid[:, None, :, None]  # fully masked padding queries: outputs are not compared
     assert torch.allclose(output * rows, expected_output * rows, atol=1e-5)
 
