@@ -151,3 +151,21 @@ def test_compose_plans_after_a_merge_maps_every_member_to_its_final_slot():
     assert composed.source.tolist() == [[2, 3, 4, 5], [0, 0, 2, 4]]
     assert composed.filler.tolist() == [[False] * 4, [True, True, False, False]]
     assert composed.removed.tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_direct_eviction_plan_equals_the_general_builder(seed):
+    """``eviction_plan`` is ``plan_from_slots(keep, keep, ones)`` built without merge clusters: same plan, field by
+    field, with rows that keep different numbers of tokens (fillers), every token, or none."""
+    from speechtrim.ops.plan import eviction_plan
+
+    generator = torch.Generator().manual_seed(seed)
+    keep = torch.rand(5, 23, generator=generator) < 0.6
+    keep[1] = True
+    keep[2] = False
+    keep[3, :20] = False
+    expected = plan_from_slots(keep, keep, torch.ones(keep.shape))
+    plan = eviction_plan(keep)
+    for name in ("slot", "weight", "source", "filler", "removed"):
+        assert torch.equal(getattr(plan, name), getattr(expected, name)), name
+    assert plan.new_length == expected.new_length == 23

@@ -173,12 +173,15 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
             warmed = True
         # fixed-length decode (no stop at end-of-sequence) so every run times the same number of tokens; the
         # unreduced model, the method, and the method attached at ratio 0 (its hooks, taps and bookkeeping with
-        # nothing removed) take turns, repeat by repeat, so that a drift of the machine hits all three alike
+        # nothing removed) take turns, repeat by repeat, so that a drift of the machine hits all three alike; the
+        # order rotates from one repeat to the next, so that no configuration always runs after the same one (the
+        # allocator's state after a run depends on what that run allocated)
         configs = {"full": None, "reduced": method.build(target), "idle": method.build_zero()}
         runs: dict[str, list] = {key: [] for key in configs}
         clocks: dict[str, list] = {key: [] for key in configs}
-        for _ in range(max(repeats, 1)):
-            for key, reducer in configs.items():
+        order = list(configs.items())
+        for repeat in range(max(repeats, 1)):
+            for key, reducer in order[repeat % 3 :] + order[: repeat % 3]:
                 with LayerClock(backbone.layers) as clock:
                     runs[key].append(run_item(model, prepared, reducer, None, max_new_tokens, 1, stop_at_eos=False))
                 clocks[key].append(clock.prefill)

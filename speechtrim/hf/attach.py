@@ -273,7 +273,12 @@ class Attachment:
                 "`with` block."
             )
         ratio = state.ratios[layer_idx]
-        num_remove = self.method.removal_counts(state.span_id, ratio)  # (B,)
+        counted = state.removal.get(ratio)
+        if counted is not None and counted[0] is state.span_id:
+            num_remove = counted[1]
+        else:
+            num_remove = self.method.removal_counts(state.span_id, ratio)  # (B,)
+            state.removal[ratio] = (state.span_id, num_remove)
         self.stats.requested_per_layer[layer_idx] = int(num_remove[0])
         return LayerStep(layer_idx, hidden, state.span_id, num_remove, ratio, valid,
                          scores if "scores" in needs else None, keys if "keys" in needs else None)

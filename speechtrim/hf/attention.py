@@ -115,6 +115,8 @@ def key_attention_scores(
     scores = torch.zeros(batch, kv_length, dtype=torch.float32, device=query.device)
     output = (torch.empty(batch, kv_heads, groups, q_length, width, dtype=torch.float32, device=query.device)
               if values is not None else None)
+    later = (torch.ones(block, block, dtype=torch.bool, device=query.device).triu_(1)
+             if attention_mask is None else None)  # a block's keys after its own queries
     for start in range(0, q_length, block):
         stop = min(q_length, start + block)
         rows = stop - start
@@ -123,8 +125,7 @@ def key_attention_scores(
         logits = torch.matmul(grouped, keys[:, :, :end].transpose(2, 3))  # (B, H_kv, G * b, end)
         view = logits.view(batch, kv_heads, groups, rows, end)
         if attention_mask is None:  # only the block's own triangle is masked
-            later = torch.ones(rows, rows, dtype=torch.bool, device=query.device).triu_(1)
-            view[..., start + offset : end].masked_fill_(later, float("-inf"))
+            view[..., start + offset : end].masked_fill_(later[:rows, :rows], float("-inf"))
         elif is_bool:
             view.masked_fill_(~attention_mask[:, :, None, start:stop, :end], float("-inf"))
         else:

@@ -35,7 +35,7 @@ def is_eviction(plan: Plan) -> bool:
     return bool((kept == plan.new_length).all())
 
 
-def shrink_states(plan: Plan, states: torch.Tensor) -> torch.Tensor:
+def shrink_states(plan: Plan, states: torch.Tensor, eviction: bool | None = None) -> torch.Tensor:
     """Apply a plan to cached key or value states along time: (B, H_kv, T, d) -> (B, H_kv, T_new, d), contiguous.
 
     Eviction plans copy the kept columns (fillers copy column ``source``, to be masked out); merge plans take the
@@ -44,6 +44,7 @@ def shrink_states(plan: Plan, states: torch.Tensor) -> torch.Tensor:
     Args:
         plan: the reduction plan for B rows of T cached tokens.
         states: (B, H_kv, T, d) keys or values of one cache layer.
+        eviction: ``is_eviction(plan)`` when the caller knows it already (None: computed here).
     """
     if states.dim() != 4 or states.shape[0] != plan.batch or states.shape[2] != plan.old_length:
         raise ValueError(
@@ -51,13 +52,11 @@ def shrink_states(plan: Plan, states: torch.Tensor) -> torch.Tensor:
             f"{tuple(states.shape)} (B, H_kv, T, d); build the plan from the scores and span_id of the same layer."
         )
     batch, heads, _, width = states.shape
-    by_time = states.transpose(1, 2)  # (B, T, H_kv, d), a view
-    if is_eviction(plan):
-        rows = torch.arange(batch, device=states.device)[:, None]  # (B, 1)
-        kept = by_time[rows, plan.source.to(states.device)]  # (B, T_new, H_kv, d)
-    else:
-        flat = by_time.reshape(batch, plan.old_length, heads * width)  # (B, T, H_kv * d)
-        kept = apply_plan(plan, flat).view(batch, plan.new_length, heads, width)  # (B, T_new, H_kv, d)
+    if is_eviction(plan) if eviction is None else eviction:
+        index = plan.source.to(states.device)[:, None, :, None].expand(batch, heads, plan.new_length, width)
+        return states.gather(2, index)  # (B, H_kv, T_new, d), contiguous: one copy
+    flat = states.transpose(1, 2).reshape(batch, plan.old_length, heads * width)  # (B, T, H_kv * d)
+    kept = apply_plan(plan, flat).view(batch, plan.new_length, heads, width)  # (B, T_new, H_kv, d)
     return kept.transpose(1, 2).contiguous()  # (B, H_kv, T_new, d)
 
 
@@ -77,8 +76,9 @@ def shrink_cache_layer(layer: object, plan: Plan) -> tuple[int, int]:
             "needs a DynamicCache (the default of generate())."
         )
     old_length = int(keys.shape[2])
-    layer.keys = shrink_states(plan, keys)  # (B, H_kv, T_new, d)
-    layer.values = shrink_states(plan, values)  # (B, H_kv, T_new, d_v)
+    eviction = is_eviction(plan)
+    layer.keys = shrink_states(plan, keys, eviction)  # (B, H_kv, T_new, d)
+    layer.values = shrink_states(plan, values, eviction)  # (B, H_kv, T_new, d_v)
     return old_length, plan.new_length
 
 

@@ -38,6 +38,8 @@ class PrefillState:
         decode_width: columns of the current decode call's 2-D mask (None: no mask given).
         first_position: (B,) long, original position of each row's first real token (compact positions).
         compact: compact (B, T_l) position ids, cos, sin of the current layout (compact positions).
+        removal: ratio -> (the span ids it was counted on, the (B,) tokens to remove): a layer whose span ids and
+            ratio are those of an earlier layer (every layer of a cache evictor) reuses the count.
     """
 
     original_length: int
@@ -52,6 +54,7 @@ class PrefillState:
     decode_width: int | None = None
     first_position: torch.Tensor | None = None
     compact: tuple[torch.Tensor, ...] | None = None
+    removal: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _full: dict[int, tuple[torch.Tensor, bool]] = field(default_factory=dict, repr=False)
 
     def set_decode_mask(self, mask: torch.Tensor | None) -> None:

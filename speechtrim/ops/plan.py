@@ -118,6 +118,27 @@ def plan_from_slots(starts: torch.Tensor, keep: torch.Tensor, weight: torch.Tens
     return Plan(slot=slot, weight=weight, source=source, filler=filler, removed=removed)
 
 
+def eviction_plan(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> Plan:
+    """The left-aligned :class:`Plan` that keeps the ``keep`` tokens of each row in order and evicts the rest:
+    ``plan_from_slots(keep, keep, ones)`` built directly (no merge clusters to resolve, a fraction of the ops).
+
+    Args:
+        keep: (B, T) bool, token survives.
+        dtype: dtype of the plan's weights.
+    """
+    batch, length = keep.shape
+    device = keep.device
+    kept = keep.sum(dim=1)  # (B,)
+    new_length = int(kept.max()) if batch else length
+    shift = new_length - kept  # (B,): filler slots on the left of each row
+    slot = torch.where(keep, keep.cumsum(dim=1) - 1 + shift.unsqueeze(1), -1)  # (B, T)
+    in_order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)  # kept tokens first, in order
+    columns = torch.arange(new_length, device=device).unsqueeze(0)  # (1, T_new)
+    filler = columns < shift.unsqueeze(1)  # (B, T_new)
+    source = in_order.gather(1, (columns - shift.unsqueeze(1)).clamp(min=0)).masked_fill_(filler, 0)  # (B, T_new)
+    return Plan(slot=slot, weight=keep.to(dtype), source=source, filler=filler, removed=length - kept)
+
+
 def compose_plans(first: Plan | None, second: Plan) -> Plan:
     """The plan that applies ``first`` then ``second``, expressed on ``first``'s original (B, T0) sequence.
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from speechtrim.ops.plan import Plan, plan_from_slots
+from speechtrim.ops.plan import Plan, eviction_plan, plan_from_slots
 from speechtrim.ratio import check_ratio
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def evict_plan(scores: torch.Tensor, reducible: torch.Tensor, num_evict: torch.T
         raise ValueError(f"num_evict must be (B,) = ({batch},) non-negative counts, got {num_evict.tolist()}.")
     reducible = reducible.bool()
     scores = scores if scores.is_floating_point() else scores.float()
-    if bool(torch.isnan(scores[reducible]).any()):
+    if bool(torch.isnan(scores).logical_and_(reducible).any()):
         raise ValueError("eviction scores contain NaN on reducible tokens; check the attention tap or the seed.")
     # Non-reducible tokens get NaN, which an ascending sort puts after every number (+inf included).
     key = torch.where(reducible, scores, torch.full_like(scores, float("nan")))  # (B, T); rank 0 = evicted first
@@ -139,5 +139,4 @@ def evict_plan(scores: torch.Tensor, reducible: torch.Tensor, num_evict: torch.T
     positions = torch.arange(length, device=scores.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(1, order, positions)  # (B, T)
     evicted = reducible & (rank < num_evict.unsqueeze(1))  # (B, T)
-    keep = ~evicted
-    return plan_from_slots(keep, keep, torch.ones_like(scores))
+    return eviction_plan(~evicted, scores.dtype)
