@@ -7,6 +7,7 @@ audio tokens, so ratios compound across layers; text tokens are never removed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -98,6 +99,19 @@ def simulate_lengths(
     return lengths
 
 
+def _schedule_flops(num_text: int, num_audio: int, ratios: list[float], d: int, m: int) -> int:
+    """``prefill_flops(simulate_lengths(...))`` for one prompt, in exact integers: the same rounding as
+    ``count_to_remove_int`` (half down, at least one audio token kept), with no per-layer argument checks (the
+    bisection of ``solve_ratio`` calls it about a hundred times per prompt)."""
+    audio, total = num_audio, 0
+    for layer_ratio in ratios:
+        if layer_ratio > 0:
+            audio -= min(max(math.ceil(audio * layer_ratio - 0.5), 0), max(audio - 1, 0))
+        n = num_text + audio
+        total += 2 * n * n * d + 4 * n * d * d + 2 * n * d * m
+    return total
+
+
 class TargetUnreachable(ValueError):
     """A FLOPs-reduction target that a schedule cannot reach on a prompt (the bench shows it as '—')."""
 
@@ -128,11 +142,25 @@ def solve_ratio(
             "solve_ratio scales a named schedule ('none', 'constant', 'decay'); for an explicit list of ratios "
             "compute flops_reduction(simulate_lengths(...)) directly."
         )
-    base = simulate_lengths(num_text, num_audio, schedule, 0.0, first_layer, num_layers)
+    if num_text < 0 or num_audio < 0:
+        raise ValueError(f"token counts must be non-negative, got num_text={num_text}, num_audio={num_audio}.")
+    layer_ratios(schedule, 0.5, first_layer, num_layers)  # validates the schedule, the layer and the depth
+    return _solve_ratio(float(target_reduction), int(num_text), int(num_audio), schedule, first_layer, num_layers,
+                        int(d), int(m), float(tolerance))
 
-    def reduction(ratio: float) -> float:
-        reduced = simulate_lengths(num_text, num_audio, schedule, ratio, first_layer, num_layers)
-        return flops_reduction(base, reduced, d, m)
+
+@functools.lru_cache(maxsize=4096)
+def _solve_ratio(target_reduction: float, num_text: int, num_audio: int, schedule: str, first_layer: int,
+                 num_layers: int, d: int, m: int, tolerance: float) -> float:
+    """``solve_ratio`` past its checks; cached, as prompts of one shape (a batch's rows, repeated clips, a
+    benchmark's repeats) ask the same question."""
+    base = _schedule_flops(num_text, num_audio, [0.0] * num_layers, d, m)
+    if base <= 0:
+        raise ValueError("base_lengths give zero FLOPs; pass the per-layer lengths of a non-empty prompt.")
+
+    def reduction(ratio: float) -> float:  # flops_reduction(base, simulate_lengths(...)), without the checks
+        return 1.0 - _schedule_flops(num_text, num_audio, layer_ratios(schedule, ratio, first_layer, num_layers),
+                                     d, m) / base
 
     if target_reduction == 0:
         return 0.0

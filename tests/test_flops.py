@@ -43,3 +43,35 @@ def test_solve_ratio_unreachable_says_the_maximum():
     with pytest.raises(ValueError, match=r"unreachable.*the most it can cut is \d+\.\d%"):
         solve_ratio(0.6, 100, 50, "none", 20, 24, 64, 256)
     assert solve_ratio(0.0, 100, 50, "none", 20, 24, 64, 256) == 0.0
+
+
+@pytest.mark.parametrize("schedule", ["none", "constant", "decay"])
+def test_the_solvers_integer_flops_equal_the_public_simulation(schedule):
+    """``solve_ratio`` bisects on ``_schedule_flops``: it must give exactly ``prefill_flops(simulate_lengths(...))``
+    (same rounding, same integers) for every ratio it may try, or the solved ratios would drift."""
+    import random
+
+    from speechtrim.flops import _schedule_flops, prefill_flops, simulate_lengths
+    from speechtrim.schedule import layer_ratios
+
+    rng = random.Random(0)
+    for _ in range(300):
+        text, audio, depth = rng.randint(0, 80), rng.randint(0, 4000), rng.randint(2, 40)
+        first = rng.randint(0, depth - 2)
+        ratio = rng.choice([rng.random(), 0.5, 1 / 3, 0.0, 0.999999])
+        expected = prefill_flops(simulate_lengths(text, audio, schedule, ratio, first, depth), 576, 1536)
+        got = _schedule_flops(text, audio, layer_ratios(schedule, ratio, first, depth), 576, 1536)
+        assert got == expected and isinstance(got, int)
+
+
+def test_solve_ratio_answers_repeated_questions_from_its_cache_and_still_checks_arguments():
+    from speechtrim.flops import _solve_ratio
+
+    _solve_ratio.cache_clear()
+    first = solve_ratio(0.3, 23, 50, "constant", 6, 30, 576, 1536)
+    assert solve_ratio(0.3, 23, 50, "constant", 6, 30, 576, 1536) == first
+    assert _solve_ratio.cache_info().hits == 1
+    with pytest.raises(ValueError, match="first_layer=30 is beyond the model's depth"):
+        solve_ratio(0.3, 23, 50, "constant", 30, 30, 576, 1536)
+    with pytest.raises(ValueError, match="token counts must be non-negative"):
+        solve_ratio(0.3, -1, 50, "constant", 6, 30, 576, 1536)
