@@ -229,7 +229,9 @@ def _add_train_embedded(commands: Any) -> None:
     embedded.add_argument("--asr-sentences", type=int, default=None,
                           help="synthetic ASR training sentences (default: every usable fortune sentence)")
     embedded.add_argument("--wordnet-sentences", type=int, default=None,
-                          help="WordNet example sentences rendered beside the fortunes (default 2600; 0: none)")
+                          help="WordNet example sentences rendered beside the fortunes (default 0: none)")
+    embedded.add_argument("--asr-seeds", default=None,
+                          help="comma-separated seeds, one rendering of the fortune sentences each (default 0,1)")
     embedded.add_argument("--pool", type=int, default=None, help="encoder frames per audio token (default 4)")
     embedded.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     embedded.add_argument("--eval-limit", type=int, default=None, help="clips per held-out set (default: all)")
@@ -404,6 +406,16 @@ def _run_adapters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds(text: str | None, option: str) -> tuple[int, ...] | None:
+    """A comma-separated list of integer seeds (None stays None)."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"{option} takes comma-separated integers, e.g. 0,1; got {text!r}") from None
+
+
 def _run_train_embedded(args: argparse.Namespace) -> int:
     import dataclasses
     import shlex
@@ -419,6 +431,7 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
     joint = dataclasses.replace(recipe.joint, seed=args.seed, **overrides)
     fields = {key: value for key, value in (("asr_sentences", args.asr_sentences), ("pool", args.pool),
                                             ("wordnet_sentences", args.wordnet_sentences),
+                                            ("asr_seeds", _seeds(args.asr_seeds, "--asr-seeds")),
                                             ("lora_rank", args.lora_rank)) if value is not None}
     if args.balance_steps is not None and args.balance_steps < 0:
         raise ValueError(f"--balance-steps must be >= 0 (0: no stage 3), got {args.balance_steps}")

@@ -175,3 +175,15 @@ def test_no_progress_hides_the_transformers_bars_and_warnings_stay_quiet():
 def test_a_layer_beyond_the_embedded_model_is_refused_before_loading(capsys, no_model_load):
     assert main(["bench", "--layer", "99"]) == 2
     assert "--layer 99 is outside the model's 30 decoder layers; pass 0 to 29" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--asr-seeds", "0,x"], "--asr-seeds takes comma-separated integers, e.g. 0,1; got '0,x'"),
+    (["--wordnet-sentences", "-3"], "wordnet_sentences must be an int >= 0 (0: none), got -3"),
+])
+def test_bad_training_data_options_are_refused_before_training(arguments, message, capsys, monkeypatch, tmp_path):
+    import speechtrim.train.embedded as embedded
+
+    monkeypatch.setattr(embedded, "train_embedded", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    assert main(["train-embedded", "--out", str(tmp_path / "model"), *arguments]) == 2
+    assert message in capsys.readouterr().err
