@@ -12,7 +12,7 @@ import logging
 import math
 from collections.abc import Iterable, Sequence
 
-from speechtrim.ops.select import count_to_remove_int
+from speechtrim.ops.select import count_to_remove_int, removal_count_unchecked
 from speechtrim.ratio import check_ratio
 from speechtrim.schedule import layer_ratios
 
@@ -100,15 +100,13 @@ def simulate_lengths(
 
 
 def _schedule_flops(num_text: int, num_audio: int, ratios: list[float], d: int, m: int) -> int:
-    """``prefill_flops(simulate_lengths(...))`` for one prompt, in exact integers: the same rounding as
-    ``count_to_remove_int`` (half down, at least one audio token kept), with no per-layer argument checks (the
-    bisection of ``solve_ratio`` calls it about a hundred times per prompt)."""
+    """``prefill_flops(simulate_lengths(...))`` for one prompt, in exact integers, with no per-layer argument
+    checks (the bisection of ``solve_ratio`` calls it about a hundred times per prompt)."""
     audio, total = num_audio, 0
     for layer_ratio in ratios:
         if layer_ratio > 0:
-            audio -= min(max(math.ceil(audio * layer_ratio - 0.5), 0), max(audio - 1, 0))
-        n = num_text + audio
-        total += 2 * n * n * d + 4 * n * d * d + 2 * n * d * m
+            audio -= removal_count_unchecked(audio, layer_ratio)
+        total += layer_flops(num_text + audio, d, m)
     return total
 
 

@@ -3,8 +3,8 @@
 - The held-out set (``load_synthetic_asr``): 16 hand-written sentences spoken by three voices (flite slt and rms,
   festival's HTS slt). The embedded model is tested here, so none of these sentences or voices is trained on.
 - The training set (``load_synthetic_asr_train``): short English sayings from Debian's ``fortunes`` package, or the
-  example sentences of WordNet's glosses (Debian's ``wordnet-base``: 28,000 everyday sentences, 25,000 distinct
-  words), never one of the held-out sentences, spoken by the other flite and festival voices and espeak-ng, with
+  example sentences of WordNet's glosses (Debian's ``wordnet-base``: 26,057 usable everyday sentences, about
+  25,000 distinct words), never one of the held-out sentences, spoken by the other flite and festival voices and espeak-ng, with
   seeded speed and pitch variation.
 
 Whisper recognises the flite and festival voices at WER 0.07-0.15. Both sets are rendered once into the cache, in a

@@ -31,11 +31,11 @@ BACKEND_NAME = "speechtrim_sdpa"
 TAP_KWARG = "speechtrim_tap"
 # Bound on each float32 (B, H, block, T_kv) buffer of a block (the logits, then the probabilities): 32 MB keeps the
 # tapped layer's transient memory near an ordinary layer's at large batches (at 256 MB, 240 s of audio and batch 4,
-# the scoring layer's peak was 1.6x an ordinary layer's) and still allows the full 256 rows at batch 1, 3,000 keys.
+# the scoring layer's peak was 1.6x an ordinary layer's) and still allows the full 64 rows up to batch 4, 3,000 keys.
 _SCORE_BLOCK_BYTES = 32 * 1024 * 1024
 # Most query rows per block: small blocks stay in cache. At 3,000 tokens on CPU (SmolLM2-135M's 9 heads, 2 threads)
-# 256 rows ran 6x faster than 2,466, and 64 rows 1.6x faster than 256 (1.4x SDPA's time instead of 2.4x; at 375
-# tokens 1.1x instead of 1.7x); 32 and 128 were slower than 64 at 375, 1,500 and 3,000 tokens.
+# 256 rows ran 6x faster than 2,466, and 32-128 rows 1.2-1.3x faster than 256 (scripts/score_blocks.py: 1.45-1.57x
+# SDPA's time against 1.93x); between 32 and 128 the order changed from run to run.
 _SCORE_BLOCK_ROWS = 64
 
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from speechtrim.ops.plan import Plan, eviction_plan, plan_from_slots
+from speechtrim.ops.plan import Plan, eviction_plan
 from speechtrim.ratio import check_ratio
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,12 @@ def count_to_remove_int(num_audio: int, ratio: float) -> int:
     check_ratio(ratio, "ratio")
     if num_audio < 0:
         raise ValueError(f"num_audio must be a non-negative token count, got {num_audio}.")
-    wanted = max(math.ceil(num_audio * float(ratio) - 0.5), 0)
-    return min(wanted, max(num_audio - 1, 0))
+    return removal_count_unchecked(num_audio, float(ratio))
+
+
+def removal_count_unchecked(num_audio: int, ratio: float) -> int:
+    """:func:`count_to_remove_int` without its argument checks, for loops that validated once (the FLOPs solver)."""
+    return min(max(math.ceil(num_audio * ratio - 0.5), 0), max(num_audio - 1, 0))
 
 
 def span_lengths(span_id: torch.Tensor) -> torch.Tensor:
