@@ -306,8 +306,9 @@ def _naive_scores(query, key, value, allowed, valid):
     return (probs.sum(dim=1) * valid[:, :, None]).sum(dim=1), probs @ value
 
 
+@pytest.mark.parametrize("block_rows", [8, None])  # several blocks, the last one short; or the default (one block)
 @pytest.mark.parametrize("mask_kind", ["none", "causal-bool-padded", "not-causal", "additive-padded"])
-def test_one_pass_scoring_gives_the_attention_output_and_the_column_sums(mask_kind):
+def test_one_pass_scoring_gives_the_attention_output_and_the_column_sums(mask_kind, block_rows):
     from speechtrim.hf import attention
 
     generator = torch.Generator().manual_seed(0)
@@ -321,6 +322,8 @@ def test_one_pass_scoring_gives_the_attention_output_and_the_column_sums(mask_ki
     if mask_kind in ("causal-bool-padded", "additive-padded"):
         allowed[1, :, :, :5] = False  # left padding of row 1: its first queries see no key at all (NaN rows -> 0)
         valid[1, :5] = False
+    if mask_kind == "none":
+        valid[0, 3] = False  # a query that does not count in the sums (a filler slot)
     if mask_kind == "not-causal":
         allowed[:, :, 3, 20] = True  # one query sees a later key: no causal shortcut allowed
     mask = None if mask_kind == "none" else allowed
@@ -328,7 +331,7 @@ def test_one_pass_scoring_gives_the_attention_output_and_the_column_sums(mask_ki
         mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     expected_scores, expected_output = _naive_scores(query, key, value, allowed, valid)
     previous = attention._SCORE_BLOCK_ROWS
-    attention._SCORE_BLOCK_ROWS = 8  # several blocks, the last one short
+    attention._SCORE_BLOCK_ROWS = block_rows or previous
     try:
         scores, output = attention.key_attention_scores(query, key, mask, None, query_valid=valid, value=value)
         two_pass = attention.key_attention_scores(query, key, mask, None, query_valid=valid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import weakref
 
@@ -15,7 +16,7 @@ from speechtrim.hf.layers import attn_implementation, cache_argument
 from speechtrim.ops.plan import plan_from_slots
 from speechtrim.ops.select import count_to_remove, evict_plan
 from tests.fn_method import FnMethod, evictor
-from tests.tiny_models import AUDIO_TOKEN, audio_prompt, tiny_llama, tiny_qwen2_audio, tiny_voxtral
+from tests.tiny_models import AUDIO_TOKEN, PAD_TOKEN, audio_prompt, tiny_llama, tiny_qwen2_audio, tiny_voxtral
 
 BUILDERS = {"llama": tiny_llama, "qwen2_audio": tiny_qwen2_audio, "voxtral": tiny_voxtral}
 DEPTH = 4
@@ -268,3 +269,36 @@ def test_shrink_states_merges_and_evicts():
     merged = shrink_states(plan_from_slots(starts, torch.ones(2, 4, dtype=torch.bool), torch.ones(2, 4)), states)
     assert torch.equal(merged[:, 0, 0], states[:, 0, :2].mean(dim=1))
     assert torch.equal(merged[:, 0, 1:], states[:, 0, 2:])
+
+
+@pytest.mark.parametrize("name, options", [("h2o", {}), ("snapkv", {"window": 3, "kernel": 3})])
+@pytest.mark.parametrize("schedule", ["constant", "decay"])
+@pytest.mark.parametrize("lengths", [[10], [6, 13]])  # one row; a left-padded batch with different audio lengths
+def test_stacked_evictions_equal_layer_by_layer_evictions(llama, monkeypatch, name, options, schedule, lengths):
+    """A short prompt's cache evictions are planned in one call for every layer; caches, layouts, stats and the
+    generated tokens must be those of planning each layer right after its own attention (the oracle)."""
+    from speechtrim import reducers
+    from speechtrim.hf import attach as attach_module
+    from speechtrim.hf import kv_evict
+
+    prompt = audio_prompt(lengths, seed=5)
+    reducer = reducers.build(name, ratio=0.4, layer=1, schedule=schedule, **options)
+    stacked_calls = []
+    real = kv_evict.evict_layers_with_plan
+    monkeypatch.setattr(attach_module, "evict_layers_with_plan",
+                        lambda layers, *args: stacked_calls.append(list(layers)) or real(layers, *args))
+    runs = {}
+    for limit in (attach_module.STACKED_EVICTION_BYTES, 0):  # stacked, then layer by layer
+        monkeypatch.setattr(attach_module, "STACKED_EVICTION_BYTES", limit)
+        with torch.no_grad(), reducer(llama, audio_token_id=AUDIO_TOKEN) as stats:
+            cache = llama(**prompt, use_cache=True).past_key_values
+            summary = dataclasses.asdict(stats)
+            tokens = llama.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=PAD_TOKEN)
+            runs[limit] = (cache, summary, tokens)
+    (cache, stats, tokens), (oracle_cache, oracle_stats, oracle_tokens) = runs.values()
+    active = sum(ratio > 0 for ratio in stats["ratios"])  # decay: one ratio a layer, so one group a layer
+    assert active > 1 and sum(len(layers) for layers in stacked_calls) == 2 * active  # the forward, then generate
+    assert stats == oracle_stats and sum(stats["removed_per_layer"]) > 0
+    for layer, oracle_layer in zip(cache.layers, oracle_cache.layers):
+        assert torch.equal(layer.keys, oracle_layer.keys) and torch.equal(layer.values, oracle_layer.values)
+    assert torch.equal(tokens, oracle_tokens)

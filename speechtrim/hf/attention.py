@@ -105,6 +105,9 @@ def key_attention_scores(
     kv_heads, kv_length = key.shape[1], key.shape[2]
     groups = heads // kv_heads  # query head h reads key head h // groups (transformers' repeat_kv)
     scale = scaling if scaling is not None else width**-0.5
+    if (attention_mask is None and kv_length == q_length and q_length <= 2 * _SCORE_BLOCK_ROWS
+            and batch * heads * q_length * kv_length * 4 <= _SCORE_BLOCK_BYTES):
+        return _one_block_causal(query, key, value, scale, query_valid)
     keys = key.float()  # (B, H_kv, T_kv, d), no copy when float32 already
     values = value.float() if value is not None else None
     weights = query_valid.to(torch.float32) if query_valid is not None else None  # (B, T_q)
@@ -146,6 +149,45 @@ def key_attention_scores(
     if output is None:
         return scores
     return scores, output.view(batch, heads, q_length, width)
+
+
+def _later_keys(length: int, device: torch.device) -> torch.Tensor:
+    """(T, T) bool, True above the diagonal: the keys after each query (built once per length and device)."""
+    key = (length, str(device))
+    later = _LATER.get(key)
+    if later is None:
+        if len(_LATER) >= 64:
+            _LATER.clear()
+        later = _LATER[key] = torch.ones(length, length, dtype=torch.bool, device=device).triu_(1)
+    return later
+
+
+_LATER: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _one_block_causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor | None, scale: float,
+                      query_valid: torch.Tensor | None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``key_attention_scores`` of a short causal prefill (no mask, as many keys as queries) in one block: the same
+    sums in a handful of operators (at 73 tokens their count, not their arithmetic, is the cost)."""
+    batch, heads, length, width = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    flat = batch * kv_heads
+    grouped = query.float().reshape(flat, groups * length, width)  # query heads of one key head, group-major
+    logits = torch.bmm(grouped, key.float().reshape(flat, length, width).transpose(1, 2)).mul_(scale)
+    logits.view(flat, groups, length, length).masked_fill_(_later_keys(length, query.device), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)  # (B * H_kv, G * T, T); every query sees itself: no NaN row
+    del logits
+    rows = probs.view(batch, kv_heads * groups * length, length)  # (B, H * T, T)
+    if query_valid is None:
+        scores = rows.sum(dim=1)  # (B, T)
+    else:  # rows run head-major: the query weights once per head
+        weights = query_valid.to(torch.float32).repeat(1, heads)[:, None]  # (B, 1, H * T)
+        scores = torch.bmm(weights, rows)[:, 0]  # (B, T)
+    if value is None:
+        return scores
+    output = torch.bmm(probs, value.float().reshape(flat, length, width))  # (B * H_kv, G * T, d)
+    return scores, output.view(batch, heads, length, width)
 
 
 def _fusable(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,

@@ -21,7 +21,7 @@ import torch
 
 from speechtrim.hf.checks import check_plan
 from speechtrim.hf.state import PrefillState
-from speechtrim.ops.plan import Plan, apply_plan
+from speechtrim.ops.plan import Plan, apply_plan, plan_rows
 
 logger = logging.getLogger(__name__)
 
@@ -131,3 +131,35 @@ def evict_with_plan(layer_idx: int, plan: Plan, cache: object, state: PrefillSta
     layout = cache_layout(state.layouts[layer_idx], plan)  # (B, T_kept)
     shrink_cache_layer(entry, plan)  # keys/values (B, H_kv, T_kept, d); the full tensors are dropped
     state.layouts[layer_idx] = layout
+
+
+def evict_layers_with_plan(layers: list[int], plan: Plan, cache: object, state: PrefillState, depth: int) -> None:
+    """:func:`evict_with_plan` for several layers at once: ``plan`` holds their steps stacked as rows (layer
+    ``layers[i]`` is rows ``i * B .. (i + 1) * B - 1``), so that checks, layouts and the eviction test run once for
+    all of them, and each layer's keys and values are shrunk by its own rows.
+
+    Args:
+        layers: the cache layers, in the order of their rows in ``plan``; none evicted yet in this prefill.
+        plan: the method's plan for (len(layers) * B, T) cached tokens.
+        cache: the decoder's ``DynamicCache``.
+        state: the attachment's state for the current prefill.
+        depth: number of decoder layers.
+    """
+    batch = state.span_id.shape[0]
+    check_plan(plan, layers[-1], state.span_id.repeat(len(layers), 1), caller="cache eviction")
+    for layer_idx in layers:
+        if cache.layers[layer_idx].get_seq_length() != plan.old_length:
+            raise ValueError(
+                f"layer {layer_idx}'s cache holds {cache.layers[layer_idx].get_seq_length()} tokens but its prefill "
+                f"saw {plan.old_length}; KV-cache eviction needs a fresh cache per prompt (no prefix reuse)."
+            )
+    state.fill_layouts(depth)
+    before = state.layouts[layers[0]]  # (B, T): every layer's prefill layout is the prompt's own before eviction
+    layouts = cache_layout(before.repeat(len(layers), 1), plan)  # (L * B, T_kept)
+    eviction = is_eviction(plan)
+    for row, layer_idx in enumerate(layers):
+        part = plan_rows(plan, row * batch, (row + 1) * batch)
+        entry = cache.layers[layer_idx]
+        entry.keys = shrink_states(part, entry.keys, eviction)  # (B, H_kv, T_kept, d); the full tensor is dropped
+        entry.values = shrink_states(part, entry.values, eviction)
+        state.layouts[layer_idx] = layouts[row * batch : (row + 1) * batch]

@@ -139,6 +139,19 @@ def eviction_plan(keep: torch.Tensor, dtype: torch.dtype = torch.float32) -> Pla
     return Plan(slot=slot, weight=keep.to(dtype), source=source, filler=filler, removed=length - kept)
 
 
+def plan_rows(plan: Plan, start: int, stop: int) -> Plan:
+    """The plan of rows ``start:stop`` of a batched plan (views, no copies): one layer's part of a plan that was built
+    for several layers' cache steps stacked as rows.
+
+    Args:
+        plan: a plan over B rows.
+        start: first row.
+        stop: one past the last row.
+    """
+    return Plan(slot=plan.slot[start:stop], weight=plan.weight[start:stop], source=plan.source[start:stop],
+                filler=plan.filler[start:stop], removed=plan.removed[start:stop])
+
+
 def compose_plans(first: Plan | None, second: Plan) -> Plan:
     """The plan that applies ``first`` then ``second``, expressed on ``first``'s original (B, T0) sequence.
 

@@ -56,6 +56,9 @@ class Reducer:
         keyed_by: "flops" or "ratio": what a benchmark column means for this method.
         default_layer, default_schedule: what ``layer=None`` / ``schedule=None`` mean.
         sweep_schedules: the schedules a default benchmark sweep runs (FastAdaSP: its sparse and dense strategies).
+        stacks_layers: a cache evictor whose plan of a row depends on that row's step alone (not on ``step.layer``
+            nor on other rows): on a short prompt the attachment then stacks every layer's step as rows of one step
+            and plans them with one call (``speechtrim.hf.attach.STACKED_EVICTION_BYTES``).
     """
 
     ratio: float | None = None
@@ -72,6 +75,7 @@ class Reducer:
     default_layer: ClassVar[int] = 2
     default_schedule: ClassVar[str] = "none"
     sweep_schedules: ClassVar[tuple[str, ...] | None] = None  # None: (default_schedule,)
+    stacks_layers: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

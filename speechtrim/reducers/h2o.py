@@ -31,6 +31,7 @@ class H2O(Reducer):
     keyed_by: ClassVar[str] = "ratio"  # a sweep column is its eviction ratio: the prefill FLOPs do not change
     default_layer: ClassVar[int] = 0
     default_schedule: ClassVar[str] = "constant"
+    stacks_layers: ClassVar[bool] = True  # each row's plan reads that row's scores alone
 
     def plan(self, step: LayerStep) -> Plan:
         return evict_plan(step.scores, step.audio, step.num_remove)

@@ -44,6 +44,7 @@ class SnapKV(Reducer):
     keyed_by: ClassVar[str] = "ratio"
     default_layer: ClassVar[int] = 0
     default_schedule: ClassVar[str] = "constant"
+    stacks_layers: ClassVar[bool] = True  # each row's plan reads that row's scores alone
 
     def __post_init__(self) -> None:
         super().__post_init__()
