@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import DynamicCache, StaticCache
@@ -426,3 +428,32 @@ def test_decode_over_a_full_layout_skips_the_mask_and_matches_the_built_one(llam
     monkeypatch.undo()
     with pytest.raises(ValueError, match="extend the 2-D mask"):
         decode(1, stale_mask=True)
+
+
+@pytest.mark.parametrize("name", ["fastadasp", "h2o"])
+def test_a_layer_that_removes_nothing_is_skipped_with_its_scoring(llama, monkeypatch, name):
+    """A layer whose ratio rounds to 0 tokens (a small ratio on a short prompt) runs no plan and no scoring pass for
+    it; the logits, caches and stats equal those of planning it anyway (an identity plan: the oracle)."""
+    from speechtrim import reducers
+    from speechtrim.hf import attention
+
+    prompt = audio_prompt([10, 7], seed=6)
+    # layer 2's ratio removes round(0.04 * 10) = 0 tokens; layers 1 and 3 remove some
+    reducer = reducers.build(name, ratio=0, schedule=[0.0, 0.5, 0.04, 0.5])
+    real = attention.key_attention_scores
+    runs = {}
+    for skipping in (True, False):
+        if not skipping:  # the oracle: every layer with a ratio > 0 plans, whatever it removes
+            monkeypatch.setattr(Attachment, "_removes", lambda self, state, ratio: ratio > 0)
+        calls = []
+        monkeypatch.setattr(attention, "key_attention_scores", lambda *a, **k: calls.append(1) or real(*a, **k))
+        with torch.no_grad(), reducer(llama, audio_token_id=AUDIO_TOKEN) as stats:
+            out = llama(**prompt, use_cache=True)
+        runs[skipping] = (out, dataclasses.asdict(stats), len(calls))
+    (out, stats, scorings), (oracle, oracle_stats, oracle_scorings) = runs[True], runs[False]
+    assert stats["requested_per_layer"][2] == 0 and stats["removed_per_layer"][3] > 0
+    assert scorings == oracle_scorings - 1  # the pass that would have scored layer 2's plan did not run
+    assert stats == oracle_stats
+    assert torch.allclose(out.logits, oracle.logits, atol=1e-6)
+    for layer, oracle_layer in zip(out.past_key_values.layers, oracle.past_key_values.layers):
+        assert torch.allclose(layer.keys, oracle_layer.keys, atol=1e-6)

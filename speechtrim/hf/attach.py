@@ -271,7 +271,7 @@ class Attachment:
         method = self.method
         if not self._evicts or not getattr(method, "stacks_layers", False) or "keys" in method.needs:
             return None
-        active = [layer_idx for layer_idx, ratio in enumerate(state.ratios) if ratio > 0]
+        active = [layer_idx for layer_idx, ratio in enumerate(state.ratios) if self._removes(state, ratio)]
         backbone = self.backbone
         itemsize = sequence.element_size() if sequence.is_floating_point() else 4
         cache_bytes = (sequence.shape[0] * sequence.shape[1] * backbone.depth * 2 * backbone.num_kv_heads
@@ -280,12 +280,20 @@ class Attachment:
 
     def _removal(self, state: PrefillState, ratio: float) -> torch.Tensor:
         """(B,) tokens a layer at ``ratio`` removes from each row of the current layout (counted once per layout)."""
+        return self._counted(state, ratio)[1]
+
+    def _removes(self, state: PrefillState, ratio: float) -> bool:
+        """Whether a layer at ``ratio`` removes any token of the current layout. A layer that removes none (a small
+        ratio on a short prompt: FastAdaSP decay's last layers) is skipped, with the scoring of the layer before it
+        or of its own attention: its plan would keep every token as it is."""
+        return ratio > 0 and self._counted(state, ratio)[2]
+
+    def _counted(self, state: PrefillState, ratio: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
         counted = state.removal.get(ratio)
-        if counted is not None and counted[0] is state.span_id:
-            return counted[1]
-        num_remove = self.method.removal_counts(state.span_id, ratio)  # (B,)
-        state.removal[ratio] = (state.span_id, num_remove)
-        return num_remove
+        if counted is None or counted[0] is not state.span_id:
+            num_remove = self.method.removal_counts(state.span_id, ratio)  # (B,)
+            counted = state.removal[ratio] = (state.span_id, num_remove, bool(num_remove.any()))
+        return counted
 
     def _step(self, layer_idx: int, state: PrefillState, hidden: torch.Tensor | None, valid: torch.Tensor | None,
               tap: AttentionTap | None, keys: torch.Tensor | None) -> LayerStep:
@@ -415,7 +423,7 @@ class Attachment:
         self, layer_idx: int, hidden: torch.Tensor, kwargs: dict, state: PrefillState
     ) -> tuple[torch.Tensor, dict]:
         plan = None
-        if hidden.shape[1] > 1 and state.ratios[layer_idx] > 0 and not self._evicts:
+        if hidden.shape[1] > 1 and not self._evicts and self._removes(state, state.ratios[layer_idx]):
             step = self._step(layer_idx, state, hidden, self._valid(state), state.taps.get(layer_idx), None)
             plan = self.method.plan(step)
             if plan is not None:
@@ -438,10 +446,10 @@ class Attachment:
                     )
                 kwargs["position_ids"], *tables = state.compact
                 kwargs["position_embeddings"] = tuple(tables)
-        real_tokens = valid.sum(dim=1) if valid is not None else torch.full((hidden.shape[0],), hidden.shape[1])
-        self.stats.rows_tokens_per_layer[layer_idx] = [int(count) for count in real_tokens]  # padding excluded
-        self.stats.tokens_per_layer[layer_idx] = int(real_tokens[0])
-        self.stats.cache_tokens_per_layer[layer_idx] = int(real_tokens[0])
+        real_tokens = valid.sum(dim=1).tolist() if valid is not None else [hidden.shape[1]] * hidden.shape[0]
+        self.stats.rows_tokens_per_layer[layer_idx] = real_tokens  # padding excluded
+        self.stats.tokens_per_layer[layer_idx] = real_tokens[0]
+        self.stats.cache_tokens_per_layer[layer_idx] = real_tokens[0]
         if hidden.shape[1] > 1:
             kwargs = self._request_tap(layer_idx, valid, state, kwargs)
         return hidden, kwargs
@@ -460,12 +468,12 @@ class Attachment:
         this layer's own cache eviction."""
         needs = self.method.needs
         if self._evicts:
-            if state.ratios[layer_idx] <= 0:
+            if not self._removes(state, state.ratios[layer_idx]):
                 return kwargs
             tap = AttentionTap(query_valid=self.method.score_queries(valid, state.span_id), keep_keys=False) \
                 if "scores" in needs else None  # the keys are read from the cache itself, so the tap holds none
             state.cache_pending[layer_idx] = (valid, tap)
-        elif needs and layer_idx + 1 < self.shape.depth and state.ratios[layer_idx + 1] > 0:
+        elif needs and layer_idx + 1 < self.shape.depth and self._removes(state, state.ratios[layer_idx + 1]):
             tap = AttentionTap(query_valid=self.method.score_queries(valid, state.span_id),
                                keep_scores="scores" in needs, keep_keys="keys" in needs)
             state.taps[layer_idx + 1] = tap

@@ -53,7 +53,10 @@ def shrink_states(plan: Plan, states: torch.Tensor, eviction: bool | None = None
         )
     batch, heads, _, width = states.shape
     if is_eviction(plan) if eviction is None else eviction:
-        index = plan.source.to(states.device)[:, None, :, None].expand(batch, heads, plan.new_length, width)
+        source = plan.source.to(states.device)
+        if batch == 1:  # whole (d,) rows copied: cheaper than an element-wise gather, short or long
+            return states.index_select(2, source[0])  # (1, H_kv, T_new, d), contiguous
+        index = source[:, None, :, None].expand(batch, heads, plan.new_length, width)
         return states.gather(2, index)  # (B, H_kv, T_new, d), contiguous: one copy
     flat = states.transpose(1, 2).reshape(batch, plan.old_length, heads * width)  # (B, T, H_kv * d)
     kept = apply_plan(plan, flat).view(batch, plan.new_length, heads, width)  # (B, T_new, H_kv, d)

@@ -38,8 +38,9 @@ class PrefillState:
         decode_width: columns of the current decode call's 2-D mask (None: no mask given).
         first_position: (B,) long, original position of each row's first real token (compact positions).
         compact: compact (B, T_l) position ids, cos, sin of the current layout (compact positions).
-        removal: ratio -> (the span ids it was counted on, the (B,) tokens to remove): a layer whose span ids and
-            ratio are those of an earlier layer (every layer of a cache evictor) reuses the count.
+        removal: ratio -> (the span ids it was counted on, the (B,) tokens to remove, whether any row removes one):
+            a layer whose span ids and ratio are those of an earlier layer (every layer of a cache evictor) reuses
+            the count.
         stack_until: a cache evictor whose layers' steps are planned together: the last active layer, after whose
             attention every waiting layer is evicted at once; None = each layer right after its own attention.
         stacked: the layers waiting for that, in order: (layer, its valid columns, its attention tap or None).
@@ -57,7 +58,7 @@ class PrefillState:
     decode_width: int | None = None
     first_position: torch.Tensor | None = None
     compact: tuple[torch.Tensor, ...] | None = None
-    removal: dict[float, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    removal: dict[float, tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=dict, repr=False)
     stack_until: int | None = None
     stacked: list[tuple[int, torch.Tensor | None, AttentionTap | None]] = field(default_factory=list, repr=False)
     _full: dict[int, tuple[torch.Tensor, bool]] = field(default_factory=dict, repr=False)
