@@ -83,8 +83,13 @@ def reference_merge(hidden, similarity, weights, num_merges, chain):
     return merged, slot_t, source_t, filler
 
 
+@pytest.mark.parametrize("short_path", [True, False])  # apply_plan's path for short sequences, or the long one
 @pytest.mark.parametrize("chain", [True, False])
-def test_merge_matches_paper_loop(chain):
+def test_merge_matches_paper_loop(chain, short_path, monkeypatch):
+    from speechtrim.ops import plan as plan_module
+
+    if not short_path:
+        monkeypatch.setattr(plan_module, "_SMALL_ELEMENTS", 0)
     for seed in range(40):
         generator = torch.Generator().manual_seed(seed)
         batch = int(torch.randint(2, 5, (1,), generator=generator))

@@ -169,3 +169,41 @@ def test_the_direct_eviction_plan_equals_the_general_builder(seed):
     for name in ("slot", "weight", "source", "filler", "removed"):
         assert torch.equal(getattr(plan, name), getattr(expected, name)), name
     assert plan.new_length == expected.new_length == 23
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_short_and_long_paths_of_apply_plan_give_the_same_values(seed, monkeypatch):
+    """``apply_plan`` adds every token into its slot on short sequences and gathers first members plus merged ones on
+    long sequences; on merges (zero-weight clusters included), evictions and left fillers both give the same values
+    to the last bit, and a plan built with ``keep=None`` equals one built with every token kept."""
+    from speechtrim.ops import plan as plan_module
+
+    generator = torch.Generator().manual_seed(seed)
+    batch, length, width = 3, 31, 7
+    hidden = torch.randn(batch, length, width, generator=generator)
+    starts = torch.rand(batch, length, generator=generator) < 0.6
+    starts[:, 0] = True
+    weight = torch.rand(batch, length, generator=generator)
+    weight[weight < 0.3] = 0.0  # some clusters weigh nothing in total: their plain mean
+    keep = torch.rand(batch, length, generator=generator) < 0.8
+    keep[:, 0] = True
+    merged = plan_from_slots(starts, None, weight)
+    kept_all = plan_from_slots(starts, torch.ones_like(starts), weight)
+    for name in ("slot", "weight", "source", "filler", "removed"):
+        assert torch.equal(getattr(merged, name), getattr(kept_all, name)), name
+    plans = [merged, plan_from_slots(starts, keep, weight), plan_from_slots(keep, keep, weight)]
+    assert any(bool(plan.filler.any()) for plan in plans)
+    for plan in plans:
+        short = apply_plan(plan, hidden)
+        monkeypatch.setattr(plan_module, "_SMALL_ELEMENTS", 0)
+        long = apply_plan(plan, hidden)
+        monkeypatch.setattr(plan_module, "_SMALL_ELEMENTS", 1 << 18)
+        assert torch.equal(short, long)
+        assert short.is_contiguous()
+
+
+def test_the_one_row_gather_equals_the_general_gather():
+    plan = merge_plan(torch.tensor([[0.1, 0.9, 0.2, 0.8, 0.0]]), torch.rand(1, 6), torch.tensor([2]))
+    for tensor in (torch.arange(6)[None], torch.randn(1, 6, 4)):
+        index = plan.source.view(1, -1, *([1] * (tensor.dim() - 2))).expand(1, plan.new_length, *tensor.shape[2:])
+        assert torch.equal(gather_time(plan, tensor, dim=1), tensor.gather(1, index))

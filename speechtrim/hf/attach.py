@@ -15,7 +15,10 @@ directly:
   comes out ragged (e.g. ``[40, 40, 25, 25]``);
 - a cache evictor (``acts_on="cache"``): right after an active layer's attention has run over the prefill, a
   forward hook on its attention module builds the step from that layer's own scores and shrinks
-  ``cache.layers[i].keys / .values`` with the plan (:mod:`.kv_evict`); the prefill itself is unchanged.
+  ``cache.layers[i].keys / .values`` with the plan (:mod:`.kv_evict`); the prefill itself is unchanged. On a short
+  prompt a method that declares ``stacks_layers`` (h2o, snapkv) has every layer's step planned in one call after
+  the last active layer (``STACKED_EVICTION_BYTES``): the same plans for a fraction of the operators;
+- a layer whose ratio removes no token in any row is skipped, with the scoring pass that would have fed it.
 
 At decode time each reduced layer's mask is rebuilt for its own cache layout, which is what lets left-padded
 ``generate()`` and beam search work. Everything is undone in ``detach`` (``finally``). What a prefill leaves for
@@ -470,11 +473,11 @@ class Attachment:
         if self._evicts:
             if not self._removes(state, state.ratios[layer_idx]):
                 return kwargs
-            tap = AttentionTap(query_valid=self.method.score_queries(valid, state.span_id), keep_keys=False) \
+            tap = AttentionTap(query_valid=self._score_queries(valid, state), keep_keys=False) \
                 if "scores" in needs else None  # the keys are read from the cache itself, so the tap holds none
             state.cache_pending[layer_idx] = (valid, tap)
         elif needs and layer_idx + 1 < self.shape.depth and self._removes(state, state.ratios[layer_idx + 1]):
-            tap = AttentionTap(query_valid=self.method.score_queries(valid, state.span_id),
+            tap = AttentionTap(query_valid=self._score_queries(valid, state),
                                keep_scores="scores" in needs, keep_keys="keys" in needs)
             state.taps[layer_idx + 1] = tap
         else:
@@ -482,6 +485,13 @@ class Attachment:
         if tap is not None:
             kwargs[TAP_KWARG] = tap
         return kwargs
+
+    def _score_queries(self, valid: torch.Tensor | None, state: PrefillState) -> torch.Tensor | None:
+        """The method's ``score_queries`` of a layer, computed once while valid columns and span ids stay the same."""
+        known = state.queries
+        if known is None or known[0] is not valid or known[1] is not state.span_id:
+            known = state.queries = (valid, state.span_id, self.method.score_queries(valid, state.span_id))
+        return known[2]
 
     def _gather_inputs(self, kwargs: dict, plan: Plan, hidden: torch.Tensor) -> dict:
         """Re-index the full-length position ids, rotary tables and mask with the accumulated plan (a copy)."""

@@ -44,6 +44,8 @@ class PrefillState:
         stack_until: a cache evictor whose layers' steps are planned together: the last active layer, after whose
             attention every waiting layer is evicted at once; None = each layer right after its own attention.
         stacked: the layers waiting for that, in order: (layer, its valid columns, its attention tap or None).
+        queries: (valid, span ids, the method's ``score_queries`` of them): reused while a layer's valid columns
+            and span ids are the same objects (every layer of a cache evictor).
     """
 
     original_length: int
@@ -61,6 +63,7 @@ class PrefillState:
     removal: dict[float, tuple[torch.Tensor, torch.Tensor, bool]] = field(default_factory=dict, repr=False)
     stack_until: int | None = None
     stacked: list[tuple[int, torch.Tensor | None, AttentionTap | None]] = field(default_factory=list, repr=False)
+    queries: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None = field(default=None, repr=False)
     _full: dict[int, tuple[torch.Tensor, bool]] = field(default_factory=dict, repr=False)
 
     def set_decode_mask(self, mask: torch.Tensor | None) -> None:

@@ -137,16 +137,19 @@ def merge_plan(
     if num_merges.shape[0] != batch or bool((num_merges < 0).any()):
         raise ValueError(f"num_merges must be (B,) = ({batch},) non-negative counts, got {num_merges.tolist()}.")
     weights = weights if weights.is_floating_point() else weights.float()
-    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+    if not bool(((weights >= 0) & (weights < float("inf"))).all()):  # NaN fails both
         raise ValueError("merge weights must be finite and non-negative (attention received, or ones).")
 
     if length == 0:
         return identity_plan(batch, 0, weights.device)
     valid = torch.isfinite(similarity)  # (B, T-1)
-    rank = _descending_rank(torch.where(valid, similarity, torch.full_like(similarity, float("-inf"))))
-    if chain:
-        selected = valid & (rank < num_merges.unsqueeze(1))  # (B, T-1): top-k pairs
+    key = similarity.masked_fill(~valid, float("-inf"))
+    if chain:  # the top-k pairs: the first k of the descending order (ties: lower index first)
+        order = key.sort(dim=1, descending=True, stable=True).indices  # (B, T-1)
+        first_k = torch.arange(key.shape[1], device=key.device).unsqueeze(0) < num_merges.unsqueeze(1)
+        selected = torch.zeros_like(valid).scatter_(1, order, first_k) & valid  # (B, T-1)
     else:
+        rank = _descending_rank(key)
         chosen = _disjoint_greedy(rank, valid, num_merges)
         chosen_rank = torch.where(chosen, rank, torch.full_like(rank, rank.shape[1]))
         selected = chosen & (_descending_rank(-chosen_rank.float()) < num_merges.unsqueeze(1))
@@ -160,5 +163,4 @@ def merge_plan(
         logger.debug("merge shortfall per row: %s", shortfall.tolist())
     # Token j joins token j-1's slot when pair (j-1, j) is selected.
     starts = ~F.pad(selected, (1, 0), value=False)  # (B, T)
-    keep = torch.ones_like(starts)
-    return plan_from_slots(starts, keep, weights)
+    return plan_from_slots(starts, None, weights)  # every token kept, alone or merged

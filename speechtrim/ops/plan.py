@@ -24,6 +24,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 _CHUNK_ELEMENTS = 1 << 22  # apply_plan processes merged tokens in chunks of at most this many values (16 MB fp32)
+# apply_plan takes the short path up to this many hidden values (455 tokens of SmolLM2's 576 channels at batch 1)
+_SMALL_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -78,7 +80,7 @@ def identity_plan(batch: int, length: int, device: torch.device | str | None = N
     )
 
 
-def plan_from_slots(starts: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor) -> Plan:
+def plan_from_slots(starts: torch.Tensor, keep: torch.Tensor | None, weight: torch.Tensor) -> Plan:
     """Build a left-aligned :class:`Plan` from per-token "opens a new slot" and "kept" masks.
 
     A kept token with ``starts`` False joins the slot of the previous kept token (a merge cluster); a token with
@@ -86,12 +88,13 @@ def plan_from_slots(starts: torch.Tensor, keep: torch.Tensor, weight: torch.Tens
 
     Args:
         starts: (B, T) bool, token opens a new slot (must be True for the first kept token of each row).
-        keep: (B, T) bool, token survives (alone or merged).
+        keep: (B, T) bool, token survives (alone or merged); None: every token does (a merge plan, fewer
+            operators).
         weight: (B, T) float, non-negative merge weight of each token.
     """
-    batch, length = keep.shape
-    device = keep.device
-    opens = starts & keep  # (B, T)
+    batch, length = starts.shape
+    device = starts.device
+    opens = starts if keep is None else starts & keep  # (B, T)
     slot = opens.long().cumsum(dim=1) - 1  # (B, T): compact slot ids, row-local
     kept_slots = opens.sum(dim=1)  # (B,)
     removed = length - kept_slots  # (B,)
@@ -100,16 +103,21 @@ def plan_from_slots(starts: torch.Tensor, keep: torch.Tensor, weight: torch.Tens
     else:
         new_length = int(kept_slots.max())
     shift = new_length - kept_slots  # (B,): filler slots on the left of each row
-    slot = torch.where(keep, slot + shift.unsqueeze(1), torch.full_like(slot, -1))  # (B, T)
-    weight = torch.where(keep, weight, torch.zeros_like(weight))  # (B, T)
+    if keep is None:
+        slot = slot + shift.unsqueeze(1)  # (B, T)
+        target = slot
+    else:
+        slot = torch.where(keep, slot + shift.unsqueeze(1), torch.full_like(slot, -1))  # (B, T)
+        weight = torch.where(keep, weight, torch.zeros_like(weight))  # (B, T)
+        target = torch.where(keep, slot, torch.full_like(slot, new_length))  # (B, T): evicted -> a discarded slot
 
     # Source of each slot: the member with the largest weight, ties to the earliest member.
-    dump = new_length  # evicted tokens scatter into an extra, discarded slot
-    target = torch.where(keep, slot, torch.full_like(slot, dump))  # (B, T)
     best = torch.full((batch, new_length + 1), -1.0, dtype=weight.dtype, device=device)
     best = best.scatter_reduce(1, target, weight, reduce="amax", include_self=True)  # (B, T_new + 1)
     old_index = torch.arange(length, device=device).unsqueeze(0).expand(batch, length)  # (B, T)
-    is_best = keep & (weight == best.gather(1, target))
+    is_best = weight == best.gather(1, target)
+    if keep is not None:
+        is_best &= keep
     candidate = torch.where(is_best, old_index, torch.full_like(old_index, length))  # (B, T)
     source = torch.full((batch, new_length + 1), length, dtype=torch.long, device=device)
     source = source.scatter_reduce(1, target, candidate, reduce="amin", include_self=True)[:, :new_length]
@@ -196,6 +204,8 @@ def apply_plan(plan: Plan, hidden: torch.Tensor) -> torch.Tensor:
     batch, length, width = hidden.shape
     new_length = plan.new_length
     compute_dtype = hidden.dtype if hidden.dtype in (torch.float32, torch.float64) else torch.float32
+    if hidden.numel() <= _SMALL_ELEMENTS:
+        return _apply_small(plan, hidden, compute_dtype)
     kept = plan.slot >= 0  # (B, T)
     target = torch.where(kept, plan.slot, torch.full_like(plan.slot, new_length))  # (B, T), dump slot T_new
     weight = plan.weight.to(compute_dtype)  # (B, T)
@@ -234,6 +244,33 @@ def apply_plan(plan: Plan, hidden: torch.Tensor) -> torch.Tensor:
     return out.view(batch, new_length, width).to(hidden.dtype)  # (B, T_new, D)
 
 
+def _apply_small(plan: Plan, hidden: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``apply_plan`` of a short sequence in a third of the operators: every token, scaled by its normalised weight,
+    is added into its slot (at this size the operators' count is the cost, not the extra pass over the tokens that
+    the long path avoids). The same sums in the same order: the same values."""
+    batch, length, width = hidden.shape
+    new_length = plan.new_length
+    kept = plan.slot >= 0  # (B, T)
+    target = plan.slot.masked_fill(~kept, new_length)  # (B, T), evicted -> a discarded slot T_new
+    weight = plan.weight.to(compute_dtype)  # (B, T)
+    total = torch.zeros(batch, new_length + 1, dtype=compute_dtype, device=hidden.device)
+    total = total.scatter_add_(1, target, weight).gather(1, target)  # (B, T): weight of each token's slot
+    members = torch.zeros(batch, new_length + 1, dtype=compute_dtype, device=hidden.device)
+    members = members.scatter_add_(1, target, kept.to(compute_dtype)).gather(1, target)  # (B, T)
+    norm_weight = torch.where(total > 0, weight / total.clamp_min(torch.finfo(compute_dtype).tiny),
+                              1.0 / members.clamp_min(1))  # a slot whose weights sum to 0: plain mean
+    norm_weight = norm_weight.masked_fill_(~kept, 0.0)  # (B, T)
+    rows = target + torch.arange(batch, device=hidden.device).unsqueeze(1) * (new_length + 1)  # (B, T)
+    scaled = hidden.to(compute_dtype) * norm_weight.unsqueeze(2)  # (B, T, D)
+    out = torch.zeros(batch * (new_length + 1), width, dtype=compute_dtype, device=hidden.device)
+    out = out.index_add_(0, rows.reshape(-1), scaled.reshape(-1, width)).view(batch, new_length + 1, width)
+    out = out[:, :new_length]  # (B, T_new, D)
+    if bool(plan.filler.any()):  # filler slots have no members: a copy of their source token
+        index = plan.source.unsqueeze(2).expand(batch, new_length, width)
+        out = torch.where(plan.filler.unsqueeze(2), hidden.gather(1, index).to(compute_dtype), out)
+    return out.to(hidden.dtype).contiguous()
+
+
 def gather_time(plan: Plan, tensor: torch.Tensor, dim: int, batch_dim: int | None = None) -> torch.Tensor:
     """Index a tensor's time axis with ``plan.source``, row by row, broadcasting over its other axes.
 
@@ -256,6 +293,8 @@ def gather_time(plan: Plan, tensor: torch.Tensor, dim: int, batch_dim: int | Non
             f"{plan.old_length}; pass dim= the axis that holds the sequence."
         )
     batch = plan.batch
+    if batch == 1 and dim == 1 and tensor.shape[0] == 1 and batch_dim in (None, 0):
+        return tensor.index_select(1, plan.source[0])  # one row, (1, T, *rest): whole entries copied
     mrope_ids = ndim == 3 and dim == 2 and tensor.shape[0] == 3 and not tensor.is_floating_point()
     if batch_dim is None and mrope_ids and tensor.dtype != torch.bool and tensor.shape[1] in (batch, 1):
         batch_dim = 1
