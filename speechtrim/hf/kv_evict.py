@@ -63,7 +63,7 @@ def shrink_states(plan: Plan, states: torch.Tensor, eviction: bool | None = None
     return kept.transpose(1, 2).contiguous()  # (B, H_kv, T_new, d)
 
 
-def shrink_cache_layer(layer: object, plan: Plan) -> tuple[int, int]:
+def shrink_cache_layer(layer: object, plan: Plan, eviction: bool | None = None) -> tuple[int, int]:
     """Replace one cache layer's ``keys`` and ``values`` by their planned columns; return (old, new) lengths.
 
     The old tensors are dropped, so their memory is freed once nothing else refers to them.
@@ -71,6 +71,7 @@ def shrink_cache_layer(layer: object, plan: Plan) -> tuple[int, int]:
     Args:
         layer: a ``transformers.cache_utils.DynamicLayer`` (``keys`` / ``values`` of shape (B, H_kv, T, d)).
         plan: the reduction plan for the layer's B rows of T cached tokens.
+        eviction: ``is_eviction(plan)`` when the caller knows it already (None: computed here).
     """
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor) or keys.dim() != 4:
@@ -79,7 +80,7 @@ def shrink_cache_layer(layer: object, plan: Plan) -> tuple[int, int]:
             "needs a DynamicCache (the default of generate())."
         )
     old_length = int(keys.shape[2])
-    eviction = is_eviction(plan)
+    eviction = is_eviction(plan) if eviction is None else eviction
     layer.keys = shrink_states(plan, keys, eviction)  # (B, H_kv, T_new, d)
     layer.values = shrink_states(plan, values, eviction)  # (B, H_kv, T_new, d_v)
     return old_length, plan.new_length
@@ -123,17 +124,7 @@ def evict_with_plan(layer_idx: int, plan: Plan, cache: object, state: PrefillSta
         state: the attachment's state for the current prefill.
         depth: number of decoder layers.
     """
-    check_plan(plan, layer_idx, state.span_id, caller="cache eviction")
-    entry = cache.layers[layer_idx]
-    if entry.get_seq_length() != plan.old_length:
-        raise ValueError(
-            f"layer {layer_idx}'s cache holds {entry.get_seq_length()} tokens but its prefill saw "
-            f"{plan.old_length}; KV-cache eviction needs a fresh cache per prompt (no prefix reuse)."
-        )
-    state.fill_layouts(depth)
-    layout = cache_layout(state.layouts[layer_idx], plan)  # (B, T_kept)
-    shrink_cache_layer(entry, plan)  # keys/values (B, H_kv, T_kept, d); the full tensors are dropped
-    state.layouts[layer_idx] = layout
+    evict_layers_with_plan([layer_idx], plan, cache, state, depth)
 
 
 def evict_layers_with_plan(layers: list[int], plan: Plan, cache: object, state: PrefillState, depth: int) -> None:
@@ -161,8 +152,5 @@ def evict_layers_with_plan(layers: list[int], plan: Plan, cache: object, state: 
     layouts = cache_layout(before.repeat(len(layers), 1), plan)  # (L * B, T_kept)
     eviction = is_eviction(plan)
     for row, layer_idx in enumerate(layers):
-        part = plan_rows(plan, row * batch, (row + 1) * batch)
-        entry = cache.layers[layer_idx]
-        entry.keys = shrink_states(part, entry.keys, eviction)  # (B, H_kv, T_kept, d); the full tensor is dropped
-        entry.values = shrink_states(part, entry.values, eviction)
+        shrink_cache_layer(cache.layers[layer_idx], plan_rows(plan, row * batch, (row + 1) * batch), eviction)
         state.layouts[layer_idx] = layouts[row * batch : (row + 1) * batch]
