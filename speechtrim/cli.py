@@ -233,6 +233,9 @@ def _add_train_embedded(commands: Any) -> None:
     embedded.add_argument("--asr-seeds", default=None,
                           help="comma-separated seeds, one rendering of the fortune sentences each (default 0,1)")
     embedded.add_argument("--pool", type=int, default=None, help="encoder frames per audio token (default 4)")
+    embedded.add_argument("--projector-context", type=int, default=None,
+                          help="Transformer layers over the projector's outputs before its CTC head scores them "
+                               "(default 0: the frame-wise MLP alone)")
     embedded.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     embedded.add_argument("--eval-limit", type=int, default=None, help="clips per held-out set (default: all)")
     embedded.add_argument("--work", type=Path, default=None,
@@ -432,7 +435,8 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
     fields = {key: value for key, value in (("asr_sentences", args.asr_sentences), ("pool", args.pool),
                                             ("wordnet_sentences", args.wordnet_sentences),
                                             ("asr_seeds", _seeds(args.asr_seeds, "--asr-seeds")),
-                                            ("lora_rank", args.lora_rank)) if value is not None}
+                                            ("lora_rank", args.lora_rank),
+                                            ("projector_context", args.projector_context)) if value is not None}
     if args.balance_steps is not None and args.balance_steps < 0:
         raise ValueError(f"--balance-steps must be >= 0 (0: no stage 3), got {args.balance_steps}")
     balance = None if args.balance_steps == 0 or recipe.balance is None else dataclasses.replace(

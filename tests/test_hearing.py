@@ -34,6 +34,32 @@ def test_projector_mixes_llm_embeddings_by_its_ctc_posteriors():
     torch.testing.assert_close(logits[..., :-1], hidden @ embeddings[VOCAB].T)
 
 
+def test_context_layers_see_a_clips_own_frames_only_and_train_with_the_ctc_head():
+    torch.manual_seed(0)
+    projector = VocabProjector(32, 48, VOCAB, hidden=16, prosody_rank=0, context_layers=2, context_heads=4).eval()
+    embeddings = torch.randn(len(WORDS), 48)
+    clip = torch.randn(1, 5, 32)
+    alone = projector.logits(clip, embeddings, torch.ones(1, 5, dtype=torch.bool))
+    # the same clip in a padded batch beside a longer one: its valid positions get the same logits
+    batch = torch.zeros(2, 9, 32)
+    batch[0, :5], batch[1] = clip[0], torch.randn(9, 32)
+    mask = torch.arange(9).unsqueeze(0) < torch.tensor([[5], [9]])
+    torch.testing.assert_close(projector.logits(batch, embeddings, mask)[0, :5], alone[0])
+    # without the mask the padding leaks into the clip's context: the mask is what keeps it out
+    assert not torch.allclose(projector.logits(batch, embeddings)[0, :5], alone[0], atol=1e-4)
+    # the context differs from the frame-wise MLP, and the CTC loss reaches its parameters
+    assert not torch.allclose(alone[0, :, :-1], projector.mlp(clip)[0] @ embeddings[VOCAB].T, atol=1e-4)
+    projector.train()
+    loss = ctc_loss(projector.logits(batch, embeddings, mask), mask.sum(dim=1),
+                    [torch.tensor([0, 1]), torch.tensor([2, 3, 4])], projector.blank)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.context.parameters())
+    with pytest.raises(ValueError, match="context_heads"):
+        VocabProjector(32, 48, VOCAB, context_layers=1, context_heads=5)
+    with pytest.raises(ValueError, match="context_layers"):
+        VocabProjector(32, 48, VOCAB, context_layers=-1)
+
+
 def test_projector_refuses_a_bad_vocabulary():
     with pytest.raises(ValueError, match="distinct token ids"):
         VocabProjector(8, 8, [1, 1, 2])

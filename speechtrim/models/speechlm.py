@@ -206,7 +206,7 @@ class SpeechLM(nn.Module):
         None (a linear projector has no CTC head)."""
         frames, mask = self.pool_frames(frames, mask)
         if isinstance(self.projector, VocabProjector):
-            projected, logits = self.projector(frames, self.llm.get_input_embeddings().weight)
+            projected, logits = self.projector(frames, self.llm.get_input_embeddings().weight, mask)
             return projected, mask, logits
         return self.projector(frames), mask, None
 

@@ -6,7 +6,10 @@ transcript's LLM tokens. The LLM then receives the posterior-weighted mix of the
     e_t = sum_v p_t(v) E_v + p_t(blank) b,
 which sits on the embedding manifold the LLM was trained on, plus a low-rank "prosody" path from the frames
 (zero at initialisation) that carries what the text does not (speaking rate, pitch, loudness: the emotion task).
-One output per input frame: the audio span keeps its length, which the token reducers need.
+One output per input frame: the audio span keeps its length, which the token reducers need. An optional context
+(``context_layers`` > 0: a few pre-norm Transformer layers over the clip's h_t, padding masked out) lets each
+position see its neighbours before it is scored, as the BiLSTM or Transformer heads of frozen-feature ASR do
+(SUPERB); 0 is the frame-wise MLP alone.
 
 An optional ``UtteranceSummary`` (``summary_tokens`` > 0) adds a few vectors for the whole utterance, built from
 statistics of all its frames (mean, spread, frame-to-frame change, length) and mixed from the LLM's embeddings like
@@ -35,11 +38,13 @@ class VocabProjector(nn.Module):
         embedding_std: standard deviation of the LLM's token embeddings (initial scale of the blank vectors).
         summary_tokens: vectors of the utterance summary (0: none, ``summarize`` returns None).
         summary_hidden: width of the summary's frame features.
+        context_layers: Transformer layers over the MLP's outputs before they are scored (0: none).
+        context_heads: attention heads of each context layer (must divide ``llm_dim``).
     """
 
     def __init__(self, input_dim: int, llm_dim: int, vocab_ids: torch.Tensor | list[int], hidden: int = 1024,
                  prosody_rank: int = 64, embedding_std: float = 0.13, summary_tokens: int = 0,
-                 summary_hidden: int = 256) -> None:
+                 summary_hidden: int = 256, context_layers: int = 0, context_heads: int = 8) -> None:
         super().__init__()
         vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.long)
         if vocab_ids.ndim != 1 or len(vocab_ids) == 0 or len(torch.unique(vocab_ids)) != len(vocab_ids):
@@ -48,8 +53,17 @@ class VocabProjector(nn.Module):
             raise ValueError(f"need hidden >= 1 and prosody_rank >= 0, got {hidden} and {prosody_rank}")
         if not isinstance(summary_tokens, int) or summary_tokens < 0:
             raise ValueError(f"summary_tokens must be an int >= 0 (0: no utterance summary), got {summary_tokens!r}")
+        if not isinstance(context_layers, int) or context_layers < 0:
+            raise ValueError(f"context_layers must be an int >= 0 (0: frame-wise MLP only), got {context_layers!r}")
+        if context_layers and (context_heads < 1 or llm_dim % context_heads):
+            raise ValueError(f"context_heads must divide the LLM width {llm_dim}, got {context_heads}")
         self.register_buffer("vocab_ids", vocab_ids)
         self.mlp = nn.Sequential(nn.Linear(input_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim))
+        self.context = None
+        if context_layers:
+            layer = nn.TransformerEncoderLayer(llm_dim, context_heads, dim_feedforward=2 * llm_dim, dropout=0.1,
+                                               activation="gelu", batch_first=True, norm_first=True)
+            self.context = nn.TransformerEncoder(layer, context_layers, enable_nested_tensor=False)
         self.blank_key = nn.Parameter(torch.randn(llm_dim) * embedding_std)  # scores the blank
         self.blank_embedding = nn.Parameter(torch.randn(llm_dim) * embedding_std)  # what the LLM gets for it
         self.prosody = None
@@ -66,15 +80,22 @@ class VocabProjector(nn.Module):
         """Index of the blank in the logits' last axis."""
         return len(self.vocab_ids)
 
-    def logits(self, frames: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
-        """CTC logits (B, T, K + 1) of ``frames`` (B, T, D_in) against the LLM's ``embeddings`` (V, D_llm)."""
+    def logits(self, frames: torch.Tensor, embeddings: torch.Tensor, mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """CTC logits (B, T, K + 1) of ``frames`` (B, T, D_in) against the LLM's ``embeddings`` (V, D_llm);
+        ``mask`` (B, T) marks the valid frames (None: all), which is all the context layers attend to."""
         hidden = self.mlp(frames)  # (B, T, D_llm)
+        if self.context is not None:
+            padding = None if mask is None else ~mask.bool()
+            hidden = self.context(hidden, src_key_padding_mask=padding)
         keys = torch.cat([embeddings[self.vocab_ids].to(hidden.dtype), self.blank_key.unsqueeze(0)])  # (K+1, D)
         return hidden @ keys.T  # (B, T, K+1)
 
-    def forward(self, frames: torch.Tensor, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """LLM inputs (B, T, D_llm) and the CTC logits (B, T, K + 1) they were mixed from."""
-        logits = self.logits(frames, embeddings)
+    def forward(self, frames: torch.Tensor, embeddings: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLM inputs (B, T, D_llm) and the CTC logits (B, T, K + 1) they were mixed from (``mask``: see
+        ``logits``)."""
+        logits = self.logits(frames, embeddings, mask)
         values = torch.cat([embeddings[self.vocab_ids].to(logits.dtype), self.blank_embedding.unsqueeze(0)])
         mixed = torch.softmax(logits, dim=-1) @ values  # (B, T, D_llm)
         if self.prosody is not None:

@@ -65,6 +65,9 @@ class EmbeddedRecipe:
         emotion_repeat: times each emotion clip appears in the joint stage's pool of examples.
         projector_hidden: width of the vocabulary projector's MLP.
         prosody_rank: rank of the projector's residual path (what the text does not carry).
+        projector_context: Transformer layers over the projector's per-position outputs before the CTC head
+            scores them (``VocabProjector`` ``context_layers``; 0: the frame-wise MLP alone, what the packaged
+            model has).
         lora_rank: rank of the LoRA matrices on every linear layer of the LLM (0: the LLM stays frozen).
         lora_alpha: LoRA scaling numerator.
         gap_seconds: silence between clips packed into one encoder window.
@@ -112,6 +115,7 @@ class EmbeddedRecipe:
     emotion_repeat: int = 4
     projector_hidden: int = 1024
     prosody_rank: int = 32
+    projector_context: int = 0
     lora_rank: int = 8
     lora_alpha: float = 16.0
     gap_seconds: float = 1.0
@@ -163,6 +167,8 @@ class EmbeddedRecipe:
         for name in ("emotion_repeat", "projector_hidden", "pool", "eval_clips"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if not isinstance(self.projector_context, int) or self.projector_context < 0:
+            raise ValueError(f"projector_context must be an int >= 0 (0: none), got {self.projector_context!r}")
         if not isinstance(self.wordnet_sentences, int) or self.wordnet_sentences < 0:
             raise ValueError(f"wordnet_sentences must be an int >= 0 (0: none), got {self.wordnet_sentences!r}")
         if not self.asr_seeds or len(set(self.asr_seeds)) != len(self.asr_seeds):
@@ -332,6 +338,8 @@ def train_embedded(recipe: EmbeddedRecipe, out: Path, work: Path | None = None, 
     else:
         params = {"hidden": recipe.projector_hidden, "prosody_rank": recipe.prosody_rank,
                   "embedding_std": float(embeddings.std())}
+        if recipe.projector_context:
+            params["context_layers"] = recipe.projector_context
         torch.manual_seed(recipe.joint.seed)
         model.use_projector(VocabProjector(model.pool * int(model.encoder.config.d_model), embeddings.shape[1],
                                            vocab_ids, **params), "vocab", params)
@@ -450,6 +458,7 @@ def _as_current(recipe: dict[str, Any]) -> dict[str, Any]:
     recipe = dict(recipe)
     recipe.setdefault("wordnet_sentences", 0)  # added since; 0 (none) is what ran before
     recipe.setdefault("wordnet_seed", EmbeddedRecipe.wordnet_seed)
+    recipe.setdefault("projector_context", 0)  # added since; 0 (none) is what ran before
     if "emotion_seed" in recipe and "emotion_seeds" not in recipe:
         recipe["emotion_seeds"] = [recipe.pop("emotion_seed")]
     defaults = {f.name: f.default for f in fields(StageConfig) if f.default is not MISSING}

@@ -268,7 +268,7 @@ def ctc_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageCo
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         frames = time_masked(frames, mask, config.time_mask, generator)
         frames, mask = model.pool_frames(frames, mask)
-        logits = projector.logits(frames, embeddings)  # (B, T', K+1)
+        logits = projector.logits(frames, embeddings, mask)  # (B, T', K+1)
         loss = ctc_loss(logits, mask.sum(dim=1), [example.ctc_target for example in batch], projector.blank)
         return {"loss": loss, "ctc": loss.detach()}
 
