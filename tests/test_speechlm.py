@@ -134,3 +134,34 @@ def test_saved_projector_and_adapter_reload_with_one_call(tmp_path, monkeypatch)
     with pytest.raises(FileNotFoundError, match="not a saved SpeechLM"):
         speechlm_module.load_speechlm(tmp_path)
 
+
+
+def test_a_vocabulary_projector_with_context_layers_reloads_with_the_same_outputs(tmp_path, monkeypatch):
+    import speechtrim.models.storage as speechlm_module
+    from speechtrim.models.vocab_projector import VocabProjector
+
+    def tiny_build(encoder, llm, adapter, adapter_params=None, pool=1, seed=0, projector="linear",
+                   projector_params=None):
+        model = tiny_speechlm(seed=seed + 3)
+        if projector == "vocab":
+            model.projector = VocabProjector(32, 48, **projector_params)
+        model.speech_config.encoder, model.speech_config.llm = encoder, llm
+        return model
+
+    monkeypatch.setattr(speechlm_module, "build_speechlm", tiny_build)
+    trained = tiny_build("tiny", "tiny", "none")
+    params = {"hidden": 16, "prosody_rank": 4, "context_layers": 1, "context_heads": 4}
+    torch.manual_seed(1)
+    trained.use_projector(VocabProjector(32, 48, [3, 4, 5, 6], **params), "vocab", params)
+    with torch.no_grad():
+        for parameter in trained.projector.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    speechlm_module.save_trained(trained, tmp_path / "saved", {"task": "asr"})
+    loaded = speechlm_module.load_speechlm(tmp_path / "saved").eval()
+    assert loaded.projector.context is not None and len(loaded.projector.context.layers) == 1
+    frames, mask = trained.encode(clips(1.0, 0.4))
+    expected, expected_mask, expected_logits = trained.eval().project(frames, mask)
+    got, got_mask, got_logits = loaded.project(frames, mask)
+    assert torch.equal(got_mask, expected_mask)
+    torch.testing.assert_close(got_logits, expected_logits)
+    torch.testing.assert_close(got, expected)
