@@ -36,9 +36,14 @@ def test_projector_mixes_llm_embeddings_by_its_ctc_posteriors():
 
 def test_context_layers_see_a_clips_own_frames_only_and_train_with_the_ctc_head():
     torch.manual_seed(0)
-    projector = VocabProjector(32, 48, VOCAB, hidden=16, prosody_rank=0, context_layers=2, context_heads=4).eval()
+    projector = VocabProjector(32, 48, VOCAB, hidden=16, prosody_rank=0, context_layers=2, context_heads=4,
+                               context_width=16).eval()
     embeddings = torch.randn(len(WORDS), 48)
     clip = torch.randn(1, 5, 32)
+    # it starts as the frame-wise MLP exactly (the way back from the context is zero), then is given weights
+    torch.testing.assert_close(projector.logits(clip, embeddings)[0, :, :-1], projector.mlp(clip)[0] @ embeddings[VOCAB].T)
+    with torch.no_grad():
+        projector.context["out"].weight.normal_()
     alone = projector.logits(clip, embeddings, torch.ones(1, 5, dtype=torch.bool))
     # the same clip in a padded batch beside a longer one: its valid positions get the same logits
     batch = torch.zeros(2, 9, 32)
@@ -55,7 +60,7 @@ def test_context_layers_see_a_clips_own_frames_only_and_train_with_the_ctc_head(
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projector.context.parameters())
     with pytest.raises(ValueError, match="context_heads"):
-        VocabProjector(32, 48, VOCAB, context_layers=1, context_heads=5)
+        VocabProjector(32, 48, VOCAB, context_layers=1, context_heads=5, context_width=16)
     with pytest.raises(ValueError, match="context_layers"):
         VocabProjector(32, 48, VOCAB, context_layers=-1)
 

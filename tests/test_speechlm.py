@@ -150,7 +150,7 @@ def test_a_vocabulary_projector_with_context_layers_reloads_with_the_same_output
 
     monkeypatch.setattr(speechlm_module, "build_speechlm", tiny_build)
     trained = tiny_build("tiny", "tiny", "none")
-    params = {"hidden": 16, "prosody_rank": 4, "context_layers": 1, "context_heads": 4}
+    params = {"hidden": 16, "prosody_rank": 4, "context_layers": 1, "context_heads": 4, "context_width": 8}
     torch.manual_seed(1)
     trained.use_projector(VocabProjector(32, 48, [3, 4, 5, 6], **params), "vocab", params)
     with torch.no_grad():
@@ -158,7 +158,7 @@ def test_a_vocabulary_projector_with_context_layers_reloads_with_the_same_output
             parameter.add_(0.1 * torch.randn_like(parameter))
     speechlm_module.save_trained(trained, tmp_path / "saved", {"task": "asr"})
     loaded = speechlm_module.load_speechlm(tmp_path / "saved").eval()
-    assert loaded.projector.context is not None and len(loaded.projector.context.layers) == 1
+    assert loaded.projector.context is not None and len(loaded.projector.context["layers"].layers) == 1
     frames, mask = trained.encode(clips(1.0, 0.4))
     expected, expected_mask, expected_logits = trained.eval().project(frames, mask)
     got, got_mask, got_logits = loaded.project(frames, mask)

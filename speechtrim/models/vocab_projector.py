@@ -7,9 +7,10 @@ transcript's LLM tokens. The LLM then receives the posterior-weighted mix of the
 which sits on the embedding manifold the LLM was trained on, plus a low-rank "prosody" path from the frames
 (zero at initialisation) that carries what the text does not (speaking rate, pitch, loudness: the emotion task).
 One output per input frame: the audio span keeps its length, which the token reducers need. An optional context
-(``context_layers`` > 0: a few pre-norm Transformer layers over the clip's h_t, padding masked out) lets each
-position see its neighbours before it is scored, as the BiLSTM or Transformer heads of frozen-feature ASR do
-(SUPERB); 0 is the frame-wise MLP alone.
+(``context_layers`` > 0: a few narrow pre-norm Transformer layers over the clip's h_t, padding masked out, added
+back to h_t through a projection that starts at zero) lets each position see its neighbours before it is scored,
+as the BiLSTM or Transformer heads of frozen-feature ASR do (SUPERB); at initialisation it is the frame-wise MLP
+exactly, and 0 is the MLP alone.
 
 An optional ``UtteranceSummary`` (``summary_tokens`` > 0) adds a few vectors for the whole utterance, built from
 statistics of all its frames (mean, spread, frame-to-frame change, length) and mixed from the LLM's embeddings like
@@ -39,12 +40,14 @@ class VocabProjector(nn.Module):
         summary_tokens: vectors of the utterance summary (0: none, ``summarize`` returns None).
         summary_hidden: width of the summary's frame features.
         context_layers: Transformer layers over the MLP's outputs before they are scored (0: none).
-        context_heads: attention heads of each context layer (must divide ``llm_dim``).
+        context_heads: attention heads of each context layer (must divide ``context_width``).
+        context_width: width of the context layers (projected from and back to ``llm_dim``).
     """
 
     def __init__(self, input_dim: int, llm_dim: int, vocab_ids: torch.Tensor | list[int], hidden: int = 1024,
                  prosody_rank: int = 64, embedding_std: float = 0.13, summary_tokens: int = 0,
-                 summary_hidden: int = 256, context_layers: int = 0, context_heads: int = 8) -> None:
+                 summary_hidden: int = 256, context_layers: int = 0, context_heads: int = 4,
+                 context_width: int = 256) -> None:
         super().__init__()
         vocab_ids = torch.as_tensor(vocab_ids, dtype=torch.long)
         if vocab_ids.ndim != 1 or len(vocab_ids) == 0 or len(torch.unique(vocab_ids)) != len(vocab_ids):
@@ -55,15 +58,20 @@ class VocabProjector(nn.Module):
             raise ValueError(f"summary_tokens must be an int >= 0 (0: no utterance summary), got {summary_tokens!r}")
         if not isinstance(context_layers, int) or context_layers < 0:
             raise ValueError(f"context_layers must be an int >= 0 (0: frame-wise MLP only), got {context_layers!r}")
-        if context_layers and (context_heads < 1 or llm_dim % context_heads):
-            raise ValueError(f"context_heads must divide the LLM width {llm_dim}, got {context_heads}")
+        if context_layers and (context_width < 1 or context_heads < 1 or context_width % context_heads):
+            raise ValueError(f"context_heads must divide context_width, got {context_heads} and {context_width}")
         self.register_buffer("vocab_ids", vocab_ids)
         self.mlp = nn.Sequential(nn.Linear(input_dim, hidden), nn.GELU(), nn.Linear(hidden, llm_dim))
         self.context = None
         if context_layers:
-            layer = nn.TransformerEncoderLayer(llm_dim, context_heads, dim_feedforward=2 * llm_dim, dropout=0.1,
-                                               activation="gelu", batch_first=True, norm_first=True)
-            self.context = nn.TransformerEncoder(layer, context_layers, enable_nested_tensor=False)
+            layer = nn.TransformerEncoderLayer(context_width, context_heads, dim_feedforward=2 * context_width,
+                                               dropout=0.1, activation="gelu", batch_first=True, norm_first=True)
+            self.context = nn.ModuleDict({
+                "into": nn.Linear(llm_dim, context_width),
+                "layers": nn.TransformerEncoder(layer, context_layers, enable_nested_tensor=False),
+                "out": nn.Linear(context_width, llm_dim)})
+            nn.init.zeros_(self.context["out"].weight)
+            nn.init.zeros_(self.context["out"].bias)
         self.blank_key = nn.Parameter(torch.randn(llm_dim) * embedding_std)  # scores the blank
         self.blank_embedding = nn.Parameter(torch.randn(llm_dim) * embedding_std)  # what the LLM gets for it
         self.prosody = None
@@ -87,7 +95,8 @@ class VocabProjector(nn.Module):
         hidden = self.mlp(frames)  # (B, T, D_llm)
         if self.context is not None:
             padding = None if mask is None else ~mask.bool()
-            hidden = self.context(hidden, src_key_padding_mask=padding)
+            seen = self.context["layers"](self.context["into"](hidden), src_key_padding_mask=padding)
+            hidden = hidden + self.context["out"](seen)
         keys = torch.cat([embeddings[self.vocab_ids].to(hidden.dtype), self.blank_key.unsqueeze(0)])  # (K+1, D)
         return hidden @ keys.T  # (B, T, K+1)
 
