@@ -95,8 +95,8 @@ class VocabProjector(nn.Module):
         hidden = self.mlp(frames)  # (B, T, D_llm)
         if self.context is not None:
             padding = None if mask is None else ~mask.bool()
-            seen = self.context["layers"](self.context["into"](hidden), src_key_padding_mask=padding)
-            hidden = hidden + self.context["out"](seen)
+            seen = self.context["layers"](self.context["into"](hidden), src_key_padding_mask=padding)  # (B, T, W)
+            hidden = hidden + self.context["out"](seen)  # (B, T, D_llm)
         keys = torch.cat([embeddings[self.vocab_ids].to(hidden.dtype), self.blank_key.unsqueeze(0)])  # (K+1, D)
         return hidden @ keys.T  # (B, T, K+1)
 
