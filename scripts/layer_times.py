@@ -4,7 +4,9 @@ Where does a reducer's prefill time go? The scaling study reports totals; this p
 median time of every decoder layer (and of what runs outside the layers) over alternating runs of the three
 configurations, with the length each layer received (a layer that reduces does so inside its own time). Fitting ``time = fixed + per_token * length`` to the unreduced
 and reduced layers separates what the machine charges per layer whatever the length (on CPU, mostly reading the
-layer's weights) from the method's own cost.
+layer's weights) from the method's own cost. For the layers that ran shorter with the method it also prints their
+time as a share of the same layer's unreduced time next to what the FLOPs predict for their lengths: FastAdaSP's
+eq. 10 and the compute count (``speechtrim.flops.compute_layer_flops``: every linear weight, causal attention).
 
     .venv/bin/python scripts/layer_times.py --seconds 60 --method random_evict --repeats 5 --threads 2
 """
@@ -67,6 +69,28 @@ def main() -> int:
         print(f"{name}: prefill {total:.0f} ms = layers {inside:.0f} ms + outside the layers {total - inside:.0f} ms")
         print("   layer:input length/ms  " + " ".join(f"{i}:{n}/{ms:.1f}" for i, (n, ms) in enumerate(per_layer)))
         summary[name] = {"prefill_ms": total, "layers": per_layer}
+    from speechtrim.flops import compute_layer_flops, layer_flops, linear_weights
+
+    backbone = text_backbone(model.decoder)
+    width = backbone.num_heads * backbone.head_dim
+    shares = []
+    for index, ((full_n, full_ms), (_, ms)) in enumerate(zip(summary["none"]["layers"],
+                                                                summary[args.method]["layers"])):
+        # a layer's input length is what its pre-hook saw; the next layer's input is what this one ran on
+        ran = summary[args.method]["layers"][index + 1][0] if index + 1 < len(layers) else None
+        if ran is None or ran >= full_n or full_ms <= 0 or index < args.layer:
+            continue
+        weights = linear_weights(layers[index])
+        shares.append({"layer": index, "length": ran, "measured": ms / full_ms,
+                       "eq10": layer_flops(ran, backbone.hidden_size, backbone.intermediate_size)
+                       / layer_flops(full_n, backbone.hidden_size, backbone.intermediate_size),
+                       "compute": compute_layer_flops(ran, weights, width) / compute_layer_flops(full_n, weights, width)})
+    if shares:
+        middle = {key: statistics.median(share[key] for share in shares) for key in ("measured", "eq10", "compute")}
+        print(f"layers {shares[0]['layer']}-{shares[-1]['layer']} on fewer tokens: median time {middle['measured']:.3f} "
+              f"of the unreduced layer's; FLOPs predict {middle['compute']:.3f} (compute count), "
+              f"{middle['eq10']:.3f} (eq. 10)")
+        summary["shorter_layers"] = {"layers": len(shares), **{key: round(value, 4) for key, value in middle.items()}}
     print(json.dumps({"seconds": args.seconds, "method": args.method, "target": args.target, **summary}))
     return 0
 

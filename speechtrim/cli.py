@@ -211,6 +211,9 @@ def _add_train_embedded(commands: Any) -> None:
                           help="folder for the trained model and training.json (the packaged one lives in "
                                "speechtrim/weights/embedded)")
     embedded.add_argument("--ctc-steps", type=int, default=None, help="steps of the CTC stage (default: the recipe's, 1500)")
+    embedded.add_argument("--ctc-dropout", type=float, default=None,
+                          help="share of the encoder features zeroed at random in the CTC stage (default: the "
+                               "recipe's, 0; in [0, 1))")
     embedded.add_argument("--joint-steps", type=int, default=None, help="steps of the joint stage (default: the recipe's, 450)")
     embedded.add_argument("--balance-steps", type=int, default=None,
                           help="steps of the emotion-weighted stage 3 (default: the recipe's, 100; 0: none)")
@@ -434,7 +437,8 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
     _apply_threads(args)
     recipe = EmbeddedRecipe()
     ctc = dataclasses.replace(recipe.ctc, seed=args.seed,
-                              **({"steps": args.ctc_steps} if args.ctc_steps is not None else {}))
+                              **({"steps": args.ctc_steps} if args.ctc_steps is not None else {}),
+                              **({"feature_dropout": args.ctc_dropout} if args.ctc_dropout is not None else {}))
     overrides = {key: value for key, value in (("steps", args.joint_steps), ("lr", args.lr),
                                                 ("batch_size", args.batch_size)) if value is not None}
     joint = dataclasses.replace(recipe.joint, seed=args.seed, **overrides)

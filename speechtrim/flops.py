@@ -190,3 +190,55 @@ def _solve_ratio(target_reduction: float, num_text: int, num_audio: int, schedul
     chosen = (start + end) / 2
     logger.debug("solve_ratio: target %.4f -> ratio %.6f (reduction %.4f)", target_reduction, chosen, level)
     return chosen
+
+
+def compute_layer_flops(n: float, linear_weights: int, attention_width: int) -> float:
+    """FLOPs (two per multiply-add) a decoder layer really does on n tokens in a causal prefill.
+
+    Every linear weight once per token, ``2 n W``, and the two attention products over the causal triangle,
+    ``2 * 2 * (h d_h) * n (n + 1) / 2``, which is what an SDPA kernel that skips the masked blocks computes. For a
+    Llama layer W = 2 d^2 + 2 d d_kv + 3 d m (query and output projections, the narrower key and value projections of
+    grouped-query attention, the gated MLP's three matrices): FastAdaSP's eq. 10 (``layer_flops``), written for a
+    two-matrix MLP and counting its projections once per multiply-add, gives the linear part less than half of this
+    weight (SmolLM2-135M: 3.1 M against 7.1 M FLOPs per token), so at long prompts it predicts more of the saving
+    from the quadratic attention term than the layer can deliver. Norms, rotary embeddings and activations are left
+    out (a few per cent).
+
+    Args:
+        n: sequence length at that layer.
+        linear_weights: weights of the layer's linear maps (``linear_weights``).
+        attention_width: query heads times head width.
+    """
+    return 2.0 * n * linear_weights + 2.0 * attention_width * n * (n + 1)
+
+
+def linear_weights(layer: object) -> int:
+    """Weights of every ``torch.nn.Linear`` inside one decoder layer (each is used once per token; a mixture of
+    experts would be over-counted: all of its experts are included)."""
+    from torch import nn
+
+    return sum(module.weight.numel() for module in layer.modules() if isinstance(module, nn.Linear))
+
+
+def compute_flops_reduction(base_lengths: Sequence[int], reduced_lengths: Sequence[int],
+                            weights_per_layer: Sequence[int], attention_width: int) -> float:
+    """Fraction of the compute FLOPs (``compute_layer_flops``) saved: the speed-up a prefill can reach if every
+    layer runs at the same FLOP rate on any length, ``1 / (1 - saved)``.
+
+    Args:
+        base_lengths: per-layer lengths of the unreduced prefill (one prompt).
+        reduced_lengths: per-layer lengths the reducer produced.
+        weights_per_layer: ``linear_weights`` of each layer.
+        attention_width: query heads times head width.
+    """
+    if not len(base_lengths) == len(reduced_lengths) == len(weights_per_layer):
+        raise ValueError(f"need one length and one weight count per layer, got {len(base_lengths)} base lengths, "
+                         f"{len(reduced_lengths)} reduced lengths and {len(weights_per_layer)} weight counts")
+
+    def total(lengths: Sequence[int]) -> float:
+        return sum(compute_layer_flops(n, w, attention_width) for n, w in zip(lengths, weights_per_layer))
+
+    base = total(base_lengths)
+    if base <= 0:
+        raise ValueError("base_lengths give zero FLOPs; pass the per-layer lengths of a non-empty prompt.")
+    return 1.0 - total(reduced_lengths) / base

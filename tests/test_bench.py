@@ -193,6 +193,11 @@ def test_scaling_study(one_thread, model):
         assert full["max_batch_measured"] is None  # no MemoryPlan: nothing measured
         assert reduced["ideal_fraction"] == pytest.approx(
             reduced["measured_prefill_speedup"] / reduced["theoretical_prefill_speedup"])
+        # the compute ideal counts every linear weight and the causal attention over the same per-layer lengths
+        assert 0 < reduced["compute_flops_reduction"] < 1 and full["compute_flops_reduction"] == 0.0
+        assert reduced["compute_fraction"] == pytest.approx(
+            reduced["measured_prefill_speedup"] / reduced["compute_prefill_speedup"])
+        assert reduced["measured_prefill_speedup_ci"] is None  # one repeat: no interval
     assert max_batch(100.0, 40, 20.0) == 3 and max_batch(10.0, 40, 20.0) == 0
 
 
@@ -395,3 +400,36 @@ def test_layer_clock_and_costliest_layer(one_thread, model):
     full = [(100, 1.0), (100, 2.0), (100, 1.0), (100, 1.0)]
     assert costliest_layer(full, [(100, 1.1), (100, 5.0), (50, 0.4), (50, 0.4)]) == pytest.approx(2.5)
     assert costliest_layer(full, [(50, 0.5)] * 4) is None
+
+
+def test_scaling_ratios_are_paired_within_each_repeat():
+    """A drift of the machine between repeats cancels in the paired ratios: each configuration is compared with the
+    unreduced run of its own repeat, and the interval covers the median."""
+    from types import SimpleNamespace
+
+    from speechtrim.bench.scaling import _paired_ratios, scaling_table
+
+    def run(prefill: float, decode: float = 1.0) -> SimpleNamespace:
+        return SimpleNamespace(prefill_s=prefill, decode_s=decode, decode_steps=4)
+
+    slow = [1.0, 2.0, 4.0, 8.0, 16.0]  # the machine slows down 2x per repeat
+    runs = {"full": [run(t) for t in slow], "reduced": [run(t / 1.8, 0.9) for t in slow],
+            "idle": [run(t * 1.01) for t in slow]}
+    paired = _paired_ratios(runs)
+    assert paired["reduced"]["speedup"] == pytest.approx(1.8)
+    assert paired["reduced"]["speedup_ci"] == pytest.approx((1.8, 1.8))
+    assert paired["reduced"]["decode"] == pytest.approx(1 / 0.9)
+    assert paired["idle"]["overhead"] == pytest.approx(0.01)
+    assert paired["none"]["speedup"] == pytest.approx(1.0) and paired["none"]["speedup_ci"] is None
+    noisy = {"full": [run(t) for t in (1.0, 1.1, 0.9, 1.0)],
+             "reduced": [run(t) for t in (0.5, 0.6, 0.55, 0.52)], "idle": [run(t) for t in (1.0, 1.1, 0.9, 1.0)]}
+    low, high = _paired_ratios(noisy)["reduced"]["speedup_ci"]
+    assert low <= _paired_ratios(noisy)["reduced"]["speedup"] <= high and low < high
+    row = {"seconds": 30.0, "method": "m", "audio_tokens": 10, "flops_reduction": 0.5,
+           "theoretical_prefill_speedup": 2.0, "measured_prefill_speedup": 1.8, "measured_prefill_speedup_ci": (1.7, 1.9),
+           "ideal_fraction": 0.9, "compute_prefill_speedup": 1.9, "compute_fraction": 0.95,
+           "overhead_at_ratio_zero": 0.012, "overhead_at_ratio_zero_ci": (-0.01, 0.03), "prefill_ms": 5.0,
+           "decode_ms": 1.0, "tokens_per_s": 4.0, "decode_vs_unreduced": 1.1, "decode_vs_unreduced_ci": None,
+           "rtf": 0.1, "kv_cache_bytes": 2**20, "max_batch_kv_bound": 3, "memory_budget_gb": 1}
+    table = scaling_table([row])
+    assert "| 1.80 [1.70–1.90] |" in table and "| +1.2 [-1.0–+3.0] % |" in table and "| 1.10 |" in table

@@ -193,6 +193,7 @@ def test_neural_voices_without_their_engines_are_refused_before_training(capsys,
     (["--wordnet-sentences", "-3"], "wordnet_sentences must be an int >= 0 (0: none), got -3"),
     (["--asr-seeds", ""], "asr_seeds and neural_seeds are both empty"),
     (["--neural-seeds", "1,1", "--asr-seeds", ""], "neural_seeds must be distinct integer seeds, got (1, 1)"),
+    (["--ctc-dropout", "1.5"], "feature_dropout must be in [0, 1), got 1.5"),
 ])
 def test_bad_training_data_options_are_refused_before_training(arguments, message, capsys, monkeypatch, tmp_path):
     import speechtrim.train.embedded as embedded

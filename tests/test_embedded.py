@@ -128,7 +128,8 @@ def test_neural_voices_join_the_debian_ones_and_keep_the_old_cache_folders(monke
 def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world, tmp_path):
     recipe = EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=3, asr_seeds=(0, 1), wordnet_sentences=2, emotion_seeds=(1, 2), emotion_voices=1,
                             emotion_sentences=1, emotion_repeat=1, projector_hidden=16, prosody_rank=2, lora_rank=2,
-                            ctc=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1, time_mask=0.1),
+                            ctc=StageConfig(steps=3, batch_size=4, lr=1e-3, warmup=1, time_mask=0.1,
+                                            feature_dropout=0.1),
                             joint=StageConfig(steps=4, batch_size=4, lr=1e-3, warmup=1, checkpoint_every=2,
                                               evaluate_every=2),
                             balance=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1),

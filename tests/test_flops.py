@@ -75,3 +75,30 @@ def test_solve_ratio_answers_repeated_questions_from_its_cache_and_still_checks_
         solve_ratio(0.3, 23, 50, "constant", 30, 30, 576, 1536)
     with pytest.raises(ValueError, match="token counts must be non-negative"):
         solve_ratio(0.3, -1, 50, "constant", 6, 30, 576, 1536)
+
+
+def test_compute_flops_count_every_weight_and_the_causal_attention():
+    """The compute ideal of a Llama layer: 2 n W with W = 2 d^2 + 2 d d_kv + 3 d m, plus 2 (h d_h) n (n + 1)."""
+    from speechtrim.flops import compute_flops_reduction, compute_layer_flops, linear_weights
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama()
+    d, m, kv = 64, 128, 2 * 16  # hidden, MLP width, 2 KV heads of width 16
+    weights = linear_weights(model.model.layers[0])
+    assert weights == 2 * d * d + 2 * d * kv + 3 * d * m
+    assert compute_layer_flops(10, weights, d) == 2 * 10 * weights + 2 * d * 10 * 11
+    # halving every layer's tokens saves more than half of the attention, exactly half of the linear maps
+    saved = compute_flops_reduction([100] * 4, [50] * 4, [weights] * 4, d)
+    linear, attention = 2 * 100 * weights, 2 * d * 100 * 101
+    expected = 1 - (linear / 2 + 2 * d * 50 * 51) / (linear + attention)
+    assert saved == pytest.approx(expected) and saved > 0.5
+    # SmolLM2-135M's shapes at 3,000 tokens, half of them removed from layer 6 of 30: eq. 10 promises 2x,
+    # the compute count 1.85x (its linear part is 2.3x eq. 10's)
+    smol = 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536
+    base, reduced = [3023] * 30, [3023] * 6 + [1534] * 24
+    assert 1 / (1 - flops_reduction(base, reduced, 576, 1536)) == pytest.approx(2.0, abs=0.03)
+    assert 1 / (1 - compute_flops_reduction(base, reduced, [smol] * 30, 576)) == pytest.approx(1.85, abs=0.01)
+    with pytest.raises(ValueError, match="one length and one weight count per layer"):
+        compute_flops_reduction([10, 10], [5], [weights] * 2, d)
+    with pytest.raises(ValueError, match="zero FLOPs"):
+        compute_flops_reduction([0], [0], [weights], d)

@@ -220,6 +220,20 @@ def test_time_masking_zeroes_about_the_asked_share_of_valid_frames_only():
     assert torch.equal(masked, again) and torch.equal(time_masked(frames, mask, 0.0, None), frames)
 
 
+def test_feature_dropout_zeroes_about_the_asked_share_and_keeps_the_mean():
+    from speechtrim.train.hearing import StageConfig, feature_dropped
+
+    frames = torch.ones(4, 50, 64)
+    dropped = feature_dropped(frames, 0.25, torch.Generator().manual_seed(0))
+    share = float((dropped == 0).float().mean())
+    assert 0.22 < share < 0.28 and torch.allclose(dropped[dropped != 0], torch.tensor(1 / 0.75))
+    assert abs(float(dropped.mean()) - 1.0) < 0.05
+    assert torch.equal(dropped, feature_dropped(frames, 0.25, torch.Generator().manual_seed(0)))  # seeded
+    assert torch.equal(feature_dropped(frames, 0.0, None), frames)
+    with pytest.raises(ValueError, match="feature_dropout must be in"):
+        StageConfig(steps=1, batch_size=1, lr=1e-3, feature_dropout=1.0)
+
+
 def test_sigterm_during_a_stage_saves_the_checkpoint(tmp_path):
     import os
     import signal

@@ -34,3 +34,16 @@ def test_score_interval_per_task():
     assert 0.0 <= low <= 0.75 <= high <= 1.0
     assert score_interval("asr", ["a b", "c d"], ["a b", "c d"]) == (0.0, 0.0)
     assert score_interval("translation", ["a", "b"], ["a", "b"]) is None
+
+
+def test_median_interval():
+    from speechtrim.eval.metrics import median_interval
+
+    values = [1.0, 1.2, 0.9, 1.1, 1.05, 0.95, 1.0]
+    low, high = median_interval(values)
+    assert low <= 1.0 <= high and low >= 0.9 and high <= 1.2
+    assert median_interval(values) == median_interval(values)  # seeded
+    assert median_interval([1.0, 2.0]) is None
+    assert median_interval([3.0] * 5) == (3.0, 3.0)
+    with pytest.raises(ValueError, match="one-dimensional"):
+        median_interval([[1.0, 2.0], [3.0, 4.0]])

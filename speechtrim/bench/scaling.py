@@ -2,7 +2,8 @@
 
 For each audio length (real clips concatenated and tiled to 30-240 s) the unreduced model and the reducer run the
 same prompt. Reported per length: theoretical prefill speed-up (FLOPs ratio, eq. 10 over the measured per-layer
-lengths) vs measured prefill speed-up, decode throughput against the unreduced model's, KV-cache bytes, and two
+lengths) vs measured prefill speed-up, and the compute ideal (``speechtrim.flops.compute_flops_reduction``: every linear
+weight and the causal attention counted, which eq. 10 undercounts for a gated MLP with grouped-query attention), decode throughput against the unreduced model's, KV-cache bytes, and two
 figures for the largest batch under a memory budget: an estimate bounded by the KV cache, ``(budget - weight bytes)
 // (KV bytes after prefill + KV bytes of the generated tokens)`` per clip (activations ignored), and, with a
 ``MemoryPlan``, the batch found by running it (``speechtrim.bench.memory``: a child process per measurement, peak
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 
 from speechtrim.bench.runner import median_encode, run_item, weight_bytes
 from speechtrim.eval.harness import EvalItem
+from speechtrim.flops import compute_flops_reduction, linear_weights
 from speechtrim.hf.layers import text_backbone
 from speechtrim.prompts import ASR_PROMPT
 
@@ -156,6 +158,8 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
                 "memory_budget_gb": memory_budget_gb, "memory": memory, "lengths": sorted(lengths)}
     weights = weight_bytes(model.decoder)
     backbone = text_backbone(model.decoder)
+    layer_weights = [linear_weights(layer) for layer in backbone.layers]
+    attention_width = backbone.num_heads * backbone.head_dim
     rows: list[dict] = []
     budget = memory_budget_gb * 2**30
     warmed = False
@@ -185,6 +189,7 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
                 with LayerClock(backbone.layers) as clock:
                     runs[key].append(run_item(model, prepared, reducer, None, max_new_tokens, 1, stop_at_eos=False))
                 clocks[key].append(clock.prefill)
+        paired = _paired_ratios(runs)
         full, reduced, idle = (_median_run(runs[key]) for key in configs)
         layer_cost = costliest_layer(_median_layers(clocks["full"]), _median_layers(clocks["reduced"]))
         # bytes one generated token adds to the cache: every layer stores one key and one value column
@@ -196,24 +201,30 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
                 for name, is_reduced in (("none", False), (method.name, True)):
                     measured[name] = _measure_memory(memory, prepared, method, target, is_reduced, search,
                                                      Path(folder))
-        full_tps = full.decode_steps / full.decode_s if full.decode_steps and full.decode_s > 0 else None
         for name, run in (("none", full), (method.name, reduced)):
             per_clip = run.kv_cache_bytes + per_token * max_new_tokens
             decode_tps = run.decode_steps / run.decode_s if run.decode_steps and run.decode_s > 0 else None
+            compute_saved = compute_flops_reduction(full.tokens_per_layer, run.tokens_per_layer, layer_weights,
+                                                    attention_width)
+            own = paired["none" if name == "none" else "reduced"]
+            speedup = own["speedup"]
             rows.append({
                 "seconds": float(seconds), "method": name, "target": 0.0 if name == "none" else target,
                 "audio_tokens": prepared.audio_tokens, "prompt_tokens": prepared.length,
                 "flops_reduction": run.flops_reduction,
                 "theoretical_prefill_speedup": 1.0 / (1.0 - run.flops_reduction),
-                "measured_prefill_speedup": full.prefill_s / run.prefill_s if run.prefill_s > 0 else None,
-                "ideal_fraction": (full.prefill_s / run.prefill_s) * (1.0 - run.flops_reduction)
-                if run.prefill_s > 0 else None,
-                "overhead_at_ratio_zero": None if name == "none" else idle.prefill_s / full.prefill_s - 1.0,
+                "measured_prefill_speedup": speedup,
+                "ideal_fraction": speedup * (1.0 - run.flops_reduction) if speedup else None,
+                "compute_flops_reduction": compute_saved, "compute_prefill_speedup": 1.0 / (1.0 - compute_saved),
+                "compute_fraction": speedup * (1.0 - compute_saved) if speedup else None,
+                "measured_prefill_speedup_ci": own["speedup_ci"],
+                "overhead_at_ratio_zero": None if name == "none" else paired["idle"]["overhead"],
+                "overhead_at_ratio_zero_ci": None if name == "none" else paired["idle"]["overhead_ci"],
                 "costliest_layer_vs_unreduced": None if name == "none" else layer_cost,
                 "encode_ms": 1000 * prepared.encode_s, "prefill_ms": 1000 * run.prefill_s,
                 "decode_ms": 1000 * run.decode_s, "tokens_per_s": decode_tps,
                 "rtf": (prepared.encode_s + run.prefill_s + run.decode_s) / float(seconds),
-                "decode_vs_unreduced": decode_tps / full_tps if decode_tps and full_tps else None,
+                "decode_vs_unreduced": own["decode"], "decode_vs_unreduced_ci": own["decode_ci"],
                 "kv_cache_bytes": run.kv_cache_bytes, "peak_mem_mb": run.peak_mem_mb,
                 "memory_budget_gb": memory_budget_gb, "max_batch_kv_bound": max_batch(budget, weights, per_clip),
                 "max_batch_measured": None, "depth": backbone.depth, **measured.get(name, {}),
@@ -297,6 +308,40 @@ def costliest_layer(full: list[tuple[int, float]], reduced: list[tuple[int, floa
     return max(ratios) if ratios else None
 
 
+def _scaled(interval: Sequence[float] | None, factor: float) -> tuple[float, float] | None:
+    return None if interval is None else (interval[0] * factor, interval[1] * factor)
+
+
+def _interval_cell(value: float, interval: Sequence[float] | None, pattern: str) -> str:
+    """``1.85 [1.80–1.88]``: a value and, when there is one, its interval."""
+    cell = pattern.format(value)
+    return cell if interval is None else f"{cell} [{pattern.format(interval[0])}–{pattern.format(interval[1])}]"
+
+
+def _paired_ratios(runs: dict[str, list]) -> dict[str, dict[str, Any]]:
+    """Per configuration ("none", "reduced", "idle"), medians over repeats of its ratios to the unreduced run of the
+    same repeat (which ran next to it), with 95 % bootstrap intervals: prefill speed-up, overhead (prefill time
+    ratio - 1) and decode throughput ratio. Pairing within a repeat cancels a drift of the machine between repeats,
+    which a ratio of the two medians keeps."""
+    from speechtrim.eval.metrics import median_interval
+
+    full = runs["full"]
+    out: dict[str, dict[str, Any]] = {}
+    for key, label in (("full", "none"), ("reduced", "reduced"), ("idle", "idle")):
+        speedups = [base.prefill_s / run.prefill_s for base, run in zip(full, runs[key]) if run.prefill_s > 0]
+        overheads = [run.prefill_s / base.prefill_s - 1.0 for base, run in zip(full, runs[key]) if base.prefill_s > 0]
+        decodes = [(run.decode_steps / run.decode_s) / (base.decode_steps / base.decode_s)
+                   for base, run in zip(full, runs[key])
+                   if run.decode_steps and base.decode_steps and run.decode_s > 0 and base.decode_s > 0]
+        out[label] = {"speedup": float(np.median(speedups)) if speedups else None,
+                      "speedup_ci": median_interval(speedups) if key != "full" else None,
+                      "overhead": float(np.median(overheads)) if overheads else None,
+                      "overhead_ci": median_interval(overheads) if key != "full" else None,
+                      "decode": float(np.median(decodes)) if decodes else None,
+                      "decode_ci": median_interval(decodes) if key != "full" else None}
+    return out
+
+
 def _median_run(runs: list) -> Any:
     """The first run, with the median prefill and decode seconds of all of them."""
     first = runs[0]
@@ -310,7 +355,8 @@ def scaling_table(rows: Sequence[dict]) -> str:
     measured = next((row for row in rows if row.get("batch_budget_gb")), None)
     batch_header = f"max batch @ {measured['batch_budget_gb']:g} GB (measured)" if measured else "max batch (measured)"
     headers = ["audio s", "method", "audio tokens", "FLOPs red. %", "prefill × theory", "prefill × measured",
-               "measured / theory", "overhead at ratio 0", "costliest layer ×", "prefill ms", "decode ms", "tokens/s", "decode × none",
+               "measured / theory", "compute ideal ×", "measured / compute", "overhead at ratio 0", "costliest layer ×",
+               "prefill ms", "decode ms", "tokens/s", "decode × none",
                "RTF", "KV MB", "peak MB (1 clip)", batch_header, "max batch (KV-bound est.)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     for row in rows:
@@ -318,19 +364,32 @@ def scaling_table(rows: Sequence[dict]) -> str:
         speed = row["measured_prefill_speedup"]
         lines.append("| " + " | ".join([
             f"{row['seconds']:g}", row["method"], str(row["audio_tokens"]), f"{100 * row['flops_reduction']:.1f}",
-            f"{row['theoretical_prefill_speedup']:.2f}", f"{speed:.2f}" if speed else "n/a",
+            f"{row['theoretical_prefill_speedup']:.2f}",
+            _interval_cell(speed, row.get("measured_prefill_speedup_ci"), "{:.2f}") if speed else "n/a",
             f"{row['ideal_fraction']:.2f}" if row.get("ideal_fraction") else "n/a",
-            "—" if row.get("overhead_at_ratio_zero") is None else f"{100 * row['overhead_at_ratio_zero']:+.1f} %",
+            f"{row['compute_prefill_speedup']:.2f}" if row.get("compute_prefill_speedup") else "n/a",
+            f"{row['compute_fraction']:.2f}" if row.get("compute_fraction") else "n/a",
+            "—" if row.get("overhead_at_ratio_zero") is None else _interval_cell(
+                100 * row["overhead_at_ratio_zero"], _scaled(row.get("overhead_at_ratio_zero_ci"), 100), "{:+.1f}")
+            + " %",
             "—" if row.get("costliest_layer_vs_unreduced") is None else f"{row['costliest_layer_vs_unreduced']:.2f}",
             f"{row['prefill_ms']:.0f}", f"{row['decode_ms']:.0f}", f"{tps:.1f}" if tps else "n/a",
-            f"{row['decode_vs_unreduced']:.2f}" if row.get("decode_vs_unreduced") else "n/a",
+            _interval_cell(row["decode_vs_unreduced"], row.get("decode_vs_unreduced_ci"), "{:.2f}")
+            if row.get("decode_vs_unreduced") else "n/a",
             f"{row['rtf']:.3f}", f"{row['kv_cache_bytes'] / 2**20:.1f}",
             f"{row['peak_mem_mb']:.0f}" if row.get("peak_mem_mb") else "n/a",
             "—" if row.get("max_batch_measured") is None else str(row["max_batch_measured"]),
             str(row["max_batch_kv_bound"]),
         ]) + " |")
     budget = rows[0]["memory_budget_gb"] if rows else 0
-    notes = ["costliest layer ×: among the layers that still run on the full prompt with the method attached, the "
+    notes = ["prefill × measured, overhead at ratio 0, decode × none: medians over repeats of the ratio to the "
+             "unreduced run of the same repeat, [95 % bootstrap interval of that median] from 3 repeats on.",
+             "prefill × theory: FastAdaSP eq. 10 over the lengths each layer saw (what the targets are solved on); "
+             "compute ideal ×: the same lengths with every linear weight (three MLP matrices, grouped-query key and "
+             "value projections) and the causal half of attention counted, the speed-up a prefill reaches when its "
+             "layers run at one FLOP rate; eq. 10 puts more of the saving in the quadratic attention term, so at "
+             "long prompts it promises more than the compute ideal.",
+             "costliest layer ×: among the layers that still run on the full prompt with the method attached, the "
              "largest ratio of a layer's prefill time to the same layer's unreduced time (the layer that computes "
              "attention scores for the next one's decision); '—': the method reduces from layer 0.",
              f"max batch (KV-bound est.): for a {budget:g} GB budget, (budget - weights) / (KV bytes after prefill + "

@@ -65,3 +65,25 @@ def bootstrap_interval(errors: Sequence[float], counts: Sequence[float], resampl
     tail = 100 * (1 - confidence) / 2
     low, high = np.nanpercentile(ratios, [tail, 100 - tail])
     return float(low), float(high)
+
+
+def median_interval(values: Sequence[float], resamples: int = 1000, seed: int = 0, confidence: float = 0.95
+                    ) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of the median of ``values`` (e.g. per-repeat ratios of two timings); None for
+    fewer than three values.
+
+    Args:
+        values: the observations.
+        resamples: bootstrap draws.
+        seed: seed of the draws (the interval is reproducible).
+        confidence: coverage of the interval.
+    """
+    array = np.asarray(values, dtype=float)
+    if array.ndim != 1:
+        raise ValueError(f"values must be one-dimensional, got shape {array.shape}")
+    if len(array) < 3:
+        return None
+    draws = np.random.default_rng(seed).integers(0, len(array), size=(resamples, len(array)))
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(np.median(array[draws], axis=1), [tail, 100 - tail])
+    return float(low), float(high)

@@ -59,6 +59,9 @@ class StageConfig:
         evaluate_every: steps between calls of the evaluation callback (0: never).
         time_mask: share of each clip's encoder frames zeroed in 100 ms spans (SpecAugment-style time masking on
             the cached features; CTC stage only), drawn from the seed and the step so a resumed run sees the same.
+        feature_dropout: share of the encoder features' values zeroed (the rest scaled by 1 / (1 - share)), each
+            value on its own, after the time masking (CTC stage only; drawn like ``time_mask``): against the CTC
+            head learning its training voices (greedy WER 0.04 on them against 0.3-0.4 on held-out voices).
         seed: seed of the batch schedule.
     """
 
@@ -75,6 +78,7 @@ class StageConfig:
     checkpoint_every: int = 50
     evaluate_every: int = 0
     time_mask: float = 0.0
+    feature_dropout: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -89,6 +93,8 @@ class StageConfig:
             raise ValueError(f"lm_reduction must be 'tokens' or 'rows', got {self.lm_reduction!r}")
         if not 0.0 <= self.time_mask < 1.0:
             raise ValueError(f"time_mask must be in [0, 1), got {self.time_mask}")
+        if not 0.0 <= self.feature_dropout < 1.0:
+            raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
 
 
 def ctc_text(sentence: str) -> str:
@@ -256,6 +262,15 @@ def time_masked(frames: torch.Tensor, mask: torch.Tensor, share: float, generato
     return frames * keep.unsqueeze(-1).to(frames.device, frames.dtype)
 
 
+def feature_dropped(frames: torch.Tensor, share: float, generator: torch.Generator) -> torch.Tensor:
+    """``frames`` with about ``share`` of its values zeroed and the others scaled by 1 / (1 - share) (inverted
+    dropout), drawn from ``generator`` so that a resumed run sees the same."""
+    if share <= 0:
+        return frames
+    keep = torch.rand(frames.shape, generator=generator) >= share
+    return frames * keep.to(frames.device, frames.dtype) / (1.0 - share)
+
+
 def ctc_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageConfig, checkpoint: Path | None = None,
               evaluate: Callable[[], dict[str, float]] | None = None, progress: bool = True) -> list[dict[str, float]]:
     """Train the projector's CTC head alone on transcription examples (``ctc_target`` set); returns the history."""
@@ -267,6 +282,7 @@ def ctc_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageCo
         frames, mask = _padded(model, batch)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         frames = time_masked(frames, mask, config.time_mask, generator)
+        frames = feature_dropped(frames, config.feature_dropout, generator)
         frames, mask = model.pool_frames(frames, mask)
         logits = projector.logits(frames, embeddings, mask)  # (B, T', K+1)
         loss = ctc_loss(logits, mask.sum(dim=1), [example.ctc_target for example in batch], projector.blank)
