@@ -49,7 +49,8 @@ def main() -> int:
     model = load_bench_model("embedded")
     audio = long_audio([clip.load() for clip in load_pocketsphinx_clips()], args.seconds)
     prepared = median_encode(model, EvalItem(f"{args.seconds:g}s", audio, "", ASR_PROMPT), 1)
-    layers = text_backbone(model.decoder).layers
+    backbone = text_backbone(model.decoder)
+    layers = backbone.layers
     configs = {"none": None, args.method: method.build(args.target), "ratio 0": method.build_zero()}
     for reducer in configs.values():  # warm-up
         run_item(model, prepared, reducer, None, 1, 1, stop_at_eos=False)
@@ -71,7 +72,6 @@ def main() -> int:
         summary[name] = {"prefill_ms": total, "layers": per_layer}
     from speechtrim.flops import compute_layer_flops, layer_flops, linear_weights
 
-    backbone = text_backbone(model.decoder)
     width = backbone.num_heads * backbone.head_dim
     shares = []
     for index, ((full_n, full_ms), (_, ms)) in enumerate(zip(summary["none"]["layers"],

@@ -189,8 +189,8 @@ def scaling_study(model: Any, clips: Sequence[np.ndarray], method: Any, lengths:
                 with LayerClock(backbone.layers) as clock:
                     runs[key].append(run_item(model, prepared, reducer, None, max_new_tokens, 1, stop_at_eos=False))
                 clocks[key].append(clock.prefill)
-        paired = _paired_ratios(runs)
-        full, reduced, idle = (_median_run(runs[key]) for key in configs)
+        paired = _paired_ratios(runs)  # the ratio-0 runs count only through their paired overhead
+        full, reduced = _median_run(runs["full"]), _median_run(runs["reduced"])
         layer_cost = costliest_layer(_median_layers(clocks["full"]), _median_layers(clocks["reduced"]))
         # bytes one generated token adds to the cache: every layer stores one key and one value column
         per_token = full.kv_cache_bytes / max(prepared.length, 1)
