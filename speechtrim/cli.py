@@ -240,6 +240,9 @@ def _add_train_embedded(commands: Any) -> None:
     embedded.add_argument("--asr-seeds", default=None,
                           help="comma-separated seeds, one rendering of the fortune sentences each (default 0,1)")
     embedded.add_argument("--pool", type=int, default=None, help="encoder frames per audio token (default 4)")
+    embedded.add_argument("--ctc-pieces", type=int, default=None, metavar="N",
+                          help="spell the CTC head's targets in LLM tokens of at most N characters (default: the "
+                               "LLM's own tokenisation)")
     embedded.add_argument("--projector-context", type=int, default=None,
                           help="Transformer layers over the projector's outputs before its CTC head scores them "
                                "(default 0: the frame-wise MLP alone)")
@@ -447,7 +450,8 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
                                             ("asr_seeds", _seeds(args.asr_seeds, "--asr-seeds")),
                                             ("lora_rank", args.lora_rank),
                                             ("neural_seeds", _seeds(args.neural_seeds, "--neural-seeds")),
-                                            ("projector_context", args.projector_context)) if value is not None}
+                                            ("projector_context", args.projector_context),
+                                            ("ctc_max_piece", args.ctc_pieces)) if value is not None}
     if args.balance_steps is not None and args.balance_steps < 0:
         raise ValueError(f"--balance-steps must be >= 0 (0: no stage 3), got {args.balance_steps}")
     balance = None if args.balance_steps == 0 or recipe.balance is None else dataclasses.replace(

@@ -194,6 +194,7 @@ def test_neural_voices_without_their_engines_are_refused_before_training(capsys,
     (["--asr-seeds", ""], "asr_seeds and neural_seeds are both empty"),
     (["--neural-seeds", "1,1", "--asr-seeds", ""], "neural_seeds must be distinct integer seeds, got (1, 1)"),
     (["--ctc-dropout", "1.5"], "feature_dropout must be in [0, 1), got 1.5"),
+    (["--ctc-pieces", "0"], "ctc_max_piece must be None (the LLM's own tokens) or an int >= 1, got 0"),
 ])
 def test_bad_training_data_options_are_refused_before_training(arguments, message, capsys, monkeypatch, tmp_path):
     import speechtrim.train.embedded as embedded

@@ -294,3 +294,42 @@ def test_the_prosody_path_gets_its_own_learning_rate():
         StageConfig(steps=1, batch_size=1, lr=1e-3, prosody_lr=0.0)
     with pytest.raises(ValueError, match="lm_reduction"):
         StageConfig(steps=1, batch_size=1, lr=1e-3, lm_reduction="sum")
+
+
+def _byte_level_tokenizer():
+    """A small byte-level BPE (SmolLM2's kind: "Ġ" marks a leading space), trained here on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    text = ["the weather will be cold and windy", "the children are playing in the park", "the weather is fine"] * 5
+    backend.train_from_iterator(text, trainers.BpeTrainer(vocab_size=400, show_progress=False,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_ctc_speller_spells_words_in_short_llm_tokens_and_keeps_the_whole_ones():
+    from speechtrim.train.hearing import ctc_speller, ctc_token_ids
+
+    tokenizer = _byte_level_tokenizer()
+    sentence = "The weather, in the PARK!"
+    assert ctc_speller(tokenizer)(sentence) == ctc_token_ids(tokenizer, sentence)
+    own = ctc_token_ids(tokenizer, sentence)
+    assert any(len(piece) > 3 for piece in tokenizer.convert_ids_to_tokens(own))  # " weather" is one long token
+    spelled = ctc_speller(tokenizer, 3)(sentence)
+    pieces = tokenizer.convert_ids_to_tokens(spelled)
+    assert all(len(piece) <= 3 for piece in pieces) and len(spelled) > len(own)
+    assert tokenizer.decode(spelled) == " " + ctc_text(sentence)  # the same text, finer
+    vocabulary = tokenizer.get_vocab()
+    first = pieces[0]  # longest first: no vocabulary entry of <= 3 characters extends it within " the"
+    assert "Ġthe".startswith(first) and all(
+        "Ġthe"[:n] not in vocabulary for n in range(len(first) + 1, 4))
+    # a word whose own tokens are all "whole" keeps them; the others are still spelled
+    the = ctc_token_ids(tokenizer, "the")
+    kept = ctc_speller(tokenizer, 3, whole=the)(sentence)
+    assert kept[: len(the)] == the and tokenizer.decode(kept) == " " + ctc_text(sentence)
+    assert all(len(piece) <= 3 for piece in tokenizer.convert_ids_to_tokens(kept[len(the):]) if piece != "Ġthe")
+    with pytest.raises(ValueError, match="max_piece must be None"):
+        ctc_speller(tokenizer, 0)

@@ -20,6 +20,7 @@ import json
 import logging
 import platform
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -30,7 +31,7 @@ import torch
 from speechtrim.assets.cache import cache_root, write_json_atomic
 from speechtrim.models.storage import trained_state
 from speechtrim.models.vocab_projector import VocabProjector
-from speechtrim.train.hearing import (StageConfig, ctc_stage, ctc_token_ids, joint_stage, summary_stage,
+from speechtrim.train.hearing import (StageConfig, ctc_speller, ctc_stage, ctc_token_ids, joint_stage, summary_stage,
                                       summary_word_stage)
 from speechtrim.train.trainer import TrainItem, seed_everything
 
@@ -74,6 +75,11 @@ class EmbeddedRecipe:
         projector_context: Transformer layers over the projector's per-position outputs before the CTC head
             scores them (``VocabProjector`` ``context_layers``; 0: the frame-wise MLP alone, what the packaged
             model has).
+        ctc_max_piece: the CTC head's targets spelled in LLM tokens of at most this many characters
+            (``ctc_speller``; None: the LLM's own tokenisation, what the packaged model has). Fewer, more frequent
+            targets and almost no held-out word out of reach; the LLM has to learn to read the finer spelling.
+        ctc_whole_count: with ``ctc_max_piece``, the words whose own LLM tokens each occur this often in the
+            training transcripts keep them (the others are spelled in pieces).
         lora_rank: rank of the LoRA matrices on every linear layer of the LLM (0: the LLM stays frozen).
         lora_alpha: LoRA scaling numerator.
         gap_seconds: silence between clips packed into one encoder window.
@@ -123,6 +129,8 @@ class EmbeddedRecipe:
     projector_hidden: int = 1024
     prosody_rank: int = 32
     projector_context: int = 0
+    ctc_max_piece: int | None = None
+    ctc_whole_count: int = 10
     lora_rank: int = 8
     lora_alpha: float = 16.0
     gap_seconds: float = 1.0
@@ -176,6 +184,11 @@ class EmbeddedRecipe:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not isinstance(self.projector_context, int) or self.projector_context < 0:
             raise ValueError(f"projector_context must be an int >= 0 (0: none), got {self.projector_context!r}")
+        if self.ctc_max_piece is not None and (not isinstance(self.ctc_max_piece, int) or self.ctc_max_piece < 1):
+            raise ValueError(f"ctc_max_piece must be None (the LLM's own tokens) or an int >= 1, got "
+                             f"{self.ctc_max_piece!r}")
+        if not isinstance(self.ctc_whole_count, int) or self.ctc_whole_count < 1:
+            raise ValueError(f"ctc_whole_count must be an int >= 1, got {self.ctc_whole_count!r}")
         if not isinstance(self.wordnet_sentences, int) or self.wordnet_sentences < 0:
             raise ValueError(f"wordnet_sentences must be an int >= 0 (0: none), got {self.wordnet_sentences!r}")
         for name in ("asr_seeds", "neural_seeds"):
@@ -194,7 +207,7 @@ def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True,
     ``summary_emotion_seeds`` when there is a summary stage), encoder frames from packed windows cached on disk, and
     a description.
 
-    The projector's vocabulary is set here: the LLM token ids of every training transcript (``ctc_token_ids``).
+    The projector's vocabulary is set here: the LLM token ids of every training transcript (``ctc_speller``).
 
     Args:
         model: the SpeechLM whose encoder makes the frames.
@@ -248,8 +261,13 @@ def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True,
     timings["encode_seconds"] = round(time.perf_counter() - started, 1)
     asr_frames, packed_emotion = frames[: len(asr)], iter(frames[len(asr) :])
     emotion_frames = [next(solo_frames) if solo else next(packed_emotion) for solo in alone]
-    vocab = sorted({token for clip in all_asr for token in ctc_token_ids(model.tokenizer, clip.text)})
-    token_ids = [ctc_token_ids(model.tokenizer, clip.text) for clip in asr]
+    whole: set[int] = set()
+    if recipe.ctc_max_piece is not None:
+        counts = Counter(token for clip in all_asr for token in ctc_token_ids(model.tokenizer, clip.text))
+        whole = {token for token, count in counts.items() if count >= recipe.ctc_whole_count}
+    spell = ctc_speller(model.tokenizer, recipe.ctc_max_piece, whole)
+    vocab = sorted({token for clip in all_asr for token in spell(clip.text)})
+    token_ids = [spell(clip.text) for clip in asr]
     index = {token: position for position, token in enumerate(vocab)}
     labels = list(emotion_sets[0].labels)
     asr_examples = [TrainItem(f, ASR_PROMPT, clip.text, "", torch.tensor([index[t] for t in ids]))
@@ -473,6 +491,8 @@ def _as_current(recipe: dict[str, Any]) -> dict[str, Any]:
     recipe.setdefault("wordnet_seed", EmbeddedRecipe.wordnet_seed)
     recipe.setdefault("projector_context", 0)  # added since; 0 (none) is what ran before
     recipe.setdefault("neural_seeds", [])  # added since; the Debian voices alone ran before
+    recipe.setdefault("ctc_max_piece", None)  # added since; the LLM's own tokenisation ran before
+    recipe.setdefault("ctc_whole_count", EmbeddedRecipe.ctc_whole_count)
     if "emotion_seed" in recipe and "emotion_seeds" not in recipe:
         recipe["emotion_seeds"] = [recipe.pop("emotion_seed")]
     defaults = {f.name: f.default for f in fields(StageConfig) if f.default is not MISSING}

@@ -20,7 +20,7 @@ import math
 import re
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,50 @@ def ctc_text(sentence: str) -> str:
 def ctc_token_ids(tokenizer: Any, sentence: str) -> list[int]:
     """LLM token ids of ``ctc_text(sentence)``, every word in its space-led form."""
     return tokenizer(" " + ctc_text(sentence), add_special_tokens=False).input_ids
+
+
+def ctc_speller(tokenizer: Any, max_piece: int | None = None, whole: Collection[int] = ()
+                ) -> Callable[[str], list[int]]:
+    """What the CTC head is trained to emit for a sentence: ``ctc_token_ids`` (``max_piece`` None), or every word of
+    ``ctc_text(sentence)`` spelled in short LLM tokens, the longest one of at most ``max_piece`` characters at each
+    step from left to right (the word's leading space counts as one character), except the words whose own tokens
+    are all in ``whole`` (e.g. the tokens frequent in the training transcripts), which keep them.
+
+    Short pieces are for a head that has little audio to learn from: over the 5,067 fortune sentences the LLM's own
+    tokenisation uses 7,133 tokens, 6,509 of them fewer than 10 times, and 5.7 % of the held-out synthetic tokens
+    never; the words whose tokens occur 10 times or more kept whole and the others spelled in pieces of at most 3
+    characters need 2,193 tokens and miss 0.4 %, at 3.45 characters a token (about 5 tokens a second of speech,
+    under half the audio positions' 12.5). Every piece is an LLM token, so the LLM still reads a posterior mix of
+    its own embeddings, only spelled more finely than it tokenises.
+    """
+    if max_piece is None:
+        return lambda sentence: ctc_token_ids(tokenizer, sentence)
+    if not isinstance(max_piece, int) or max_piece < 1:
+        raise ValueError(f"max_piece must be None (the LLM's own tokens) or an int >= 1, got {max_piece!r}")
+    vocabulary = {piece: token for piece, token in tokenizer.get_vocab().items() if len(piece) <= max_piece}
+    whole = set(whole)
+    cache: dict[str, list[int]] = {}
+
+    def spell_word(word: str) -> list[int]:
+        if word not in cache:
+            own = tokenizer(" " + word, add_special_tokens=False).input_ids
+            if all(token in whole for token in own):
+                cache[word] = own
+                return own
+            written = "".join(tokenizer.convert_ids_to_tokens(own))  # as the tokenizer writes it, e.g. "Ġword"
+            ids, start = [], 0
+            while start < len(written):
+                end = next((end for end in range(min(len(written), start + max_piece), start, -1)
+                            if written[start:end] in vocabulary), None)
+                if end is None:
+                    raise ValueError(f"the tokenizer has no token for {written[start]!r} of {word!r}: cannot spell it "
+                                     f"in pieces of at most {max_piece} characters")
+                ids.append(vocabulary[written[start:end]])
+                start = end
+            cache[word] = ids
+        return cache[word]
+
+    return lambda sentence: [token for word in ctc_text(sentence).split() for token in spell_word(word)]
 
 
 def _lr_factor(step: int, config: StageConfig) -> float:
@@ -388,5 +432,5 @@ def _lm_loss(model: torch.nn.Module, config: StageConfig,
     return loss_fn
 
 
-__all__ = ["StageConfig", "ctc_stage", "ctc_text", "ctc_token_ids", "joint_stage", "summary_stage",
+__all__ = ["StageConfig", "ctc_stage", "ctc_speller", "ctc_text", "ctc_token_ids", "joint_stage", "summary_stage",
            "summary_word_stage"]
