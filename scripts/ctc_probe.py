@@ -9,6 +9,7 @@ checkpoint).
 
     .venv/bin/python scripts/ctc_probe.py                                  # the packaged head
     .venv/bin/python scripts/ctc_probe.py --checkpoint /work/exp/n1-work/ctc.ckpt --threads 2
+    .venv/bin/python scripts/ctc_probe.py --checkpoint /work/exp/d2-work/joint.ckpt --generate   # + LLM transcripts
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="a train-embedded checkpoint (ctc.ckpt, joint.ckpt, ...); default: the packaged head")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--generate", action="store_true",
+                        help="also score the LLM's generated transcripts, with the checkpoint's LoRA matrices when it "
+                             "has them (e.g. <work>/joint.ckpt)")
     args = parser.parse_args()
     if args.checkpoint is not None and not args.checkpoint.is_file():
         parser.error(f"--checkpoint {args.checkpoint}: no such file; pass a train-embedded checkpoint such as "
@@ -42,12 +46,18 @@ def main() -> int:
         if projector.get("vocab_ids") is None:
             parser.error(f"{args.checkpoint} holds no vocabulary projector (no projector.vocab_ids)")
         model.projector.vocab_ids = projector["vocab_ids"]  # its own vocabulary (e.g. --ctc-pieces, WordNet)
+        if args.generate and any(name.startswith("lora.") for name in state):
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model.llm, {name.removeprefix("lora."): value for name, value in state.items()
+                                                  if name.startswith("lora.")})
         missing, unexpected = model.projector.load_state_dict(projector, strict=False)
         missing = [name for name in missing if not name.startswith("summary.")]
         if missing or unexpected:
             parser.error(f"{args.checkpoint}: projector shapes differ from the packaged one (missing {missing}, "
                          f"unexpected {unexpected})")
-    scores = _held_out_probe(model, None)(ctc_only=True)
+    probe = _held_out_probe(model, None)
+    scores = {**(probe() if args.generate else {}), **probe(ctc_only=True)}
     print(json.dumps({"checkpoint": str(args.checkpoint) if args.checkpoint else "packaged", **scores}))
     return 0
 
