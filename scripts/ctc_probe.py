@@ -36,6 +36,7 @@ def main() -> int:
 
     from speechtrim.models.storage import load_speechlm
     from speechtrim.train.embedded import _held_out_probe
+    from speechtrim.train.hearing import _load_trained
 
     torch.set_num_threads(args.threads)
     model = load_speechlm(Path(__file__).resolve().parent.parent / "speechtrim" / "weights" / "embedded", merge=False)
@@ -46,11 +47,8 @@ def main() -> int:
         if projector.get("vocab_ids") is None:
             parser.error(f"{args.checkpoint} holds no vocabulary projector (no projector.vocab_ids)")
         model.projector.vocab_ids = projector["vocab_ids"]  # its own vocabulary (e.g. --ctc-pieces, WordNet)
-        if args.generate and any(name.startswith("lora.") for name in state):
-            from peft import set_peft_model_state_dict
-
-            set_peft_model_state_dict(model.llm, {name.removeprefix("lora."): value for name, value in state.items()
-                                                  if name.startswith("lora.")})
+        if args.generate:  # the checkpoint's LoRA matrices, if it has any (the packaged ones otherwise)
+            _load_trained(model, {name: value for name, value in state.items() if name.startswith("lora.")})
         missing, unexpected = model.projector.load_state_dict(projector, strict=False)
         missing = [name for name in missing if not name.startswith("summary.")]
         if missing or unexpected:
