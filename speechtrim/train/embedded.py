@@ -434,7 +434,8 @@ def _word_stages(model: Any, recipe: EmbeddedRecipe, asr: list[TrainItem], emoti
     if recipe.balance is not None:
         stage_started = time.perf_counter()
         balance_history = joint_stage(model, _balanced(asr, joint_emotion, recipe), recipe.balance,
-                                      checkpoint=work / "balance.ckpt", evaluate=probe, progress=progress)
+                                      checkpoint=work / "balance.ckpt", evaluate=probe, progress=progress,
+                                      name="balance")
         stage_seconds["balance"] = _stage_seconds(balance_history, stage_started)
     return {"ctc": ctc_history, "ctc_probe": ctc_scores, "joint": joint_history, "balance": balance_history}
 

@@ -337,10 +337,12 @@ def ctc_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageCo
 
 
 def joint_stage(model: torch.nn.Module, examples: list[TrainItem], config: StageConfig, checkpoint: Path | None = None,
-                evaluate: Callable[[], dict[str, float]] | None = None, progress: bool = True) -> list[dict[str, float]]:
+                evaluate: Callable[[], dict[str, float]] | None = None, progress: bool = True,
+                name: str = "joint") -> list[dict[str, float]]:
     """Train projector and LoRA matrices with the LM loss (+ ``ctc_weight`` x CTC on transcription rows).
 
-    The projector's utterance summary (if any) is neither fed nor trained here: ``summary_stage`` does that."""
+    The projector's utterance summary (if any) is neither fed nor trained here: ``summary_stage`` does that.
+    ``name`` labels the progress bar and the log (the balance stage runs through here too)."""
     projector = model.projector
     lora = [p for name, p in model.llm.named_parameters() if p.requires_grad and "lora_" in name]
     prosody = getattr(projector, "prosody", None)
@@ -353,7 +355,7 @@ def joint_stage(model: torch.nn.Module, examples: list[TrainItem], config: Stage
         groups.append({"params": [p for p in prosody.parameters() if p.requires_grad], "lr": config.prosody_lr})
     if lora:
         groups.append({"params": lora, "lr": config.lora_lr or config.lr})
-    return _run_stage("joint", model, examples, config, _lm_loss(model, config, with_summary=False), groups,
+    return _run_stage(name, model, examples, config, _lm_loss(model, config, with_summary=False), groups,
                       checkpoint, evaluate, progress)
 
 
