@@ -58,3 +58,20 @@ def test_the_packaged_model_recognises_emotion_on_held_out_clips():
     # chance is 1/6; 0.82 on all 288 held-out clips since the utterance summary (0.36 before it; issue 11 asks 0.90)
     assert bench_model.speechlm.projector.summary is not None
     assert scores["synthetic-emotion"]["accuracy"] >= 0.5, scores["synthetic-emotion"]
+
+
+@pytest.mark.slow
+def test_the_packaged_layer_selection_belongs_to_the_packaged_model(tmp_path, monkeypatch):
+    """layer="auto" on a fresh clone uses the transfer-entropy selection shipped beside the weights; it must have
+    been measured on these weights (re-run `speechtrim select-layer --force` and copy it after retraining)."""
+    from speechtrim import layer_store
+    from speechtrim.bench.runner import load_bench_model
+    from speechtrim.layer_store import find_selection, model_key
+
+    monkeypatch.setattr(layer_store, "selection_path", lambda model: tmp_path / f"{model_key(model)}.json")
+
+    selection = json.loads((EMBEDDED_WEIGHTS / "layer-selection.json").read_text())
+    model = load_bench_model("embedded").speechlm
+    assert selection["model_key"] == model_key(model.llm)
+    assert selection["calibration"]["clips"] >= 8 and selection["selected_layer"] in selection["candidates"]
+    assert find_selection(model.llm) == EMBEDDED_WEIGHTS / "layer-selection.json"  # this machine's cache ignored

@@ -51,3 +51,42 @@ def test_bad_candidates_are_refused():
     model = tiny_llama()
     with pytest.raises(ValueError, match="candidate layers"):
         transfer_entropy(model, [audio_prompt([5])], layers=[0, 9], progress=False)
+
+
+def test_a_selection_is_keyed_on_the_audio_path_that_feeds_the_llm(tmp_cache):
+    """The same LLM behind another projector sees other audio tokens: its stored selection must not be reused."""
+    from speechtrim.layer_store import find_selection, model_key, save_selection
+    from speechtrim.models.speechlm import SpeechLM
+    from tests.tiny_speechlm import tiny_speechlm
+
+    first = tiny_speechlm()
+    save_selection(first.llm, {1: 0.2, 2: 0.1}, "fastadasp", 0.5, {"data": "pocketsphinx", "clips": 2})
+    assert selected_layer(first.llm) == 2
+    other = SpeechLM(first.encoder, first.feature_extractor, first.llm, first.tokenizer)
+    with torch.no_grad():
+        other.projector.weight.add_(1.0)
+    assert other.llm is first.llm and find_selection(other.llm) is None
+    with pytest.raises(ValueError, match="select-layer"):
+        selected_layer(other.llm)
+    again = SpeechLM(first.encoder, first.feature_extractor, first.llm, first.tokenizer)
+    again.load_state_dict(first.state_dict())
+    assert model_key(again.llm) == model_key(first.llm) == find_selection(again.llm).stem
+
+
+def test_a_packaged_selection_is_used_when_this_machine_has_none(tmp_cache, tmp_path, monkeypatch):
+    import json
+
+    from speechtrim import layer_store
+    from speechtrim.layer_store import find_selection, model_key, stored_selection
+
+    model = tiny_llama(seed=4)
+    packaged = tmp_path / "weights" / "tiny" / "layer-selection.json"
+    packaged.parent.mkdir(parents=True)
+    packaged.write_text(json.dumps({"model_key": "0" * 16, "selected_layer": 1}))
+    monkeypatch.setattr(layer_store, "packaged_selection_paths", lambda: [packaged])
+    assert find_selection(model) is None, "a packaged selection of another model is not used"
+    packaged.write_text(json.dumps({"model_key": model_key(model), "selected_layer": 3}))
+    assert stored_selection(model) == (3, packaged)
+    with reducers.build("fastadasp", ratio=0.3, layer="auto")(model, audio_token_id=AUDIO_TOKEN) as stats:
+        model(**audio_prompt([24], seed=3))
+    assert stats.layer == 3

@@ -105,18 +105,16 @@ def _layer(option: str | None, decoder: Any) -> tuple[int, str]:
     No ``--layer`` takes the stored transfer-entropy selection when there is one, else layer 2; "auto" requires one.
     """
     from speechtrim.hf.layers import text_backbone
-    from speechtrim.layer_store import selected_layer, selection_path
+    from speechtrim.layer_store import find_selection, stored_selection
 
     depth = text_backbone(decoder).depth
     if option not in (None, "auto") and not 0 <= int(option) < depth:
         raise ValueError(f"--layer {option} is outside the model's {depth} decoder layers; pass 0 to {depth - 1}")
 
     if option is None or option == "auto":
-        path = selection_path(decoder)
-        if path.is_file():
-            return selected_layer(decoder), f"auto: {path}"
-        if option == "auto":
-            selected_layer(decoder)  # raises the message that says how to make one
+        if option == "auto" or find_selection(decoder) is not None:
+            layer, path = stored_selection(decoder)  # "auto" with none stored raises the message saying how
+            return layer, f"auto: {path}"
         return DEFAULT_LAYER, "default"
     try:
         return int(option), "given"

@@ -11,6 +11,7 @@ transformers model that every reducer attaches to. The length adapters' experime
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import replace
 from typing import Any
 
@@ -96,6 +97,9 @@ class SpeechLM(nn.Module):
             frozen.requires_grad_(False)
             frozen.eval()
         self.audio_reduction = None  # a pre-LLM reducer's AudioReduction while `with reducer(self):` lasts
+        # Reducers attached to the LLM resolve layer="auto" from the LLM alone, but a layer selection was measured
+        # on what this model feeds it: the back-reference lets the selection's key cover the audio path too.
+        llm.speechtrim_frontend = weakref.ref(self)
 
     @classmethod
     def from_config(cls, config: SpeechLMConfig, encoder: nn.Module, feature_extractor: Any, llm: nn.Module,

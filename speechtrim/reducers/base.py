@@ -120,9 +120,10 @@ class Reducer:
             depth: its text decoder's number of layers.
         """
         if self.layer == "auto":
-            from speechtrim.layer_store import selected_layer, selection_path
+            from speechtrim.layer_store import stored_selection
 
-            layer, source = selected_layer(model), f"auto: {selection_path(model)}"
+            layer, path = stored_selection(model)
+            source = f"auto: {path}"
         elif self.layer is None:
             layer, source = self.default_layer, "default"
         else:
