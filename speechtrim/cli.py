@@ -248,10 +248,35 @@ def _add_train_embedded(commands: Any) -> None:
                                "(default 0: the frame-wise MLP alone)")
     embedded.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     embedded.add_argument("--eval-limit", type=int, default=None, help="clips per held-out set (default: all)")
+    embedded.add_argument("--eval-beams", type=int, default=None,
+                          help="beams of the held-out evaluation's transcripts (default: the recipe's, 4; 1: greedy)")
+    embedded.add_argument("--eval-ctc-weight", type=float, default=None,
+                          help="weight of the CTC head in choosing among those beams (default: the recipe's, 0.5; "
+                               "0: the LLM's best beam)")
     embedded.add_argument("--work", type=Path, default=None,
                           help="checkpoint folder; an interrupted run resumes from it (default: the cache)")
     embedded.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     embedded.set_defaults(run=_run_train_embedded)
+
+    again = commands.add_parser(
+        "evaluate-embedded",
+        help="score a model saved by train-embedded (default: the packaged one) on the held-out sets again, with "
+             "other decoding settings; --write records the scores in its training.json",
+    )
+    again.add_argument("--model", type=Path, default=None,
+                       help="a folder written by train-embedded (default: speechtrim/weights/embedded)")
+    again.add_argument("--beams", type=int, default=4,  # EmbeddedRecipe.eval_beams (a test keeps them equal)
+                       help="beams of the transcripts (default 4, as train-embedded evaluates; 1: greedy)")
+    again.add_argument("--ctc-weight", type=float, default=0.5,  # EmbeddedRecipe.eval_ctc_weight
+                       help="weight of the CTC head in choosing among the beams (default 0.5, as train-embedded "
+                            "evaluates; 0: the LLM's best beam)")
+    again.add_argument("--limit", type=int, default=None, help="clips per held-out set (default: all)")
+    again.add_argument("--write", action="store_true",
+                       help="put the scores in the model's training.json (the scores they replace are kept under "
+                            "'evaluations')")
+    again.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    again.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    again.set_defaults(run=_run_evaluate_embedded)
 
 
 def _add_bench(commands: Any) -> None:
@@ -451,7 +476,9 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
                                             ("lora_rank", args.lora_rank),
                                             ("neural_seeds", _seeds(args.neural_seeds, "--neural-seeds")),
                                             ("projector_context", args.projector_context),
-                                            ("ctc_max_piece", args.ctc_pieces)) if value is not None}
+                                            ("ctc_max_piece", args.ctc_pieces),
+                                            ("eval_beams", args.eval_beams),
+                                            ("eval_ctc_weight", args.eval_ctc_weight)) if value is not None}
     if args.balance_steps is not None and args.balance_steps < 0:
         raise ValueError(f"--balance-steps must be >= 0 (0: no stage 3), got {args.balance_steps}")
     balance = None if args.balance_steps == 0 or recipe.balance is None else dataclasses.replace(
@@ -479,6 +506,29 @@ def _run_train_embedded(args: argparse.Namespace) -> int:
           f"synthetic emotion accuracy {held_out['synthetic-emotion']['accuracy']:.3f}; saved to {args.out}")
     print(json.dumps({"command": "train-embedded", "out": str(args.out),
                       **{key: report[key] for key in ("held_out", "history", "train_seconds")}}))
+    return 0
+
+
+def _run_evaluate_embedded(args: argparse.Namespace) -> int:
+    import shlex
+
+    from speechtrim.bench.runner import EMBEDDED_WEIGHTS
+    from speechtrim.train.embedded import check_decoding, reevaluate
+
+    check_decoding(args.beams, args.ctc_weight)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    folder = args.model if args.model is not None else EMBEDDED_WEIGHTS
+    _apply_threads(args)
+    command = "speechtrim " + " ".join(shlex.quote(part) for part in args.argv)
+    scores = reevaluate(folder, args.beams, args.ctc_weight, command=command, limit=args.limit,
+                        progress=not args.no_progress, write=args.write)
+    print(f"held-out synthetic ASR WER {scores['synthetic-asr']['wer']:.3f}, "
+          f"pocketsphinx (real) WER {scores['pocketsphinx']['wer']:.3f}, "
+          f"synthetic emotion accuracy {scores['synthetic-emotion']['accuracy']:.3f} ({args.beams} beams, CTC "
+          f"weight {args.ctc_weight}){'; written to ' + str(folder) if args.write else ''}")
+    print(json.dumps({"command": "evaluate-embedded", "model": str(folder), "num_beams": args.beams,
+                      "ctc_weight": args.ctc_weight, "held_out": scores}))
     return 0
 
 

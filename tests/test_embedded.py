@@ -179,6 +179,37 @@ def test_embedded_training_mixes_tasks_scores_held_out_sets_and_saves(tiny_world
     frames, mask = torch.randn(1, 10, 32), torch.ones(1, 10, dtype=torch.bool)
     again = tiny_world.load_speechlm(tmp_path / "model")
     torch.testing.assert_close(loaded.embed_audio(frames, mask)[0], again.embed_audio(frames, mask)[0])
+    assert saved["held_out"]["pocketsphinx"]["decoding"] == {"num_beams": 4, "ctc_weight": 0.5}  # the recipe's
+
+
+def test_a_saved_model_is_scored_again_and_its_record_keeps_every_evaluation(tiny_world, tmp_path):
+    from speechtrim.train.embedded import reevaluate
+
+    recipe = EmbeddedRecipe(encoder="tiny", llm="tiny", pool=2, asr_sentences=2, asr_seeds=(0,), emotion_voices=1,
+                            emotion_sentences=1, emotion_repeat=1, projector_hidden=16, prosody_rank=2, lora_rank=0,
+                            ctc=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1),
+                            joint=StageConfig(steps=2, batch_size=4, lr=1e-3, warmup=1, evaluate_every=2),
+                            balance=None, summary=None, summary_tokens=0, eval_clips=2, eval_emotion_clips=0,
+                            eval_beams=1, eval_ctc_weight=0.0)
+    train_embedded(recipe, tmp_path / "model", tmp_path / "work", command="speechtrim train-embedded", progress=False)
+    path = tmp_path / "model" / "training.json"
+    first = json.loads(path.read_text())
+    assert first["held_out"]["synthetic-asr"]["decoding"] == {"num_beams": 1, "ctc_weight": 0.0}
+    with pytest.raises(ValueError, match="2 or more beams"):
+        reevaluate(tmp_path / "model", 1, 0.5)
+    with pytest.raises(ValueError, match="leave out --limit"):
+        reevaluate(tmp_path / "model", 3, 0.5, limit=2, write=True)
+    weights = (tmp_path / "model" / "projector_adapter.safetensors").read_bytes()
+    scores = reevaluate(tmp_path / "model", 3, 0.5, command="speechtrim evaluate-embedded --write", write=True)
+    record = json.loads(path.read_text())
+    assert record["held_out"] == scores and scores["pocketsphinx"]["decoding"] == {"num_beams": 3, "ctc_weight": 0.5}
+    assert record["recipe"]["eval_beams"] == 3 and record["recipe"]["eval_ctc_weight"] == 0.5
+    assert [e["decoding"] for e in record["evaluations"]] == [{"num_beams": 1, "ctc_weight": 0.0},
+                                                             {"num_beams": 3, "ctc_weight": 0.5}]
+    assert record["evaluations"][0]["held_out"] == first["held_out"]
+    assert record["evaluations"][1]["command"] == "speechtrim evaluate-embedded --write"
+    assert record["history"] == first["history"] and record["stage_seconds"] == first["stage_seconds"]
+    assert (tmp_path / "model" / "projector_adapter.safetensors").read_bytes() == weights
 
 
 def test_the_held_out_emotion_seed_is_refused():

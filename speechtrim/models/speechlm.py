@@ -320,16 +320,17 @@ class SpeechLM(nn.Module):
         frames, mask = self.encode(audios)
         asked = any(SUMMARY_MARKER in prompt for prompt in prompts)
         summary = self.summarize(frames, mask) if asked else None  # (B, n, D_llm): what the reducers leave alone
-        if self.audio_reduction is None:
-            embeds, embeds_mask = self.embed_audio(frames, mask)
-            return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix, summary=summary)
         projected, projected_mask, logits = self.project(frames, mask)
         embeds, embeds_mask = self.adapter(projected, projected_mask)
-        full = self.build_inputs(prompts, embeds, embeds_mask, assistant_prefix=assistant_prefix,
-                                 summary=summary)  # text counts (the summary counts as text)
-        text_tokens = (full.attention_mask.sum(dim=1) - embeds_mask.sum(dim=1)).tolist()
-        embeds, embeds_mask = self.audio_reduction.reduce(embeds, embeds_mask, logits, text_tokens)
-        return self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix, summary=summary)
+        if self.audio_reduction is not None:
+            full = self.build_inputs(prompts, embeds, embeds_mask, assistant_prefix=assistant_prefix,
+                                     summary=summary)  # text counts (the summary counts as text)
+            text_tokens = (full.attention_mask.sum(dim=1) - embeds_mask.sum(dim=1)).tolist()
+            embeds, embeds_mask = self.audio_reduction.reduce(embeds, embeds_mask, logits, text_tokens)
+        batch = self.build_inputs(prompts, embeds, embeds_mask, targets, assistant_prefix, summary=summary)
+        if logits is not None:  # the CTC head's view of the whole audio, for generate(..., ctc_weight=)
+            batch.extra["ctc_logits"], batch.extra["ctc_lengths"] = logits, projected_mask.sum(dim=1)
+        return batch
 
     def loss(self, batch: PromptBatch, reduction: str = "tokens") -> torch.Tensor:
         """Cross-entropy of the target tokens (``build_inputs(..., targets=...)``) under the LLM.
@@ -377,13 +378,31 @@ class SpeechLM(nn.Module):
                                    batch.position_ids, [self._ids(text).tolist() for text in candidates])
 
     @torch.no_grad()
-    def generate(self, batch: PromptBatch, max_new_tokens: int = 64, **generate_kwargs: Any) -> list[str]:
-        """Greedy (or any ``generate`` option) continuation of each prompt, decoded to text."""
+    def generate(self, batch: PromptBatch, max_new_tokens: int = 64, ctc_weight: float = 0.0,
+                 **generate_kwargs: Any) -> list[str]:
+        """Greedy (or any ``generate`` option) continuation of each prompt, decoded to text.
+
+        Args:
+            batch: from ``prepare`` (or ``build_inputs``).
+            max_new_tokens: most tokens generated per row.
+            ctc_weight: > 0 rescores the LLM's beam hypotheses with the CTC head (joint CTC/attention decoding,
+                as hybrid ASR systems do): beam search (``num_beams`` >= 2, required) returns every finished beam,
+                each is scored ``(1 - w) * its LLM score + w * its CTC log-likelihood``, both per token, and the
+                best is returned. The text is always one the LLM generated; the head only chooses among them. A
+                hypothesis the head cannot spell (empty, or a token outside its vocabulary) loses to one it can;
+                when it can spell none, the LLM's best beam is returned. Needs a batch from ``prepare`` of a model with a CTC
+                head; the hypotheses are spelled as the head is trained (``ctc_token_ids``).
+            generate_kwargs: passed to ``transformers`` ``generate`` (``num_beams``, ``length_penalty``, ...).
+        """
         if batch.prefix is not None:
             raise ValueError("generate() runs the whole prompt in one prefill: build the batch without prefix_cache")
+        if not 0.0 <= ctc_weight <= 1.0:
+            raise ValueError(f"ctc_weight must be in [0, 1] (0: the LLM alone), got {ctc_weight}")
         generate_kwargs.setdefault("do_sample", False)
         if self.tokenizer.pad_token_id is not None:
             generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
+        if ctc_weight > 0:
+            return self._generate_rescored(batch, max_new_tokens, ctc_weight, generate_kwargs)
         output = self.llm.generate(
             inputs_embeds=batch.inputs_embeds,
             attention_mask=batch.attention_mask,
@@ -391,6 +410,38 @@ class SpeechLM(nn.Module):
             **generate_kwargs,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
+
+    def _generate_rescored(self, batch: PromptBatch, max_new_tokens: int, ctc_weight: float,
+                           generate_kwargs: dict[str, Any]) -> list[str]:
+        """``generate(..., ctc_weight > 0)``: the LLM's beams, the best by the joint LLM + CTC score."""
+        from speechtrim.models.vocab_projector import ctc_log_likelihoods, ctc_token_ids
+
+        beams = int(generate_kwargs.get("num_beams", 1))
+        if beams < 2 or generate_kwargs.get("do_sample"):
+            raise ValueError(f"ctc_weight > 0 rescores beam hypotheses: pass num_beams >= 2 (got {beams}) and no "
+                             "sampling")
+        if "ctc_logits" not in batch.extra:
+            raise ValueError("ctc_weight > 0 needs the CTC head's logits: build the batch with prepare() of a model "
+                             "with a CTC head (projector='vocab', as the embedded model has)")
+        generate_kwargs.update(num_return_sequences=beams, output_scores=True, return_dict_in_generate=True)
+        output = self.llm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                                   max_new_tokens=max_new_tokens, **generate_kwargs)
+        texts = [text.strip() for text in self.tokenizer.batch_decode(output.sequences, skip_special_tokens=True)]
+        rows = batch.inputs_embeds.shape[0]
+        llm_scores = output.sequences_scores.float().view(rows, beams).cpu()  # per token (length_penalty 1)
+        index = {int(token): position for position, token in enumerate(self.projector.vocab_ids.tolist())}
+
+        def spelled(text: str) -> list[int] | None:
+            ids = ctc_token_ids(self.tokenizer, text)
+            return [index[i] for i in ids] if ids and all(i in index for i in ids) else None
+
+        hypotheses = [[spelled(texts[row * beams + k]) for k in range(beams)] for row in range(rows)]
+        ctc = ctc_log_likelihoods(batch.extra["ctc_logits"].detach().cpu(), batch.extra["ctc_lengths"].cpu(),
+                                  hypotheses, self.projector.blank)  # (rows, beams)
+        joint = (1 - ctc_weight) * llm_scores + ctc_weight * ctc
+        spellable = torch.isfinite(ctc).any(dim=1)
+        best = torch.where(spellable, joint.argmax(dim=1), llm_scores.argmax(dim=1))
+        return [texts[row * beams + int(best[row])] for row in range(rows)]
 
 
 __all__ = ["AUDIO_MARKER", "PromptBatch", "SpeechLM", "SpeechLMConfig", "audio_frames"]

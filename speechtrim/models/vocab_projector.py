@@ -23,6 +23,10 @@ The vocabulary is the LLM token ids that occur in the training transcripts (``vo
 
 from __future__ import annotations
 
+import math
+import re
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -172,6 +176,16 @@ class UtteranceSummary(nn.Module):
         return torch.softmax(logits, dim=-1) @ embeddings.to(logits.dtype), logits
 
 
+def ctc_text(sentence: str) -> str:
+    """What the CTC head spells: lower case, words and apostrophes only, single spaces."""
+    return " ".join(re.sub(r"[^a-z' ]+", " ", sentence.lower()).split())
+
+
+def ctc_token_ids(tokenizer: Any, sentence: str) -> list[int]:
+    """LLM token ids of ``ctc_text(sentence)``, every word in its space-led form."""
+    return tokenizer(" " + ctc_text(sentence), add_special_tokens=False).input_ids
+
+
 def ctc_loss(logits: torch.Tensor, lengths: torch.Tensor, targets: list[torch.Tensor], blank: int) -> torch.Tensor:
     """Mean CTC loss per target token.
 
@@ -200,3 +214,34 @@ def ctc_greedy(logits: torch.Tensor, lengths: torch.Tensor, vocab_ids: torch.Ten
         tokens = path[keep & (path != blank)]
         decoded.append(vocab_ids[tokens].tolist())
     return decoded
+
+
+@torch.no_grad()
+def ctc_log_likelihoods(logits: torch.Tensor, lengths: torch.Tensor, hypotheses: list[list[list[int] | None]],
+                        blank: int) -> torch.Tensor:
+    """log p(hypothesis | audio) under the CTC head per target token, for several hypotheses per clip.
+
+    Args:
+        logits: (B, T, K + 1) CTC logits.
+        lengths: (B,) valid positions per row.
+        hypotheses: per row, N hypotheses as indices into the head's vocabulary; None (a token the head cannot
+            emit) or an empty list scores -inf.
+        blank: the blank index.
+    Returns:
+        (B, N) the summed CTC log-likelihood of each hypothesis divided by its length (-inf where it cannot be
+        emitted, also when it needs more positions than the clip has).
+    """
+    rows = len(hypotheses)
+    width = max((len(row) for row in hypotheses), default=0)
+    scores = torch.full((rows, width), -math.inf)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, K+1)
+    for row, candidates in enumerate(hypotheses):
+        length = int(lengths[row])
+        for index, target in enumerate(candidates):
+            if not target:
+                continue
+            nll = nn.functional.ctc_loss(log_probs[row, :length].unsqueeze(1), torch.tensor([target]),
+                                         torch.tensor([length]), torch.tensor([len(target)]), blank=blank,
+                                         reduction="sum", zero_infinity=False)
+            scores[row, index] = -float(nll) / len(target)
+    return scores

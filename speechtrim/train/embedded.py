@@ -112,6 +112,10 @@ class EmbeddedRecipe:
         summary_emotion_share: share of emotion rows in stage 4.
         eval_clips: held-out transcription clips scored at every evaluation of the joint stage (learning curve).
         eval_emotion_clips: held-out emotion clips scored there too (0: none).
+        eval_beams: beams of the final held-out evaluation's transcripts (1: greedy). The learning-curve probes
+            stay greedy.
+        eval_ctc_weight: with ``eval_beams`` >= 2, the CTC head's weight in choosing among the LLM's beams
+            (``SpeechLM.generate(..., ctc_weight=)``; 0: the LLM's best beam).
     """
 
     encoder: str = "base"
@@ -153,6 +157,8 @@ class EmbeddedRecipe:
     summary_emotion_seeds: tuple[int, ...] = (2, 3, 4, 5)
     eval_clips: int = 8
     eval_emotion_clips: int = 48
+    eval_beams: int = 4
+    eval_ctc_weight: float = 0.5
 
     def __post_init__(self) -> None:
         from speechtrim.data.synthetic_emotion import SyntheticEmotionRecipe
@@ -179,6 +185,7 @@ class EmbeddedRecipe:
                              "use other seeds")
         if self.asr_sentences is not None and (not isinstance(self.asr_sentences, int) or self.asr_sentences < 1):
             raise ValueError(f"asr_sentences must be None (all) or an int >= 1, got {self.asr_sentences!r}")
+        check_decoding(self.eval_beams, self.eval_ctc_weight)
         for name in ("emotion_repeat", "projector_hidden", "pool", "eval_clips"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
@@ -290,8 +297,21 @@ def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True,
     return asr_examples, emotion_examples, {"vocab_ids": vocab, **description}
 
 
+def check_decoding(beams: int, ctc_weight: float) -> None:
+    """Refuse (ValueError) decoding settings ``evaluate`` cannot run: beams < 1, a CTC weight outside [0, 1], or a
+    CTC weight without beams to choose among."""
+    if not isinstance(beams, int) or isinstance(beams, bool) or beams < 1:
+        raise ValueError(f"beams must be an int >= 1 (1: greedy), got {beams!r}")
+    if not 0.0 <= ctc_weight <= 1.0:
+        raise ValueError(f"the CTC weight must be in [0, 1] (0: the LLM alone), got {ctc_weight}")
+    if ctc_weight > 0 and beams < 2:
+        raise ValueError(f"a CTC weight ({ctc_weight}) chooses among beam hypotheses: use 2 or more beams, or "
+                         "weight 0 for greedy decoding")
+
+
 @torch.no_grad()
-def evaluate(model: Any, limit: int | None = None, batch_size: int = 8, progress: bool = True) -> dict[str, dict]:
+def evaluate(model: Any, limit: int | None = None, batch_size: int = 8, progress: bool = True, beams: int = 1,
+             ctc_weight: float = 0.0) -> dict[str, dict]:
     """Held-out scores of a SpeechLM, unreduced: synthetic ASR WER, pocketsphinx WER, synthetic emotion accuracy.
 
     Args:
@@ -299,11 +319,16 @@ def evaluate(model: Any, limit: int | None = None, batch_size: int = 8, progress
         limit: at most this many clips per set (spread over the set).
         batch_size: clips per forward pass.
         progress: show progress bars.
+        beams: beams of the transcripts (1: greedy).
+        ctc_weight: the CTC head's weight in choosing among the beams (``SpeechLM.generate``); 0: the LLM alone.
     """
     from tqdm.auto import tqdm
 
     from speechtrim.eval.harness import load_eval_set, task_scores
 
+    check_decoding(beams, ctc_weight)
+    decoding = {"num_beams": beams, "ctc_weight": ctc_weight}
+    options = {"num_beams": beams, "ctc_weight": ctc_weight} if beams > 1 else {}
     model.eval()
     results: dict[str, dict] = {}
     for spec in ("synthetic-asr", "pocketsphinx", "synthetic-emotion"):
@@ -318,9 +343,10 @@ def evaluate(model: Any, limit: int | None = None, batch_size: int = 8, progress
                 scores = model.score(batch, evalset.candidates)  # (b, C)
                 outputs += [evalset.labels[i] for i in scores.argmax(dim=1).tolist()]
             else:
-                outputs += model.generate(batch, max_new_tokens=48)
+                outputs += model.generate(batch, max_new_tokens=48, **options)
         scores = task_scores(evalset.task, [item.reference for item in evalset.items], outputs)
         results[spec] = {"task": evalset.task, "clips": len(evalset), "synthetic": evalset.synthetic, **scores,
+                         **({} if evalset.candidates else {"decoding": decoding}),
                          "examples": [{"reference": item.reference, "output": output}
                                       for item, output in list(zip(evalset.items, outputs))[:3]]}
         logger.info("%s: %s", spec, {k: v for k, v in scores.items()})
@@ -399,7 +425,8 @@ def train_embedded(recipe: EmbeddedRecipe, out: Path, work: Path | None = None, 
                                            checkpoint=work / "summary.ckpt", evaluate=probe, progress=progress)
         stage_seconds["summary"] = _stage_seconds(history["summary"], stage_started)
     stage_started = time.perf_counter()
-    scores = evaluate(model, eval_limit, progress=progress)
+    scores = evaluate(model, eval_limit, progress=progress, beams=recipe.eval_beams,
+                      ctc_weight=recipe.eval_ctc_weight)
     stage_seconds["evaluate"] = round(time.perf_counter() - stage_started, 1)
     report = _report(model, recipe, command, data, scores, started, stage_seconds, history)
     if earlier is not None:
@@ -444,7 +471,7 @@ SUMMARY_FIELDS = ("summary_tokens", "summary_hidden", "summary_words", "summary"
                   "summary_emotion_share")
 """Recipe fields of the summary stage alone: a model trained by the first three stages of a recipe that differs
 only in these can start it (``init``)."""
-UNCHECKED_FIELDS = ("eval_clips", "eval_emotion_clips")
+UNCHECKED_FIELDS = ("eval_clips", "eval_emotion_clips", "eval_beams", "eval_ctc_weight")
 
 
 def _earlier_training(init: Path, recipe: EmbeddedRecipe) -> dict[str, Any]:
@@ -494,6 +521,8 @@ def _as_current(recipe: dict[str, Any]) -> dict[str, Any]:
     recipe.setdefault("neural_seeds", [])  # added since; the Debian voices alone ran before
     recipe.setdefault("ctc_max_piece", None)  # added since; the LLM's own tokenisation ran before
     recipe.setdefault("ctc_whole_count", EmbeddedRecipe.ctc_whole_count)
+    recipe.setdefault("eval_beams", 1)  # added since; greedy transcripts were evaluated before
+    recipe.setdefault("eval_ctc_weight", 0.0)
     if "emotion_seed" in recipe and "emotion_seeds" not in recipe:
         recipe["emotion_seeds"] = [recipe.pop("emotion_seed")]
     defaults = {f.name: f.default for f in fields(StageConfig) if f.default is not MISSING}
@@ -596,4 +625,42 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=list))
 
 
-__all__ = ["EmbeddedRecipe", "evaluate", "train_embedded", "training_data"]
+def reevaluate(folder: Path, beams: int, ctc_weight: float, command: str = "", limit: int | None = None,
+               progress: bool = True, write: bool = False) -> dict[str, Any]:
+    """Score a model saved by ``train_embedded`` on the held-out sets again with other decoding settings.
+
+    With ``write``, its training.json gets the new scores as ``held_out`` (and the decoding in ``recipe``), and
+    what they replace goes to ``evaluations``, with the command and time of each evaluation, so the record says
+    which decoding every figure came from; the weights are not touched. Returns the new scores.
+    """
+    from speechtrim.models.storage import load_speechlm
+
+    check_decoding(beams, ctc_weight)  # before the model loads
+    folder = Path(folder)
+    path = folder / TRAINING_FILE
+    if write and not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {TRAINING_FILE} to update: give a folder written by "
+                                "train-embedded, or leave out --write")
+    if write and limit is not None:
+        raise ValueError("--write records scores on the whole held-out sets: leave out --limit")
+    model = load_speechlm(folder)  # with the system prompt it was trained with (speechlm.json)
+    started = time.perf_counter()
+    scores = evaluate(model, limit, progress=progress, beams=beams, ctc_weight=ctc_weight)
+    seconds = round(time.perf_counter() - started, 1)
+    if write:
+        report = json.loads(path.read_text())
+        recipe = _as_current(report.get("recipe", {}))
+        previous = {"command": report.get("command"), "decoding": {"num_beams": recipe["eval_beams"],
+                                                                    "ctc_weight": recipe["eval_ctc_weight"]},
+                    "seconds": report.get("stage_seconds", {}).get("evaluate"), "held_out": report["held_out"]}
+        evaluations = report.get("evaluations") or [previous]
+        evaluations.append({"command": command, "decoding": {"num_beams": beams, "ctc_weight": ctc_weight},
+                            "seconds": seconds, "held_out": scores})
+        report["evaluations"] = evaluations
+        report["held_out"] = scores
+        report["recipe"] = {**report.get("recipe", {}), "eval_beams": beams, "eval_ctc_weight": ctc_weight}
+        write_json_atomic(path, report)
+    return scores
+
+
+__all__ = ["EmbeddedRecipe", "check_decoding", "evaluate", "reevaluate", "train_embedded", "training_data"]

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from speechtrim.assets.cache import atomic_file
-from speechtrim.models.vocab_projector import ctc_loss
+from speechtrim.models.vocab_projector import ctc_loss, ctc_text, ctc_token_ids
 from speechtrim.train.encoder_cache import pad_frames
 from speechtrim.train.trainer import TrainItem
 
@@ -95,16 +95,6 @@ class StageConfig:
             raise ValueError(f"time_mask must be in [0, 1), got {self.time_mask}")
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
-
-
-def ctc_text(sentence: str) -> str:
-    """What the CTC head spells: lower case, words and apostrophes only, single spaces."""
-    return " ".join(re.sub(r"[^a-z' ]+", " ", sentence.lower()).split())
-
-
-def ctc_token_ids(tokenizer: Any, sentence: str) -> list[int]:
-    """LLM token ids of ``ctc_text(sentence)``, every word in its space-led form."""
-    return tokenizer(" " + ctc_text(sentence), add_special_tokens=False).input_ids
 
 
 def ctc_speller(tokenizer: Any, max_piece: int | None = None, whole: Collection[int] = ()
