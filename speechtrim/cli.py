@@ -513,9 +513,8 @@ def _run_evaluate_embedded(args: argparse.Namespace) -> int:
     import shlex
 
     from speechtrim.bench.runner import EMBEDDED_WEIGHTS
-    from speechtrim.train.embedded import check_decoding, reevaluate
+    from speechtrim.train.embedded import reevaluate
 
-    check_decoding(args.beams, args.ctc_weight)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     folder = args.model if args.model is not None else EMBEDDED_WEIGHTS

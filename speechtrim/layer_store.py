@@ -75,7 +75,8 @@ def save_selection(model: nn.Module, entropies: dict[int, float], method: str, r
     ranked = sorted(entropies, key=lambda layer: entropies[layer])
     path = selection_path(model)
     write_json_atomic(path, {"model_key": path.stem, "selected_layer": ranked[0], "ranking": ranked,
-                             "method": method, "ratio": ratio, "calibration": calibration or {}, "candidates": sorted(entropies),
+                             "method": method, "ratio": ratio, "calibration": calibration or {},
+                             "candidates": sorted(entropies),
                              "transfer_entropy": {str(layer): value for layer, value in entropies.items()}})
     return path
 
@@ -103,11 +104,13 @@ def text_backbone_depth(model: nn.Module) -> int:
     return text_backbone(model).depth
 
 
-def stored_selection(model: nn.Module) -> tuple[int, Path]:
-    """The layer chosen by transfer entropy for ``model`` and the file it comes from; ValueError (saying how to
-    make one) when none is stored."""
+def stored_selection(model: nn.Module, required: bool = True) -> tuple[int, Path] | None:
+    """The layer chosen by transfer entropy for ``model`` and the file it comes from. When none is stored:
+    ValueError saying how to make one, or None if not ``required``."""
     path = find_selection(model)
     if path is None:
+        if not required:
+            return None
         raise ValueError(
             "layer='auto' needs a transfer-entropy selection for this model and none is stored; run "
             "`speechtrim select-layer` (or speechtrim.layer_selection.select_layer) first, or pass layer=N"

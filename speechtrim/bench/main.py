@@ -105,17 +105,17 @@ def _layer(option: str | None, decoder: Any) -> tuple[int, str]:
     No ``--layer`` takes the stored transfer-entropy selection when there is one, else layer 2; "auto" requires one.
     """
     from speechtrim.hf.layers import text_backbone
-    from speechtrim.layer_store import find_selection, stored_selection
+    from speechtrim.layer_store import stored_selection
 
     depth = text_backbone(decoder).depth
     if option not in (None, "auto") and not 0 <= int(option) < depth:
         raise ValueError(f"--layer {option} is outside the model's {depth} decoder layers; pass 0 to {depth - 1}")
 
     if option is None or option == "auto":
-        if option == "auto" or find_selection(decoder) is not None:
-            layer, path = stored_selection(decoder)  # "auto" with none stored raises the message saying how
-            return layer, f"auto: {path}"
-        return DEFAULT_LAYER, "default"
+        found = stored_selection(decoder, required=option == "auto")  # "auto" with none stored: says how to make one
+        if found is None:
+            return DEFAULT_LAYER, "default"
+        return found[0], f"auto: {found[1]}"
     try:
         return int(option), "given"
     except ValueError:

@@ -234,14 +234,15 @@ def ctc_log_likelihoods(logits: torch.Tensor, lengths: torch.Tensor, hypotheses:
     rows = len(hypotheses)
     width = max((len(row) for row in hypotheses), default=0)
     scores = torch.full((rows, width), -math.inf)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)  # (B, T, K+1)
-    for row, candidates in enumerate(hypotheses):
-        length = int(lengths[row])
-        for index, target in enumerate(candidates):
-            if not target:
-                continue
-            nll = nn.functional.ctc_loss(log_probs[row, :length].unsqueeze(1), torch.tensor([target]),
-                                         torch.tensor([length]), torch.tensor([len(target)]), blank=blank,
-                                         reduction="sum", zero_infinity=False)
-            scores[row, index] = -float(nll) / len(target)
+    pairs = [(row, index, target) for row, candidates in enumerate(hypotheses)
+             for index, target in enumerate(candidates) if target]
+    if not pairs:
+        return scores
+    which = torch.tensor([row for row, _, _ in pairs])  # (P,) the clip of each scored hypothesis
+    log_probs = torch.log_softmax(logits.float(), dim=-1)[which].transpose(0, 1)  # (T, P, K+1)
+    target_lengths = torch.tensor([len(target) for _, _, target in pairs])  # (P,)
+    nll = nn.functional.ctc_loss(log_probs, torch.tensor([t for _, _, target in pairs for t in target]),
+                                 lengths.cpu()[which], target_lengths, blank=blank, reduction="none",
+                                 zero_infinity=False)  # (P,), inf where a hypothesis cannot be emitted
+    scores[which, torch.tensor([index for _, index, _ in pairs])] = -nll / target_lengths
     return scores

@@ -328,7 +328,7 @@ def evaluate(model: Any, limit: int | None = None, batch_size: int = 8, progress
 
     check_decoding(beams, ctc_weight)
     decoding = {"num_beams": beams, "ctc_weight": ctc_weight}
-    options = {"num_beams": beams, "ctc_weight": ctc_weight} if beams > 1 else {}
+    options = decoding if beams > 1 else {}  # generate()'s own defaults are greedy
     model.eval()
     results: dict[str, dict] = {}
     for spec in ("synthetic-asr", "pocketsphinx", "synthetic-emotion"):

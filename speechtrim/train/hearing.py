@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import signal
 import time
 from collections.abc import Callable, Collection
