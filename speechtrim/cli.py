@@ -322,6 +322,14 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--vllm-url", default=None,
                        help="with --engine vllm: a running server (e.g. http://127.0.0.1:8000) instead of starting one")
     bench.add_argument("--concurrency", type=int, default=16, help="with --engine vllm: requests in flight at once")
+    bench.add_argument("--batch-size", type=int, default=None,
+                       help="clips run together as one padded batch (default: the preset's, 8; 1: each clip alone, "
+                            "for per-clip latency)")
+    bench.add_argument("--beams", type=int, default=1,
+                       help="beams of the transcripts scored (default 1: greedy; e.g. 4 with --ctc-weight 0.5, as "
+                            "train-embedded evaluates). The timing columns stay those of the greedy pass")
+    bench.add_argument("--ctc-weight", type=float, default=0.0,
+                       help="with --beams: weight of the model's CTC head in choosing among the beams (default 0)")
     bench.set_defaults(run=_run_bench)
 
 
@@ -560,7 +568,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         memory_budget_gb=args.memory_budget_gb, batch_budget_gb=args.batch_budget_gb,
         batch_lengths=numbers(args.batch_lengths, "--batch-lengths") if args.batch_lengths else None,
         progress=not args.no_progress, threads=args.threads,
-        engine=args.engine, vllm_url=args.vllm_url, concurrency=args.concurrency,
+        engine=args.engine, vllm_url=args.vllm_url, concurrency=args.concurrency, beams=args.beams, batch_size=args.batch_size,
+        ctc_weight=args.ctc_weight,
     )
     started = time.perf_counter()
     summary = run_bench(options)

@@ -48,16 +48,17 @@ def model():
 
 def test_reduced_fidelity_is_measured_against_the_unreduced_outputs(one_thread, model, tmp_path, monkeypatch):
     """Force every reduced run to answer differently: its fidelity must see it, while the unreduced row is perfect."""
-    real = sweep_module.run_item
+    real = sweep_module.run_batch
 
-    def forced(model, prepared, reducer=None, candidates=None, *args, **kwargs):
-        run = real(model, prepared, reducer, candidates, *args, **kwargs)
-        if reducer is not None:  # the opposite label, or words the tiny model never says
-            other = [c.strip() for c in candidates or () if c.strip() != run.output]
-            run.output = other[0] if other else "zebra quartz"
-        return run
+    def forced(model, clips, reducer=None, candidates=None, *args, **kwargs):
+        runs = real(model, clips, reducer, candidates, *args, **kwargs)
+        for run in runs:
+            if reducer is not None:  # the opposite label, or words the tiny model never says
+                other = [c.strip() for c in candidates or () if c.strip() != run.output]
+                run.output = other[0] if other else "zebra quartz"
+        return runs
 
-    monkeypatch.setattr(sweep_module, "run_item", forced)
+    monkeypatch.setattr(sweep_module, "run_batch", forced)
     config = SweepConfig(targets=(0.3,), methods=select_methods(["fastv"], LAYER), max_new_tokens=3)
     rows = {(row["method"], row["task"]): row
             for row in run_sweep(model, toy_sets(), config, tmp_path / "rows.jsonl", progress=False)}
@@ -317,13 +318,13 @@ def test_fresh_sets_the_old_results_aside_and_a_file_as_out_is_refused(one_threa
 
     import speechtrim.bench.sweep as sweep
 
-    original = sweep.run_item
-    sweep.run_item = stop  # interrupted before the first new row
+    original = sweep.run_batch
+    sweep.run_batch = stop  # interrupted before the first new row
     try:
         with pytest.raises(Stop):
             run_bench(BenchOptions(**{**options.__dict__, "fresh": True}), model=model)
     finally:
-        sweep.run_item = original
+        sweep.run_batch = original
     assert (out / "results.previous.jsonl").read_text() == '{"key": "old", "model": "tiny"}\n'
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
@@ -351,14 +352,14 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
 
 
 def test_a_failing_row_is_an_error_not_an_unreachable_dash(one_thread, model, tmp_path, monkeypatch):
-    original = sweep_module.run_item
+    original = sweep_module.run_batch
 
-    def broken(bench_model, prepared, reducer, *args, **kwargs):
+    def broken(bench_model, clips, reducer, *args, **kwargs):
         if reducer is not None and reducer.name == "fastv":
             raise ValueError("a real bug")
-        return original(bench_model, prepared, reducer, *args, **kwargs)
+        return original(bench_model, clips, reducer, *args, **kwargs)
 
-    monkeypatch.setattr(sweep_module, "run_item", broken)
+    monkeypatch.setattr(sweep_module, "run_batch", broken)
     options = BenchOptions(preset="quick", data=["pocketsphinx"], methods=["fastadasp-sparse", "fastv"],
                            targets=(0.2,), out=tmp_path / "out", layer="2", max_new_tokens=2, progress=False, limit=1)
     summary = run_bench(options, model=model)
@@ -433,3 +434,125 @@ def test_scaling_ratios_are_paired_within_each_repeat():
            "rtf": 0.1, "kv_cache_bytes": 2**20, "max_batch_kv_bound": 3, "memory_budget_gb": 1}
     table = scaling_table([row])
     assert "| 1.80 [1.70–1.90] |" in table and "| +1.2 [-1.0–+3.0] % |" in table and "| 1.10 |" in table
+
+
+def test_timed_runs_collect_before_and_never_during_and_the_model_is_frozen_out_of_the_scans(one_thread, model,
+                                                                                            monkeypatch):
+    """Each timed pass collects the garbage first and runs with the collector paused (a collection triggered by an
+    earlier run must not land inside the clocks); ``frozen_long_lived`` takes the model out of those scans and puts
+    it back on exit, and a pass leaves the collector as it found it."""
+    import gc
+
+    from speechtrim.bench import runner
+
+    seen, collected = [], []
+    real_collect, real_forward = gc.collect, model.decoder.forward
+    monkeypatch.setattr(runner.gc, "collect", lambda *a: collected.append(gc.isenabled()) or real_collect(*a))
+
+    def forward(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.decoder, "forward", forward)
+    prepared = model.prepare(toy_sets(1)[0].items[0])
+    with runner.frozen_long_lived():
+        assert gc.get_freeze_count() > 0  # the model's objects are in the permanent generation
+        run_item(model, prepared, None, None, 3)
+    assert gc.get_freeze_count() == 0 and gc.isenabled()
+    assert seen and not any(seen)  # every forward (prefill and decode steps) ran with the collector paused
+    assert collected and all(collected)  # the collections ran before the pause
+    gc.disable()
+    try:
+        run_item(model, prepared, None, None, 2)
+        assert not gc.isenabled()  # a caller's disabled collector stays disabled
+    finally:
+        gc.enable()
+
+
+def _clips(model, seconds, seed=0):
+    rng = np.random.default_rng(seed)
+    items = [EvalItem(f"c{i}", (0.1 * rng.standard_normal(int(16000 * s))).astype(np.float32), "x",
+                      "transcribe this <audio> \n") for i, s in enumerate(seconds)]
+    return [model.prepare(item) for item in items]
+
+
+BATCH_METHODS = ("none", "fastadasp-sparse", "fastadasp-constant", "fastv", "a_tome", "h2o", "snapkv", "pre_merge",
+                 "samp")
+
+
+@pytest.mark.parametrize("seconds", [(1.0, 1.0, 1.0), (0.8, 1.3, 1.0)], ids=["equal", "unequal"])
+def test_a_batch_gives_each_clip_what_it_gives_alone(one_thread, model, seconds):
+    """Left-padded batches change nothing a clip's row reports but the timings: the same greedy text, per-layer
+    lengths and measured FLOPs reduction, for in-decoder mergers and evictors, cache evictors and pre-LLM methods,
+    also when the clips' lengths differ (a FLOPs target's ratio is solved for every row's own prompt)."""
+    from speechtrim.bench.runner import run_batch
+
+    prepared = _clips(model, seconds, seed=1)
+    for method in select_methods(list(BATCH_METHODS[1:]), LAYER):
+        reducer = method.build(0.3)
+        alone = [run_item(model, clip, reducer, None, 6) for clip in prepared]
+        together = run_batch(model, prepared, reducer, None, 6)
+        for a, b in zip(alone, together):
+            assert (a.generated, a.decode_steps, a.tokens_per_layer) == (b.generated, b.decode_steps,
+                                                                         b.tokens_per_layer), method.name
+            assert a.flops_reduction == pytest.approx(b.flops_reduction), method.name
+        assert len({run.prefill_s for run in together}) == 1  # an even share of the batch's prefill
+    assert [run.generated for run in run_batch(model, prepared, None, None, 6)] == [
+        run_item(model, clip, None, None, 6).generated for clip in prepared]
+    labels = run_batch(model, prepared, None, ["happy", "sad"], 2)
+    assert [run.output for run in labels] == [run_item(model, clip, None, ["happy", "sad"], 2).output
+                                              for clip in prepared]
+
+
+def test_rows_of_a_batch_solve_a_flops_target_for_their_own_prompts(one_thread, model):
+    """The attachment solves a FLOPs target's ratio per row: in a padded batch of prompts of different lengths each
+    row removes what it removes alone, and so saves the target, not what row 0's ratio would save it."""
+    from speechtrim import reducers as registry
+
+    prepared = _clips(model, (0.8, 1.6), seed=2)
+    reducer = registry.build("fastv", flops_reduction=0.4, layer=LAYER)
+    from speechtrim.bench.runner import pad_batch
+
+    batch = pad_batch(prepared)
+    with reducer(model.decoder, audio_spans=batch.audio_spans) as stats:
+        model.decoder(**batch.kwargs, use_cache=True)
+    rows = stats.tokens_per_row
+    for row, clip in enumerate(prepared):
+        with reducer(model.decoder, audio_spans=clip.audio_spans) as own:
+            model.decoder(**clip.kwargs, use_cache=True)
+        assert rows[row] == own.tokens_per_layer
+    assert rows[0][-1] / rows[0][0] != rows[1][-1] / rows[1][0]  # different lengths: different kept shares
+
+
+def test_pad_batch_joins_embedded_prompts_and_refuses_processor_inputs(one_thread, model):
+    from speechtrim.bench.runner import pad_batch
+
+    prepared = _clips(model, (0.8, 1.3, 1.0), seed=1)
+    joined = pad_batch(prepared)
+    assert joined.kwargs["inputs_embeds"].shape[:2] == (3, max(clip.length for clip in prepared))
+    assert joined.kwargs["attention_mask"].sum(dim=1).tolist() == [clip.length for clip in prepared]
+    assert pad_batch(prepared[:1]) is prepared[0]
+    hub_like = type(prepared[0])({"input_ids": torch.zeros(1, 3, dtype=torch.long)}, None, 3, 0)
+    with pytest.raises(ValueError, match="use batch size 1"):
+        pad_batch([hub_like, hub_like])
+
+
+def test_a_batched_sweep_keys_its_rows_apart_and_records_the_batch(one_thread, model, tmp_path):
+    """batch_size enters the row key (rows run alone keep theirs), every row records it, and on equal-length clips the
+    batched sweep scores what the clip-by-clip sweep does."""
+    rng = np.random.default_rng(0)
+    audio = [(0.1 * rng.standard_normal(16000)).astype(np.float32) for _ in range(3)]
+    asr = EvalSet("eq-asr", "asr", [EvalItem(f"a{i}", a, "the emotion is happy", "transcribe this <audio> \n")
+                                    for i, a in enumerate(audio)])
+    methods = select_methods(["fastv", "pre_merge"], LAYER)
+    rows = {}
+    for size in (1, 3):
+        config = SweepConfig(targets=(0.3,), methods=methods, max_new_tokens=4, batch_size=size)
+        rows[size] = run_sweep(model, [asr], config, tmp_path / "rows.jsonl", progress=False)
+    assert len(read_jsonl(tmp_path / "rows.jsonl")) == 6  # nothing reused across batch sizes
+    for one, three in zip(rows[1], rows[3]):
+        assert one["batch_size"] == 1 and three["batch_size"] == 3 and one["key"] != three["key"]
+        assert (one["outputs"], one["metric"], one["fidelity"]) == (three["outputs"], three["metric"],
+                                                                    three["fidelity"])
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        SweepConfig(batch_size=0)

@@ -19,6 +19,11 @@ BENCH_CASES = [
     (["--scaling", "--scaling-lengths", "-5"], "--scaling-lengths takes audio lengths in seconds such as 30,60,120"),
     (["--threads", "0"], "--threads must be >= 1, got 0"),
     (["--limit", "0"], "--limit must be >= 1 clip, got 0"),
+    (["--beams", "0"], "--beams 0 --ctc-weight 0.0: beams must be an int >= 1 (1: greedy), got 0"),
+    (["--ctc-weight", "0.5"], "chooses among beam hypotheses: use 2 or more beams"),
+    (["--beams", "4", "--scaling"], "drop --beams/--ctc-weight"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--batch-size", "4", "--scaling"], "drop --batch-size"),
 ]
 
 

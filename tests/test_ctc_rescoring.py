@@ -104,3 +104,91 @@ def test_evaluate_embedded_defaults_are_the_recipes():
     args = _build_parser().parse_args(["evaluate-embedded"])
     assert isinstance(args, argparse.Namespace)
     assert (args.beams, args.ctc_weight) == (EmbeddedRecipe.eval_beams, EmbeddedRecipe.eval_ctc_weight)
+
+
+def test_bench_scores_the_beam_search_with_the_same_reducer_and_keys_rows_by_the_decoding(one_thread, tmp_path):
+    """``bench --beams N --ctc-weight w``: each ASR row's outputs are what ``rescored_generate`` gives on the same
+    (reduced) inputs, computed here independently; greedy rows keep their keys, beam rows get others; label rows are
+    read by scoring and do not depend on the decoding; the tables say how the outputs were decoded."""
+    from speechtrim.bench.report import markdown_tables
+    from speechtrim.bench.runner import EmbeddedModel
+    from speechtrim.bench.sweep import SweepConfig, row_key, run_sweep, select_methods
+    from speechtrim.eval.harness import EvalItem, EvalSet
+    from speechtrim.models.joint_decoding import Decoding, rescored_generate
+
+    model = EmbeddedModel(vocab_model(), "tiny-vocab", trained=False)
+    audio = clips(1.0, 0.7)
+    asr = EvalSet("toy-asr", "asr", [EvalItem(f"a{i}", a, "the emotion is happy", "transcribe this : <audio> \n")
+                                     for i, a in enumerate(audio)])
+    emotion = EvalSet("toy-emotion", "emotion", [EvalItem(f"e{i}", a, "sad", "what emotion <audio> \n",
+                                                          "the emotion is :") for i, a in enumerate(audio)],
+                      ("happy", "sad"))
+    decoding = Decoding(3, 0.5)
+    methods = select_methods(["fastv", "pre_merge"], 1)
+    config = SweepConfig(targets=(0.3,), methods=methods, max_new_tokens=4, decoding=decoding)
+    rows = run_sweep(model, [asr, emotion], config, tmp_path / "rows.jsonl", progress=False)
+    by = {(row["method"], row["task"]): row for row in rows}
+
+    for method in methods:  # the oracle: the reducer attached (or applied to the audio) by hand, then the search
+        expected = []
+        for item in asr.items:
+            prepared = model.prepare(item)
+            reducer = method.build(0.3)
+            if reducer is None:
+                inputs, context = prepared, torch.no_grad()
+            elif reducer.acts_on == "embeddings":
+                inputs, context = prepared.reduce_audio(reducer)[0], torch.no_grad()
+            else:
+                inputs, context = prepared, reducer(model.decoder, audio_spans=prepared.audio_spans)
+            with context:
+                expected += rescored_generate(model.decoder, model.tokenizer, model.speechlm.projector,
+                                              inputs.kwargs["inputs_embeds"], inputs.kwargs["attention_mask"],
+                                              *prepared.ctc, 4, 0.5, num_beams=3)
+        row = by[method.name, "asr"]
+        assert row["outputs"] == expected, method.name
+        assert row["decoding"] == {"num_beams": 3, "ctc_weight": 0.5} and row["search_ms"] > 0
+    assert by["none", "emotion"]["decoding"] == {"num_beams": 1, "ctc_weight": 0.0}
+    assert "search_ms" not in by["none", "emotion"]
+
+    import dataclasses
+
+    from speechtrim.bench.sweep import data_fingerprint
+
+    greedy = SweepConfig(targets=(0.3,), methods=methods, max_new_tokens=4)
+    none = methods[0]
+    asr_keys = [row_key(model.fingerprint, data_fingerprint(asr), none, 0.0, c) for c in (config, greedy)]
+    assert by["none", "asr"]["key"] == asr_keys[0] != asr_keys[1]  # greedy keys are those of before: no "decoding"
+    label = [dataclasses.replace(c, max_new_tokens=4, decoding=Decoding()) for c in (config, greedy)]
+    assert by["none", "emotion"]["key"] == row_key(model.fingerprint, data_fingerprint(emotion), none, 0.0, label[0])
+    tables = markdown_tables(rows, model.name)
+    assert "beam search, 3 beams, the CTC head weighted 0.5" in tables
+
+
+def test_bench_refuses_decoding_it_cannot_run_before_loading_anything(tmp_path):
+    from speechtrim.bench.main import BenchOptions, run_bench
+
+    for options, message in (
+        (BenchOptions(beams=0, out=tmp_path), "beams must be an int >= 1"),
+        (BenchOptions(beams=1, ctc_weight=0.5, out=tmp_path), "use 2 or more beams"),
+        (BenchOptions(beams=4, ctc_weight=1.5, out=tmp_path), "in [0, 1]"),
+        (BenchOptions(beams=4, scaling=True, out=tmp_path), "drop --beams"),
+    ):
+        with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            run_bench(options, model=object())  # would fail on first use: the check comes first
+
+
+def test_bench_refuses_a_ctc_weight_for_a_model_without_a_ctc_head(one_thread, tmp_path):
+    from speechtrim.bench.main import BenchOptions, run_bench
+    from speechtrim.bench.runner import EmbeddedModel
+
+    model = EmbeddedModel(tiny_speechlm(seed=0), "tiny-linear", trained=False)
+    import json
+
+    import soundfile
+
+    manifest = tmp_path / "clips.jsonl"
+    soundfile.write(tmp_path / "a.wav", clips(0.8)[0], 16000)
+    manifest.write_text(json.dumps({"audio": "a.wav", "transcript": "the emotion is sad"}) + "\n")
+    with pytest.raises(ValueError, match="does not have"):
+        run_bench(BenchOptions(data=[str(manifest)], beams=2, ctc_weight=0.5, out=tmp_path / "out"), model=model)
+    assert not (tmp_path / "out" / "results.jsonl").exists()

@@ -26,18 +26,22 @@ class Preset:
         targets: target prefill-FLOPs reductions.
         max_new_tokens: most tokens generated per clip.
         repeats: timed runs per clip (median).
+        batch_size: clips run together as one left-padded batch (``SweepConfig.batch_size``).
     """
 
     data: tuple[tuple[str, int | None], ...]
     targets: tuple[float, ...]
     max_new_tokens: int
     repeats: int
+    batch_size: int = 1
 
 
+BATCH_SIZE = 8  # the presets' batches: see BENCHMARKS.md "Batched sweeps" for what batching costs and saves here
 PRESETS = {  # ASR on real and held-out synthetic speech, emotion on held-out synthetic prosody
-    "quick": Preset((("pocketsphinx", 4), ("synthetic-asr", 4), ("synthetic-emotion", 8)), (0.1, 0.3, 0.5), 32, 1),
+    "quick": Preset((("pocketsphinx", 4), ("synthetic-asr", 4), ("synthetic-emotion", 8)), (0.1, 0.3, 0.5), 32, 1,
+                    BATCH_SIZE),
     "default": Preset((("pocketsphinx", 10), ("synthetic-asr", 24), ("synthetic-emotion", 48)),
-                      (0.1, 0.2, 0.3, 0.4, 0.5), 40, 1),
+                      (0.1, 0.2, 0.3, 0.4, 0.5), 40, 1, BATCH_SIZE),
 }
 
 
@@ -68,6 +72,11 @@ class BenchOptions:
         engine: "transformers" (every method, in this process) or "vllm" (pre-LLM methods, served by vLLM).
         vllm_url: a running vLLM server (None: start one from .venv-vllm for the run).
         concurrency: requests in flight at once with the vLLM engine.
+        batch_size: clips run together as one left-padded batch (None: the preset's; 1: each clip alone, the
+            per-clip latency protocol of FastAdaSP's Table 4).
+        beams: beams of the transcripts scored (1: greedy, the timed pass's own text); more run a beam search per
+            clip and row after the timed greedy pass (``SweepConfig.decoding``).
+        ctc_weight: with beams, the weight of the model's CTC head in choosing among them (0: the LLM's best).
     """
 
     preset: str = "default"
@@ -93,6 +102,9 @@ class BenchOptions:
     engine: str = "transformers"
     vllm_url: str | None = None
     concurrency: int = 16
+    batch_size: int | None = None
+    beams: int = 1
+    ctc_weight: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -138,7 +150,8 @@ def _check_options(options: BenchOptions) -> Preset:
         if bad or not options.targets:
             raise ValueError(f"--targets takes FLOPs reductions in (0, 1) such as 0.1,0.3,0.5; got "
                              f"{list(options.targets) or 'none'}")
-    for name, value in (("--max-new-tokens", options.max_new_tokens), ("--repeats", options.repeats)):
+    for name, value in (("--max-new-tokens", options.max_new_tokens), ("--repeats", options.repeats),
+                        ("--batch-size", options.batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if options.scaling:
@@ -167,6 +180,19 @@ def _check_options(options: BenchOptions) -> Preset:
             raise ValueError("--device cuda was asked for but torch sees no GPU; use --device cpu")
     if options.engine not in ("transformers", "vllm"):
         raise ValueError(f"--engine must be transformers or vllm, got {options.engine!r}")
+    from speechtrim.models.joint_decoding import check_decoding
+
+    try:
+        check_decoding(options.beams, options.ctc_weight)
+    except ValueError as error:
+        raise ValueError(f"--beams {options.beams} --ctc-weight {options.ctc_weight}: {error}") from None
+    if (options.batch_size or 1) > 1 and (options.scaling or options.engine == "vllm"):
+        raise ValueError("--batch-size applies to the sweep on the transformers engine; --scaling searches its own "
+                         "largest batch (--batch-budget-gb) and --engine vllm batches by --concurrency: drop "
+                         "--batch-size")
+    if options.beams > 1 and (options.scaling or options.engine == "vllm"):
+        raise ValueError("--beams applies to the sweep's transcripts on the transformers engine; --scaling times a "
+                         "fixed-length greedy decode and --engine vllm decodes greedily: drop --beams/--ctc-weight")
     if options.engine == "vllm":
         if options.model != "embedded":
             raise ValueError("--engine vllm serves speechtrim's SpeechLM (it computes the prompt embeddings itself): "
@@ -247,11 +273,24 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
         model = load_bench_model(options.model, options.speechlm, options.device)
     if options.engine == "vllm":
         return _run_vllm(options, out, model, sets, preset)
+    if options.ctc_weight > 0 and not has_ctc_head(model):
+        raise ValueError(f"--ctc-weight {options.ctc_weight} rescores beams with a CTC head over the LLM's "
+                         f"vocabulary, which {model.name} does not have (speechtrim's embedded model has one): pass "
+                         "--ctc-weight 0")
+    batch_size = options.batch_size or preset.batch_size
+    if batch_size > 1 and not getattr(model, "joins_batches", False):
+        if options.batch_size is not None:
+            raise ValueError(f"--batch-size {batch_size}: {model.name}'s prompts come from its processor and run one "
+                             "clip at a time; use --batch-size 1")
+        batch_size = 1  # the preset's batches are for speechtrim's SpeechLM
+    from speechtrim.models.joint_decoding import Decoding
+
     config = SweepConfig(targets=tuple(options.targets or preset.targets),
                          methods=select_methods(options.methods, *_layer(options.layer, model.decoder),
                                                 ctc_head=has_ctc_head(model)),
                          max_new_tokens=options.max_new_tokens or preset.max_new_tokens,
-                         repeats=options.repeats or preset.repeats)
+                         repeats=options.repeats or preset.repeats,
+                         decoding=Decoding(options.beams, options.ctc_weight), batch_size=batch_size)
     jsonl = out / "results.jsonl"
     previous = out / "results.previous.jsonl"
     if options.fresh and jsonl.exists():  # set aside, never deleted: an early interrupt must not lose them
@@ -276,6 +315,7 @@ def run_bench(options: BenchOptions, model: Any = None) -> dict[str, Any]:
 
     return {"model": model.name, "trained": model.trained, "data": data, "device": options.device,
             "threads": torch.get_num_threads(), "max_new_tokens": config.max_new_tokens, "repeats": config.repeats,
+            "decoding": config.decoding.as_dict(), "batch_size": config.batch_size,
             "jsonl": str(jsonl), "tables": str(out / "tables.md"), "plot": str(out / "tradeoff.png"),
             "reused_rows": reused, "failed_rows": sum(1 for row in rows if row.get("failed")),
             "rows": [_public(row) for row in rows]}
@@ -369,9 +409,12 @@ def _run_scaling(options: BenchOptions, out: Path, model: Any) -> dict[str, Any]
     if len(methods) != 1:
         raise ValueError(f"--scaling compares one method with the unreduced model; got {[m.name for m in methods]}")
     target = (options.targets or (0.5,))[0]
-    rows = scaling_study(model, clips, methods[0], options.scaling_lengths, target,
-                         options.max_new_tokens or 16, options.repeats or 1, options.memory_budget_gb,
-                         options.progress, memory, store=out / "scaling-rows.jsonl")
+    from speechtrim.bench.runner import frozen_long_lived
+
+    with frozen_long_lived():  # the model's objects out of the per-run garbage collections
+        rows = scaling_study(model, clips, methods[0], options.scaling_lengths, target,
+                             options.max_new_tokens or 16, options.repeats or 1, options.memory_budget_gb,
+                             options.progress, memory, store=out / "scaling-rows.jsonl")
     with atomic_file(out / "scaling.jsonl") as handle:
         handle.writelines(json.dumps(row) + "\n" for row in rows)
     table = scaling_table(rows)

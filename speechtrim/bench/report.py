@@ -94,7 +94,8 @@ def markdown_tables(rows: Sequence[dict], model: str) -> str:
         keyed = f"; {', '.join(by_ratio)}: eviction ratio" if by_ratio else ""
         parts.append(f"Columns: target prefill-FLOPs reduction (FastAdaSP eq. 10{keyed}). "
                      "'—' = target unreachable; 'error' = the row failed (see results.jsonl). "
-                     f"[low–high] = 95 % bootstrap interval over the {first.get('clips')} clips (1000 resamples).\n")
+                     f"[low–high] = 95 % bootstrap interval over the {first.get('clips')} clips (1000 resamples)."
+                     f"{_decoding_note(first)}\n")
         metric = first["metric_name"]
         task = TASK_RECORDS.get(first["task"])
         higher = first.get("metric_higher_is_better", task.higher_is_better if task else True)
@@ -110,11 +111,27 @@ def markdown_tables(rows: Sequence[dict], model: str) -> str:
     evictors = (f" {', '.join(by_ratio)} leave prefill unchanged (measured FLOPs reduction 0) and shrink the KV "
                 "cache; as in the FastAdaSP paper, their column is their eviction ratio (share of audio entries "
                 "every layer's cache drops).") if by_ratio else ""
-    parts.append(f"Times are medians over repeats, averaged over clips (ms per clip); RTF = (encoder + prefill + "
-                 f"decode) / audio seconds; tokens/s = decode steps / decode seconds; speed-ups are against the "
-                 f"unreduced model in the same process; KV MB = key + value bytes right after prefill; "
+    size = max(int(row.get("batch_size") or 1) for row in rows) if rows else 1
+    batching = ("" if size == 1 else
+                f"Clips ran in left-padded batches of up to {size} (shortest prompts together): a clip's prefill "
+                "and decode times and KV bytes are its batch's divided by the clips in it, and tokens/s is the "
+                "batch's throughput. ")
+    parts.append(f"{batching}Times are medians over repeats, averaged over clips (ms per clip); RTF = (encoder + "
+                 f"prefill + decode) / audio seconds; tokens/s = decode steps / decode seconds; speed-ups are "
+                 f"against the unreduced model in the same process; KV MB = key + value bytes right after prefill; "
                  f"{PEAK_MEMORY_NOTE}.{evictors}")
     return "\n".join(parts)
+
+
+def _decoding_note(row: dict) -> str:
+    """How the scored outputs were decoded, when not by the timed greedy pass (a heading's last sentence)."""
+    decoding = row.get("decoding") or {}
+    beams, weight = int(decoding.get("num_beams", 1)), float(decoding.get("ctc_weight", 0.0))
+    if beams <= 1:
+        return ""
+    chooser = f"the CTC head weighted {weight:g} choosing among them" if weight > 0 else "the LLM's best beam"
+    return (f" Outputs scored: beam search, {beams} beams, {chooser} (run after the timed greedy pass; the timing "
+            "columns are the greedy pass's).")
 
 
 def _ratio_keyed(rows: Sequence[dict]) -> list[str]:

@@ -18,7 +18,7 @@ import inspect
 import logging
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,7 @@ from torch import nn
 from speechtrim.eval.harness import EvalItem
 from speechtrim.hf.kv_evict import kv_cache_bytes
 from speechtrim.hf.layers import returned_cache, text_backbone
-from speechtrim.inference import candidate_log_probs, greedy_continue
+from speechtrim.inference import candidate_log_probs, greedy_continue_batch
 from speechtrim.models.prompting import AUDIO_MARKER, SUMMARY_MARKER
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class Prepared:
         reduce_audio: for a model whose audio embeddings speechtrim splices itself, ``reduce_audio(reducer)`` gives
             the clip with its audio embeddings reduced by a pre-LLM method and that method's statistics; None:
             pre-LLM methods run on the decoder's input embeddings (``reducer(decoder)``).
+        ctc: the CTC head's logits of the whole clip (1, T_ctc, K + 1) and their length (1,), for joint CTC/LLM
+            decoding (``Decoding.ctc_weight``); None for a model without a CTC head.
     """
 
     kwargs: dict[str, Any]
@@ -59,6 +61,7 @@ class Prepared:
     audio_tokens: int
     encode_s: float = 0.0
     reduce_audio: Callable[[Any], tuple[Prepared, Any]] | None = None
+    ctc: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class _Fingerprinted:
@@ -85,6 +88,8 @@ class EmbeddedModel(_Fingerprinted):
         name: how rows name the model.
         trained: False when the projector is untrained (task metrics are then meaningless).
     """
+
+    joins_batches = True  # its prompts are inputs_embeds: ``pad_batch`` joins several clips
 
     def __init__(self, speechlm: nn.Module, name: str = "embedded", trained: bool = True) -> None:
         self.speechlm = speechlm
@@ -114,6 +119,8 @@ class EmbeddedModel(_Fingerprinted):
         summary = (self.speechlm.summarize(frames[mask].unsqueeze(0), mask[mask].unsqueeze(0))  # whole clip
                    if SUMMARY_MARKER in item.prompt else None)
         prepared = self._splice(item, flat, summary)
+        if logits is not None:  # the head's view of the whole audio (windows joined), whatever reduces the LLM's
+            prepared.ctc = logits[projected_mask].unsqueeze(0), projected_mask.sum().view(1)
         _sync(flat.device)
         prepared.encode_s = time.perf_counter() - started
         text_tokens = prepared.length - prepared.audio_tokens
@@ -142,6 +149,23 @@ class EmbeddedModel(_Fingerprinted):
         """Token ids of ``text`` without special tokens."""
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
+    def beam_search(self, prepared: Prepared, ctc: tuple[torch.Tensor, torch.Tensor] | None, decoding: Any,
+                    max_new_tokens: int) -> str:
+        """One clip's transcript by beam search, the beam chosen with the CTC head when ``decoding`` says so."""
+        kwargs = prepared.kwargs
+        if decoding.ctc_weight > 0:
+            from speechtrim.models.joint_decoding import rescored_generate
+
+            if ctc is None:
+                raise ValueError("a CTC weight needs the model's CTC head; this model has none: use --ctc-weight 0")
+            return rescored_generate(self.decoder, self.tokenizer, self.speechlm.projector, kwargs["inputs_embeds"],
+                                     kwargs["attention_mask"], *ctc, max_new_tokens, decoding.ctc_weight,
+                                     num_beams=decoding.num_beams)[0]
+        output = self.decoder.generate(inputs_embeds=kwargs["inputs_embeds"], attention_mask=kwargs["attention_mask"],
+                                       max_new_tokens=max_new_tokens, num_beams=decoding.num_beams, do_sample=False,
+                                       pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(output[0], skip_special_tokens=True).strip()
+
 
 class HubModel(_Fingerprinted):
     """A Hugging Face speech LLM with a processor that expands audio placeholder tokens (audio spans from the
@@ -151,6 +175,8 @@ class HubModel(_Fingerprinted):
         name: a Hugging Face model id or local folder.
         device: where to run it.
     """
+
+    joins_batches = False  # the processor's inputs (ids, audio features) run one clip at a time
 
     def __init__(self, name: str, device: str = "cpu") -> None:
         from transformers import AutoModelForMultimodalLM, AutoProcessor
@@ -192,6 +218,18 @@ class HubModel(_Fingerprinted):
     def token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` without special tokens."""
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def beam_search(self, prepared: Prepared, ctc: tuple[torch.Tensor, torch.Tensor] | None, decoding: Any,
+                    max_new_tokens: int) -> str:
+        """One clip's answer by the processor's inputs through ``generate`` with beams (no CTC head here)."""
+        if decoding.ctc_weight > 0:
+            raise ValueError(f"{self.name} has no CTC head over its vocabulary to rescore beams with: use "
+                             "--ctc-weight 0")
+        kwargs = {key: value for key, value in prepared.kwargs.items() if key != "position_ids"}
+        output = self.model.generate(**kwargs, max_new_tokens=max_new_tokens, num_beams=decoding.num_beams,
+                                     do_sample=False)
+        prompt = int(prepared.kwargs["input_ids"].shape[1])
+        return self.tokenizer.decode(output[0, prompt:], skip_special_tokens=True).strip()
 
 
 def load_bench_model(model: str = "embedded", speechlm: str | Path | None = None, device: str = "cpu"):
@@ -245,6 +283,8 @@ class ItemRun:
         tokens_per_layer: prefill length each decoder layer saw.
         cache_tokens_per_layer: KV-cache columns each layer kept after prefill.
         flops_reduction: measured prefill-FLOPs reduction (FastAdaSP eq. 10 over ``tokens_per_layer``).
+        search_s: with beam decoding (``run_item(..., decoding=)``), the seconds of the beam search whose text
+            ``output`` is; it runs after the timed greedy passes and is not part of ``prefill_s``/``decode_s``.
     """
 
     output: str
@@ -257,6 +297,22 @@ class ItemRun:
     tokens_per_layer: list[int] = field(default_factory=list)
     cache_tokens_per_layer: list[int] = field(default_factory=list)
     flops_reduction: float = 0.0
+    search_s: float = 0.0
+
+
+@contextlib.contextmanager
+def frozen_long_lived() -> Iterator[None]:
+    """Keep every object alive on entry (the model's modules and tensors, the tokenizer: about 455,000 for the
+    embedded model) out of the garbage collector's scans until exit (``gc.freeze``), so the collection before each
+    timed run costs what the sweep made since, not the model: 0.2 s -> under 1 ms here. The quick preset ran 494
+    such collections, 107 s of its 461 s (cProfile). Objects frozen are still freed when their last reference goes;
+    only reference cycles among them wait for the exit."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _sync(device: torch.device | str) -> None:
@@ -280,64 +336,138 @@ def _eos_ids(model: Any) -> set[int]:
     return ids
 
 
+def pad_batch(clips: list[Prepared]) -> Prepared:
+    """Several prepared clips as one left-padded batch (one clip: itself, unchanged).
+
+    Only prompts given as ``inputs_embeds`` (speechtrim's SpeechLM) can be joined here; a hub model's processor
+    output (input ids, audio features) is refused with a ValueError.
+    """
+    if len(clips) == 1:
+        return clips[0]
+    names = {"inputs_embeds", "attention_mask", "position_ids"}
+    if any(set(clip.kwargs) != names for clip in clips):
+        raise ValueError("batches of several clips need prompts given as inputs_embeds (speechtrim's SpeechLM); a hub "
+                         "model's processor inputs are run one clip at a time: use batch size 1")
+    first = clips[0].kwargs
+    width = max(clip.length for clip in clips)
+    rows = len(clips)
+    embeds = first["inputs_embeds"].new_zeros(rows, width, first["inputs_embeds"].shape[-1])
+    mask = first["attention_mask"].new_zeros(rows, width)
+    positions = first["position_ids"].new_ones(rows, width)  # padding's positions: 1, as generate() gives them
+    spans: list[list[tuple[int, int]]] | None = [] if all(clip.audio_spans for clip in clips) else None
+    for row, clip in enumerate(clips):
+        offset = width - clip.length
+        embeds[row, offset:] = clip.kwargs["inputs_embeds"][0]
+        mask[row, offset:] = clip.kwargs["attention_mask"][0]
+        positions[row, offset:] = clip.kwargs["position_ids"][0]
+        if spans is not None:
+            spans.append([(start + offset, end + offset) for start, end in clip.audio_spans[0]])
+    kwargs = {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions}
+    return Prepared(kwargs, spans, width, max(clip.audio_tokens for clip in clips))
+
+
+def _attached(model: Any, clips: list[Prepared], reducer: Any) -> tuple[Prepared, contextlib.AbstractContextManager,
+                                                                        float, list | None]:
+    """The clips as the decoder gets them (one left-padded batch), the context that runs them with ``reducer``, the
+    seconds spent reducing here, and the per-clip statistics of that reduction: a pre-LLM method on a model that
+    splices its own audio reduces each clip's audio embeddings now (the context then yields nothing); any other
+    reducer attaches to the decoder for the ``with`` block (0 s here, statistics from the context)."""
+    if reducer is None:
+        return pad_batch(clips), contextlib.nullcontext(None), 0.0, None
+    if reducer.acts_on == "embeddings" and all(clip.reduce_audio is not None for clip in clips):
+        started = time.perf_counter()  # the reduction before the LLM is part of the prefill's cost
+        reduced = [clip.reduce_audio(reducer) for clip in clips]
+        batch = pad_batch([clip for clip, _ in reduced])
+        _sync(batch.kwargs["attention_mask"].device)
+        return batch, contextlib.nullcontext(None), time.perf_counter() - started, [stats for _, stats in reduced]
+    batch = pad_batch(clips)
+    return batch, reducer(model.decoder, audio_spans=batch.audio_spans), 0.0, None
+
+
+def _row_records(stats: Any, row: int, rows: int, length: int, depth: int) -> tuple[list[int], list[int], float]:
+    """Tokens per layer, cache tokens per layer and measured FLOPs reduction of batch row ``row`` from a
+    reduction's statistics (None: the unreduced prompt of ``length`` tokens)."""
+    if stats is None:
+        return [length] * depth, [length] * depth, 0.0
+    if rows == 1:
+        return list(stats.tokens_per_layer), list(stats.cache_tokens_per_layer), float(stats.flops_reduction)
+    from speechtrim.flops import flops_reduction as flops_saved
+
+    tokens = stats.tokens_per_row[row]  # padding excluded; the cache layout is recorded for row 0 only
+    saved = flops_saved([tokens[0]] * len(tokens), tokens, stats.hidden_size, stats.intermediate_size)
+    return list(tokens), list(stats.cache_tokens_per_layer), float(saved)
+
+
 @torch.no_grad()
-def _run_once(model: Any, prepared: Prepared, reducer: Any, candidates: list[str] | None,
-              max_new_tokens: int, eos: set[int], depth: int) -> ItemRun:
-    """One timed pass (``eos`` empty = always generate ``max_new_tokens``)."""
+def _run_once(model: Any, clips: list[Prepared], reducer: Any, candidates: list[str] | None,
+              max_new_tokens: int, eos: set[int], depth: int) -> list[ItemRun]:
+    """One timed pass of a batch of clips (``eos`` empty = always generate ``max_new_tokens``)."""
+    # collect the garbage earlier runs left before any clock starts, and collect none while the clocks run:
+    # otherwise a full collection, triggered by what the run before allocated, lands inside this one (at 30 s of
+    # audio a FastAdaSP reducer at ratio 0 timed right after the reduced run read 5.5 % slower than timed after
+    # itself; with this collection, no difference beyond the noise of medians of 10, about 3 %). Inside
+    # ``frozen_long_lived`` this scans only what was made since the model loaded (< 1 ms instead of 0.2 s).
+    gc.collect()
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _timed_pass(model, clips, reducer, candidates, max_new_tokens, eos, depth)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _timed_pass(model: Any, clips: list[Prepared], reducer: Any, candidates: list[str] | None,
+                max_new_tokens: int, eos: set[int], depth: int) -> list[ItemRun]:
+    """``_run_once`` with the garbage collector paused. A batch's seconds and KV bytes are shared out evenly
+    among its clips."""
     decoder = model.decoder
-    device = prepared.kwargs["attention_mask"].device
+    device = clips[0].kwargs["attention_mask"].device
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    # collect the garbage earlier runs left before any clock starts: otherwise a full collection, triggered by what
-    # the run before allocated, lands inside this one (at 30 s of audio a FastAdaSP reducer at ratio 0 timed right
-    # after the reduced run read 5.5 % slower than timed after itself; with this collection, no difference beyond
-    # the noise of medians of 10, about 3 %)
-    gc.collect()
-    reduce_s, pre_llm_stats = 0.0, None
-    if reducer is not None and reducer.acts_on == "embeddings" and prepared.reduce_audio is not None:
-        started = time.perf_counter()  # the reduction before the LLM is part of the prefill's cost
-        prepared, pre_llm_stats = prepared.reduce_audio(reducer)
-        _sync(device)
-        reduce_s = time.perf_counter() - started
-    if reducer is not None and pre_llm_stats is None:
-        context = reducer(decoder, audio_spans=prepared.audio_spans)
-    else:
-        context = contextlib.nullcontext(pre_llm_stats)
+    batch, context, reduce_s, clip_stats = _attached(model, clips, reducer)
+    rows = len(clips)
     with context as stats:
         _sync(device)
         started = time.perf_counter()
-        out = decoder(**prepared.kwargs, use_cache=True, **_last_logits_only(decoder))
+        out = decoder(**batch.kwargs, use_cache=True, **_last_logits_only(decoder))
         _sync(device)
         prefill_s = time.perf_counter() - started + reduce_s
         cache = returned_cache(out)
         cache_bytes = kv_cache_bytes(cache)
-        logits = out.logits[:, -1]  # (1, V)
-        label = None
-        mask, positions = prepared.kwargs["attention_mask"], prepared.kwargs["position_ids"]  # (1, T)
+        logits = out.logits[:, -1]  # (B, V): left padding puts every row's last token last
+        labels = None
+        mask, positions = batch.kwargs["attention_mask"], batch.kwargs["position_ids"]  # (B, T)
         if candidates:
             scores = candidate_log_probs(decoder, logits, cache, mask, positions,
-                                         [model.token_ids(text) for text in candidates])[0]  # (C,)
-            label = candidates[int(scores.argmax())].strip()
+                                         [model.token_ids(text) for text in candidates])  # (B, C)
+            labels = [candidates[int(index)].strip() for index in scores.argmax(dim=1)]
         _sync(device)
         started = time.perf_counter()
-        generated = greedy_continue(decoder, logits, cache, mask, positions, max_new_tokens, eos)
+        generated = greedy_continue_batch(decoder, logits, cache, mask, positions, max_new_tokens, eos)
         _sync(device)
         decode_s = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    text = model.tokenizer.decode(generated, skip_special_tokens=True).strip()
-    if stats is not None:
-        lengths, cache_lengths, saved = stats.tokens_per_layer, stats.cache_tokens_per_layer, stats.flops_reduction
-    else:
-        lengths = cache_lengths = [prepared.length] * depth
-        saved = 0.0
-    return ItemRun(label if label is not None else text, text, prefill_s, decode_s, len(generated) - 1, cache_bytes,
-                   peak, list(lengths), list(cache_lengths), float(saved))
+    runs = []
+    for row, (clip, tokens) in enumerate(zip(clips, generated)):
+        text = model.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        if clip_stats is not None:
+            lengths, cache_lengths, saved = _row_records(clip_stats[row], 0, 1, clip.length, depth)
+        else:
+            lengths, cache_lengths, saved = _row_records(stats, row, rows, clip.length, depth)
+        runs.append(ItemRun(labels[row] if labels is not None else text, text, prefill_s / rows, decode_s / rows,
+                            len(tokens) - 1, cache_bytes // rows, peak, lengths, cache_lengths, saved))
+    return runs
 
 
 def run_item(model: Any, prepared: Prepared, reducer: Any = None, candidates: list[str] | None = None,
-             max_new_tokens: int = 32, repeats: int = 1, stop_at_eos: bool = True) -> ItemRun:
+             max_new_tokens: int = 32, repeats: int = 1, stop_at_eos: bool = True, decoding: Any = None) -> ItemRun:
     """Prefill, (label scoring), greedy decode of one prepared clip, ``repeats`` times; timings are medians.
+
+    With beam ``decoding`` (a generation task), the output is instead the text of a beam search run once after
+    the timed passes, with the same reducer (``generate`` with ``num_beams``; the CTC head chooses among the beams
+    when ``decoding.ctc_weight`` > 0); its seconds are ``search_s``, the timings stay the greedy pass's.
 
     Args:
         model: an :class:`EmbeddedModel` or :class:`HubModel`.
@@ -347,17 +477,42 @@ def run_item(model: Any, prepared: Prepared, reducer: Any = None, candidates: li
         max_new_tokens: most tokens generated (the first comes from the prefill).
         repeats: runs to take the median time of; outputs come from the first (greedy, deterministic).
         stop_at_eos: False generates exactly ``max_new_tokens`` (fixed-length decode timing).
+        decoding: a :class:`~speechtrim.models.joint_decoding.Decoding`; None or greedy: the greedy text.
+    """
+    return run_batch(model, [prepared], reducer, candidates, max_new_tokens, repeats, stop_at_eos, decoding)[0]
+
+
+def run_batch(model: Any, clips: list[Prepared], reducer: Any = None, candidates: list[str] | None = None,
+              max_new_tokens: int = 32, repeats: int = 1, stop_at_eos: bool = True,
+              decoding: Any = None) -> list[ItemRun]:
+    """``run_item`` for several clips run together as one left-padded batch (one prefill, one decode loop): each
+    clip's run carries its own output, token counts and measured FLOPs reduction, and an even share of the batch's
+    seconds and KV bytes (padding included). One clip is exactly ``run_item``.
+
+    In a batch, a FLOPs target's ratio is solved for the first clip's prompt and applied to every clip (as the
+    reducers do for any batch); each clip's measured reduction is its own.
     """
     if max_new_tokens < 1 or repeats < 1:
         raise ValueError(f"max_new_tokens and repeats must be >= 1, got {max_new_tokens} and {repeats}")
+    if not clips:
+        raise ValueError("run_batch needs at least one clip")
     depth = text_backbone(model.decoder).depth
     eos = _eos_ids(model) if stop_at_eos else set()
-    runs = [_run_once(model, prepared, reducer, candidates, max_new_tokens, eos, depth) for _ in range(repeats)]
-    first = runs[0]
-    first.prefill_s = statistics.median(run.prefill_s for run in runs)
-    first.decode_s = statistics.median(run.decode_s for run in runs)
-    peaks = [run.peak_mem_mb for run in runs if run.peak_mem_mb is not None]
-    first.peak_mem_mb = max(peaks) if peaks else None
+    passes = [_run_once(model, clips, reducer, candidates, max_new_tokens, eos, depth) for _ in range(repeats)]
+    first = passes[0]
+    for index, run in enumerate(first):
+        run.prefill_s = statistics.median(runs[index].prefill_s for runs in passes)
+        run.decode_s = statistics.median(runs[index].decode_s for runs in passes)
+        peaks = [runs[index].peak_mem_mb for runs in passes if runs[index].peak_mem_mb is not None]
+        run.peak_mem_mb = max(peaks) if peaks else None
+    if decoding is not None and not decoding.greedy and not candidates:
+        for clip, run in zip(clips, first):
+            started = time.perf_counter()
+            with torch.no_grad():
+                reduced, context, _, _ = _attached(model, [clip], reducer)
+                with context:
+                    run.output = model.beam_search(reduced, clip.ctc, decoding, max_new_tokens)
+            run.search_s = time.perf_counter() - started
     return first
 
 

@@ -30,8 +30,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from speechtrim import reducers
-from speechtrim.bench.runner import ItemRun, Prepared, median_encode, run_item
+from speechtrim.bench.runner import ItemRun, Prepared, frozen_long_lived, median_encode, run_batch
 from speechtrim.eval.harness import TASK_RECORDS, EvalSet, fidelity, score_interval, task_scores
+from speechtrim.models.joint_decoding import Decoding
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,11 @@ class SweepConfig:
         max_new_tokens: most tokens generated per clip.
         repeats: timed runs per clip (median).
         warmup: untimed runs before the first row.
+        decoding: how generation tasks' outputs are decoded (greedy by default; beams, and the CTC head choosing
+            among them, run once per clip after its timed greedy passes: ``run_batch(..., decoding=)``). Label
+            tasks are read by scoring and ignore it.
+        batch_size: clips run together as one left-padded batch (``run_batch``), shortest prompts first; a clip's
+            times are an even share of its batch's. 1: each clip alone (per-clip latency, FastAdaSP's protocol).
     """
 
     targets: tuple[float, ...] = TARGETS
@@ -161,6 +167,8 @@ class SweepConfig:
     max_new_tokens: int = 32
     repeats: int = 1
     warmup: int = 1
+    decoding: Decoding = field(default_factory=Decoding)
+    batch_size: int = 1
 
     def __post_init__(self) -> None:
         bad = [t for t in self.targets if isinstance(t, bool) or not 0.0 < float(t) < 1.0]
@@ -169,6 +177,8 @@ class SweepConfig:
         if self.max_new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("max_new_tokens and repeats must be >= 1 and warmup >= 0, got "
                              f"{self.max_new_tokens}, {self.repeats}, {self.warmup}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if not any(method.reducer is None for method in self.methods):
             self.methods = [Method("none", None, layer_source="unreduced"), *self.methods]
 
@@ -185,17 +195,22 @@ def data_fingerprint(data: EvalSet) -> str:
 
 def row_key(model_fingerprint: str, data_hash: str, method: Method, target: float, config: SweepConfig) -> str:
     """A hash of everything that makes a row's result: the model's weights, the clips, the method with its integer
-    layer, the target, the generation length and timing repeats, and the software versions."""
+    layer, the target, the generation length, timing repeats, decoding and batch size, and the software
+    versions."""
     from importlib.metadata import version
 
     import torch
 
     from speechtrim.fingerprint import json_fingerprint
 
-    return json_fingerprint({"model": model_fingerprint, "data": data_hash, "method": dataclasses.asdict(method),
-                             "target": round(float(target), 6), "max_new_tokens": config.max_new_tokens,
-                             "repeats": config.repeats, "speechtrim": version("speechtrim"),
-                             "transformers": version("transformers"), "torch": torch.__version__})
+    fields = {"model": model_fingerprint, "data": data_hash, "method": dataclasses.asdict(method),
+              "target": round(float(target), 6), "max_new_tokens": config.max_new_tokens, "repeats": config.repeats,
+              "speechtrim": version("speechtrim"), "transformers": version("transformers"), "torch": torch.__version__}
+    if not config.decoding.greedy:  # greedy rows keep the keys they had before beams existed
+        fields["decoding"] = config.decoding.as_dict()
+    if config.batch_size > 1:  # and clips run alone keep theirs
+        fields["batch_size"] = config.batch_size
+    return json_fingerprint(fields)
 
 
 def read_jsonl(path: Path) -> dict[str, dict]:
@@ -256,7 +271,7 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def summarise(data: EvalSet, method: Method, target: float, runs: list[ItemRun], prepared: list[Prepared],
-              full: list[ItemRun] | None) -> dict[str, Any]:
+              full: list[ItemRun] | None, decoding: Decoding | None = None, batch_size: int = 1) -> dict[str, Any]:
     """One table row from the per-clip runs (``full`` = the unreduced runs, for fidelity and ratios)."""
     outputs = [run.output for run in runs]
     scores = task_scores(data.task, [item.reference for item in data.items], outputs)
@@ -295,7 +310,11 @@ def summarise(data: EvalSet, method: Method, target: float, runs: list[ItemRun],
         "tokens_per_layer": runs[0].tokens_per_layer,
         "cache_tokens_per_layer": runs[0].cache_tokens_per_layer,
         "outputs": outputs,
+        "decoding": (decoding or Decoding()).as_dict(),
+        "batch_size": batch_size,
     }
+    if decoding is not None and not decoding.greedy:
+        row["search_ms"] = 1000 * _mean([run.search_s for run in runs])  # the untimed beam search, per clip
     if full is not None:
         base = summarise_times(full)
         row["prefill_speedup"] = base["prefill"] / sum(prefill) if sum(prefill) > 0 else None
@@ -337,8 +356,9 @@ def run_sweep(model: Any, sets: Sequence[EvalSet], config: SweepConfig, jsonl: P
     hashes = {id(data): data_fingerprint(data) for data in sets}
 
     def own_config(data: EvalSet) -> SweepConfig:
-        if data.candidates:  # label tasks decode a short answer only
-            return dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, LABEL_NEW_TOKENS))
+        if data.candidates:  # label tasks decode a short answer only, and read the label by scoring
+            return dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, LABEL_NEW_TOKENS),
+                                       decoding=Decoding())
         return config
 
     todo = sum(row_key(weights, hashes[id(d)], m, t, own_config(d)) not in done for d, m, t in plan)
@@ -351,8 +371,9 @@ def run_sweep(model: Any, sets: Sequence[EvalSet], config: SweepConfig, jsonl: P
             on_row(row)
 
     try:
-        for data in sets:
-            _sweep_set(model, data, own_config(data), config, hashes[id(data)], done, jsonl, bar, emit)
+        with frozen_long_lived():  # the model's objects out of the per-run garbage collections
+            for data in sets:
+                _sweep_set(model, data, own_config(data), config, hashes[id(data)], done, jsonl, bar, emit)
     finally:
         bar.close()
     return rows
@@ -365,17 +386,19 @@ def _sweep_set(model: Any, data: EvalSet, own: SweepConfig, config: SweepConfig,
     reduced = [m for m in config.methods if m.reducer is not None]
     bar.set_postfix_str(f"{data.name}: encoding")
     prepared = [median_encode(model, item, own.repeats) for item in data.items]  # the same for every row
+    batches = _batches(prepared, own.batch_size)
     for _ in range(config.warmup):  # warm-up: unreduced and one reducer, untimed
-        run_item(model, prepared[0], None, candidates, own.max_new_tokens)
+        run_batch(model, [prepared[i] for i in batches[0]], None, candidates, own.max_new_tokens)
         if reduced:
-            _safe_run(model, prepared[0], reduced[0].build(config.targets[0]), candidates, own.max_new_tokens)
+            _safe_run(model, [prepared[i] for i in batches[0]], reduced[0].build(config.targets[0]), candidates,
+                      own.max_new_tokens)
     bar.set_postfix_str(f"{data.name}: none")
-    full = [run_item(model, p, None, candidates, own.max_new_tokens, own.repeats) for p in prepared]
+    full = _run_clips(model, prepared, None, candidates, own)
     bar.update(1)
     base_method = next(m for m in config.methods if m.reducer is None)
     key = row_key(weights, data_hash, base_method, 0.0, own)
-    row = {**summarise(data, base_method, 0.0, full, prepared, full), "key": key, "model": model.name,
-           "trained": model.trained}
+    row = {**summarise(data, base_method, 0.0, full, prepared, full, own.decoding, own.batch_size), "key": key,
+           "model": model.name, "trained": model.trained}
     if key not in done:
         append_jsonl(jsonl, row)
     emit({**done[key], "reused": True} if key in done else row)
@@ -393,9 +416,29 @@ def _sweep_set(model: Any, data: EvalSet, own: SweepConfig, config: SweepConfig,
             bar.update(1)
 
 
-def _safe_run(model: Any, prepared: Prepared, reducer: Any, candidates: list[str] | None, max_new: int) -> None:
+def _batches(prepared: list[Prepared], size: int) -> list[list[int]]:
+    """Clip indices in batches of ``size``: in order for 1, else shortest prompts first (least padding)."""
+    order = list(range(len(prepared)))
+    if size > 1:
+        order.sort(key=lambda index: prepared[index].length)
+    return [order[start : start + size] for start in range(0, len(order), size)]
+
+
+def _run_clips(model: Any, prepared: list[Prepared], reducer: Any, candidates: list[str] | None,
+               config: SweepConfig) -> list[ItemRun]:
+    """Every clip's run, in the clips' order, run in batches of ``config.batch_size``."""
+    runs: list[ItemRun | None] = [None] * len(prepared)
+    for indices in _batches(prepared, config.batch_size):
+        batch = run_batch(model, [prepared[i] for i in indices], reducer, candidates, config.max_new_tokens,
+                          config.repeats, decoding=config.decoding)
+        for index, run in zip(indices, batch):
+            runs[index] = run
+    return runs  # type: ignore[return-value]
+
+
+def _safe_run(model: Any, prepared: list[Prepared], reducer: Any, candidates: list[str] | None, max_new: int) -> None:
     try:
-        run_item(model, prepared, reducer, candidates, max_new)
+        run_batch(model, prepared, reducer, candidates, max_new)
     except ValueError as error:
         logger.info("warm-up with a reducer failed (%s); continuing", error)
 
@@ -408,8 +451,7 @@ def _measure(model: Any, data: EvalSet, method: Method, target: float, prepared:
 
     reducer = method.build(target)
     try:
-        runs = [run_item(model, p, reducer, data.candidates, config.max_new_tokens, config.repeats)
-                for p in prepared]
+        runs = _run_clips(model, prepared, reducer, data.candidates, config)
     except ValueError as error:
         unreachable = isinstance(error, TargetUnreachable)
         (logger.info if unreachable else logger.error)("%s at %.0f%% on %s: %s", method.name, 100 * target,
@@ -420,4 +462,4 @@ def _measure(model: Any, data: EvalSet, method: Method, target: float, prepared:
                 "data": data.name, "synthetic": data.synthetic, "clips": len(data), "target": float(target),
                 "error": str(error), "failed": not unreachable, "metric_name": metric_name,
                 **{key: None for key in ROW_KEYS if key not in ("method", "schedule", "task", "metric_name")}}
-    return summarise(data, method, target, runs, prepared, full)
+    return summarise(data, method, target, runs, prepared, full, config.decoding, config.batch_size)

@@ -257,17 +257,34 @@ class Attachment:
         return None
 
     def _plan_prefill(self, state: PrefillState) -> None:
-        """Fix this prefill's per-layer ratios from row 0's token counts; refuse a batch without audio."""
+        """Fix this prefill's per-layer ratios, each row's from its own token counts (a FLOPs target is solved per
+        prompt; row 0's decide which layers are active and are what the stats record); refuse a batch without
+        audio."""
         span_id = state.span_id
         if not bool((span_id >= 0).any()):
             raise ValueError(
                 f"{self.method.name}: no audio tokens in this batch (looked for audio token id {self.token_id}); "
                 "pass audio_spans=[[(start, end)], ...] or the right audio_token_id=, or run without the reducer"
             )
-        valid = int(state.padding[0].sum()) if state.padding is not None else span_id.shape[1]
-        audio = int((span_id[0] >= 0).sum())
-        state.ratios = self.method.prefill_ratios(self.stats.layer, self.shape, valid - audio, audio)
-        self.stats.start_prefill(state.ratios, input_tokens=valid)
+        valid = (state.padding.sum(dim=1) if state.padding is not None
+                 else torch.full((span_id.shape[0],), span_id.shape[1])).tolist()
+        audio = (span_id >= 0).sum(dim=1).tolist()
+        solved: dict[tuple[int, int], list[float]] = {}
+        for counts in zip(valid, audio):
+            if counts not in solved:
+                solved[counts] = self.method.prefill_ratios(self.stats.layer, self.shape, counts[0] - counts[1],
+                                                            counts[1])
+        state.ratios = solved[valid[0], audio[0]]
+        state.row_ratios = {}
+        if len(solved) > 1:  # rows whose counts differ run their own ratios at row 0's active layers
+            per_row = [solved[counts] for counts in zip(valid, audio)]
+            for layer_idx, ratio in enumerate(state.ratios):
+                rows = [ratios[layer_idx] for ratios in per_row]
+                if state.row_ratios.setdefault(ratio, rows) != rows:  # two layers share row 0's ratio, not others'
+                    logger.debug("layer %d: rows differ from another layer at ratio %g; row 0's ratio for all",
+                                 layer_idx, ratio)
+                    state.row_ratios[ratio] = [ratio] * len(rows)
+        self.stats.start_prefill(state.ratios, input_tokens=int(valid[0]))
 
     def _stack_until(self, state: PrefillState, sequence: torch.Tensor) -> int | None:
         """The last active layer when this prefill's cache evictions are planned together (None: layer by layer)."""
@@ -294,7 +311,12 @@ class Attachment:
     def _counted(self, state: PrefillState, ratio: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
         counted = state.removal.get(ratio)
         if counted is None or counted[0] is not state.span_id:
-            num_remove = self.method.removal_counts(state.span_id, ratio)  # (B,)
+            rows = state.row_ratios.get(ratio)
+            if rows is None or all(own == ratio for own in rows):
+                num_remove = self.method.removal_counts(state.span_id, ratio)  # (B,)
+            else:  # each row its own ratio, counted on its own span ids
+                num_remove = torch.cat([self.method.removal_counts(state.span_id[row : row + 1], own)
+                                        for row, own in enumerate(rows)])
             counted = state.removal[ratio] = (state.span_id, num_remove, bool(num_remove.any()))
         return counted
 

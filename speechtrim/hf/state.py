@@ -29,7 +29,9 @@ class PrefillState:
         padding: (B, T0) bool from the 2-D attention mask, None = no padding.
         span_id: (B, T_l) long, span ids of the current layout (-1 = text, padding or filler).
         accumulated: the plan original (B, T0) -> current layout (B, T_l); None = nothing reduced yet.
-        ratios: the method's ratio of every layer in this prefill (> 0: the layer is active).
+        ratios: the method's ratio of every layer in this prefill for row 0 (> 0: the layer is active).
+        row_ratios: a ratio of ``ratios`` -> every row's own ratio at the layers that have it, when the rows'
+            token counts differ (a FLOPs target solved per prompt); empty: every row runs row 0's.
         taps: hidden-state step layer -> attention tap of the layer before it.
         cache_pending: active cache layer -> (its valid columns, its own attention tap or None), waiting for the
             layer's attention to run.
@@ -53,6 +55,7 @@ class PrefillState:
     span_id: torch.Tensor
     accumulated: Plan | None = None
     ratios: list[float] = field(default_factory=list)
+    row_ratios: dict[float, list[float]] = field(default_factory=dict)
     taps: dict[int, AttentionTap] = field(default_factory=dict)
     cache_pending: dict[int, tuple[torch.Tensor | None, AttentionTap | None]] = field(default_factory=dict)
     layouts: dict[int, torch.Tensor] = field(default_factory=dict)

@@ -414,7 +414,7 @@ class SpeechLM(nn.Module):
     def _generate_rescored(self, batch: PromptBatch, max_new_tokens: int, ctc_weight: float,
                            generate_kwargs: dict[str, Any]) -> list[str]:
         """``generate(..., ctc_weight > 0)``: the LLM's beams, the best by the joint LLM + CTC score."""
-        from speechtrim.models.vocab_projector import ctc_log_likelihoods, ctc_token_ids
+        from speechtrim.models.joint_decoding import rescored_generate
 
         beams = int(generate_kwargs.get("num_beams", 1))
         if beams < 2 or generate_kwargs.get("do_sample"):
@@ -423,25 +423,9 @@ class SpeechLM(nn.Module):
         if "ctc_logits" not in batch.extra:
             raise ValueError("ctc_weight > 0 needs the CTC head's logits: build the batch with prepare() of a model "
                              "with a CTC head (projector='vocab', as the embedded model has)")
-        generate_kwargs.update(num_return_sequences=beams, output_scores=True, return_dict_in_generate=True)
-        output = self.llm.generate(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
-                                   max_new_tokens=max_new_tokens, **generate_kwargs)
-        texts = [text.strip() for text in self.tokenizer.batch_decode(output.sequences, skip_special_tokens=True)]
-        rows = batch.inputs_embeds.shape[0]
-        llm_scores = output.sequences_scores.float().view(rows, beams).cpu()  # per token (length_penalty 1)
-        index = {int(token): position for position, token in enumerate(self.projector.vocab_ids.tolist())}
-
-        def spelled(text: str) -> list[int] | None:
-            ids = ctc_token_ids(self.tokenizer, text)
-            return [index[i] for i in ids] if ids and all(i in index for i in ids) else None
-
-        hypotheses = [[spelled(texts[row * beams + k]) for k in range(beams)] for row in range(rows)]
-        ctc = ctc_log_likelihoods(batch.extra["ctc_logits"].detach().cpu(), batch.extra["ctc_lengths"].cpu(),
-                                  hypotheses, self.projector.blank)  # (rows, beams)
-        joint = (1 - ctc_weight) * llm_scores + ctc_weight * ctc
-        spellable = torch.isfinite(ctc).any(dim=1)
-        best = torch.where(spellable, joint.argmax(dim=1), llm_scores.argmax(dim=1))
-        return [texts[row * beams + int(best[row])] for row in range(rows)]
+        return rescored_generate(self.llm, self.tokenizer, self.projector, batch.inputs_embeds, batch.attention_mask,
+                                 batch.extra["ctc_logits"], batch.extra["ctc_lengths"], max_new_tokens, ctc_weight,
+                                 **generate_kwargs)
 
 
 __all__ = ["AUDIO_MARKER", "PromptBatch", "SpeechLM", "SpeechLMConfig", "audio_frames"]

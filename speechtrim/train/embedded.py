@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from speechtrim.assets.cache import cache_root, write_json_atomic
+from speechtrim.models.joint_decoding import check_decoding
 from speechtrim.models.storage import trained_state
 from speechtrim.models.vocab_projector import VocabProjector
 from speechtrim.train.hearing import (StageConfig, ctc_speller, ctc_stage, ctc_token_ids, joint_stage, summary_stage,
@@ -295,18 +296,6 @@ def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True,
                                "synthetic": True},
                    "vocabulary": len(vocab), "packing": {"gap_seconds": recipe.gap_seconds}, **timings}
     return asr_examples, emotion_examples, {"vocab_ids": vocab, **description}
-
-
-def check_decoding(beams: int, ctc_weight: float) -> None:
-    """Refuse (ValueError) decoding settings ``evaluate`` cannot run: beams < 1, a CTC weight outside [0, 1], or a
-    CTC weight without beams to choose among."""
-    if not isinstance(beams, int) or isinstance(beams, bool) or beams < 1:
-        raise ValueError(f"beams must be an int >= 1 (1: greedy), got {beams!r}")
-    if not 0.0 <= ctc_weight <= 1.0:
-        raise ValueError(f"the CTC weight must be in [0, 1] (0: the LLM alone), got {ctc_weight}")
-    if ctc_weight > 0 and beams < 2:
-        raise ValueError(f"a CTC weight ({ctc_weight}) chooses among beam hypotheses: use 2 or more beams, or "
-                         "weight 0 for greedy decoding")
 
 
 @torch.no_grad()
