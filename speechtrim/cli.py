@@ -568,8 +568,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         memory_budget_gb=args.memory_budget_gb, batch_budget_gb=args.batch_budget_gb,
         batch_lengths=numbers(args.batch_lengths, "--batch-lengths") if args.batch_lengths else None,
         progress=not args.no_progress, threads=args.threads,
-        engine=args.engine, vllm_url=args.vllm_url, concurrency=args.concurrency, beams=args.beams, batch_size=args.batch_size,
-        ctc_weight=args.ctc_weight,
+        engine=args.engine, vllm_url=args.vllm_url, concurrency=args.concurrency, batch_size=args.batch_size,
+        beams=args.beams, ctc_weight=args.ctc_weight,
     )
     started = time.perf_counter()
     summary = run_bench(options)

@@ -414,12 +414,8 @@ class SpeechLM(nn.Module):
     def _generate_rescored(self, batch: PromptBatch, max_new_tokens: int, ctc_weight: float,
                            generate_kwargs: dict[str, Any]) -> list[str]:
         """``generate(..., ctc_weight > 0)``: the LLM's beams, the best by the joint LLM + CTC score."""
-        from speechtrim.models.joint_decoding import rescored_generate
+        from speechtrim.models.joint_decoding import rescored_generate  # refuses fewer than 2 beams, or sampling
 
-        beams = int(generate_kwargs.get("num_beams", 1))
-        if beams < 2 or generate_kwargs.get("do_sample"):
-            raise ValueError(f"ctc_weight > 0 rescores beam hypotheses: pass num_beams >= 2 (got {beams}) and no "
-                             "sampling")
         if "ctc_logits" not in batch.extra:
             raise ValueError("ctc_weight > 0 needs the CTC head's logits: build the batch with prepare() of a model "
                              "with a CTC head (projector='vocab', as the embedded model has)")

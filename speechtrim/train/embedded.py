@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from speechtrim.assets.cache import cache_root, write_json_atomic
-from speechtrim.models.joint_decoding import check_decoding
+from speechtrim.models.joint_decoding import Decoding, check_decoding
 from speechtrim.models.storage import trained_state
 from speechtrim.models.vocab_projector import VocabProjector
 from speechtrim.train.hearing import (StageConfig, ctc_speller, ctc_stage, ctc_token_ids, joint_stage, summary_stage,
@@ -315,8 +315,7 @@ def evaluate(model: Any, limit: int | None = None, batch_size: int = 8, progress
 
     from speechtrim.eval.harness import load_eval_set, task_scores
 
-    check_decoding(beams, ctc_weight)
-    decoding = {"num_beams": beams, "ctc_weight": ctc_weight}
+    decoding = Decoding(beams, ctc_weight).as_dict()  # refuses what cannot run
     options = decoding if beams > 1 else {}  # generate()'s own defaults are greedy
     model.eval()
     results: dict[str, dict] = {}
