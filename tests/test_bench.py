@@ -556,3 +556,55 @@ def test_a_batched_sweep_keys_its_rows_apart_and_records_the_batch(one_thread, m
                                                                     three["fidelity"])
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         SweepConfig(batch_size=0)
+
+
+def test_presets_hold_the_clip_counts_and_targets_the_benchmark_promises():
+    """The presets' sizes (issue 11): quick >= 8 ASR clips (real and held-out synthetic) and >= 8 emotion clips,
+    the default >= 32 ASR and >= 48 emotion; both reach 30 % and 50 % FLOPs saved, the default from 10 %."""
+    from speechtrim.bench.main import PRESETS
+
+    def clips(preset: str, names: tuple[str, ...]) -> int:
+        return sum(count for name, count in PRESETS[preset].data if name in names)
+
+    for preset, asr, emotion in (("quick", 8, 8), ("default", 32, 48)):
+        names = {name for name, _ in PRESETS[preset].data}
+        assert {"pocketsphinx", "synthetic-asr", "synthetic-emotion"} <= names
+        assert all(count is not None and count > 0 for _, count in PRESETS[preset].data)
+        assert clips(preset, ("pocketsphinx", "synthetic-asr")) >= asr
+        assert clips(preset, ("synthetic-emotion",)) >= emotion
+        assert {0.3, 0.5} <= set(PRESETS[preset].targets)  # ASR
+        emotion_targets = dict(PRESETS[preset].task_targets).get("emotion", PRESETS[preset].targets)
+        assert min(emotion_targets) <= 0.1  # the only depth every method reaches on the emotion prompts
+    assert min(PRESETS["default"].targets) == 0.1 and not PRESETS["default"].task_targets
+
+
+def test_task_targets_give_a_task_its_own_targets_and_keep_the_row_keys(one_thread, model, tmp_path):
+    methods = select_methods(["fastv"], LAYER)
+    plain = run_sweep(model, toy_sets(), SweepConfig(targets=(0.3,), methods=methods, max_new_tokens=3),
+                      tmp_path / "plain.jsonl", progress=False)
+    config = SweepConfig(targets=(0.3,), methods=methods, max_new_tokens=3, task_targets={"emotion": (0.1, 0.3)})
+    rows = run_sweep(model, toy_sets(), config, tmp_path / "rows.jsonl", progress=False)
+    targets = {task: sorted(row["target"] for row in rows if row["task"] == task and row["method"] == "fastv")
+               for task in ("asr", "emotion")}
+    assert targets == {"asr": [0.3], "emotion": [0.1, 0.3]}
+    keys = {(row["task"], row["method"], row["target"]): row["key"] for row in rows}
+    assert all(keys[row["task"], row["method"], row["target"]] == row["key"] for row in plain)  # same rows, same keys
+    with pytest.raises(ValueError, match="targets must be"):
+        SweepConfig(targets=(0.3,), methods=methods, task_targets={"emotion": (1.5,)})
+
+
+def test_run_bench_passes_the_presets_task_targets_unless_targets_are_given(model, tmp_path, monkeypatch):
+    seen = []
+
+    def capture(model, sets, config, jsonl, progress=True, on_row=None):
+        seen.append(config)
+        return []
+
+    monkeypatch.setattr(sweep_module, "run_sweep", capture)
+    soundfile.write(tmp_path / "c.wav", np.zeros(8000, dtype=np.float32), 16000)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "c.wav", "transcript": "a"}) + "\n")
+    for targets in (None, (0.2,)):
+        run_bench(BenchOptions(preset="quick", data=[str(tmp_path / "m.jsonl")], methods=["fastv"], targets=targets,
+                               layer="2", out=tmp_path / "out", progress=False), model=model)
+    assert seen[0].targets == (0.3, 0.5) and seen[0].task_targets == {"emotion": (0.1, 0.3)}
+    assert seen[1].targets == (0.2,) and seen[1].task_targets == {}

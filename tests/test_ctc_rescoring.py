@@ -106,10 +106,13 @@ def test_evaluate_embedded_defaults_are_the_recipes():
     assert (args.beams, args.ctc_weight) == (EmbeddedRecipe.eval_beams, EmbeddedRecipe.eval_ctc_weight)
 
 
-def test_bench_scores_the_beam_search_with_the_same_reducer_and_keys_rows_by_the_decoding(one_thread, tmp_path):
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_bench_scores_the_beam_search_with_the_same_reducer_and_keys_rows_by_the_decoding(one_thread, tmp_path,
+                                                                                           batch_size):
     """``bench --beams N --ctc-weight w``: each ASR row's outputs are what ``rescored_generate`` gives on the same
-    (reduced) inputs, computed here independently; greedy rows keep their keys, beam rows get others; label rows are
-    read by scoring and do not depend on the decoding; the tables say how the outputs were decoded."""
+    (reduced) inputs of each clip alone, computed here independently, also when the clips of a batch (of unequal
+    lengths) are searched together; greedy rows keep their keys, beam rows get others; label rows are read by
+    scoring and do not depend on the decoding; the tables say how the outputs were decoded."""
     from speechtrim.bench.report import markdown_tables
     from speechtrim.bench.runner import EmbeddedModel
     from speechtrim.bench.sweep import SweepConfig, row_key, run_sweep, select_methods
@@ -117,15 +120,15 @@ def test_bench_scores_the_beam_search_with_the_same_reducer_and_keys_rows_by_the
     from speechtrim.models.joint_decoding import Decoding, rescored_generate
 
     model = EmbeddedModel(vocab_model(), "tiny-vocab", trained=False)
-    audio = clips(1.0, 0.7)
+    audio = clips(1.0, 0.7, 1.3)
     asr = EvalSet("toy-asr", "asr", [EvalItem(f"a{i}", a, "the emotion is happy", "transcribe this : <audio> \n")
                                      for i, a in enumerate(audio)])
     emotion = EvalSet("toy-emotion", "emotion", [EvalItem(f"e{i}", a, "sad", "what emotion <audio> \n",
                                                           "the emotion is :") for i, a in enumerate(audio)],
                       ("happy", "sad"))
     decoding = Decoding(3, 0.5)
-    methods = select_methods(["fastv", "pre_merge"], 1)
-    config = SweepConfig(targets=(0.3,), methods=methods, max_new_tokens=4, decoding=decoding)
+    methods = select_methods(["fastv", "fastadasp-sparse", "pre_merge"], 1)
+    config = SweepConfig(targets=(0.3,), methods=methods, max_new_tokens=4, decoding=decoding, batch_size=batch_size)
     rows = run_sweep(model, [asr, emotion], config, tmp_path / "rows.jsonl", progress=False)
     by = {(row["method"], row["task"]): row for row in rows}
 
@@ -154,7 +157,7 @@ def test_bench_scores_the_beam_search_with_the_same_reducer_and_keys_rows_by_the
 
     from speechtrim.bench.sweep import data_fingerprint
 
-    greedy = SweepConfig(targets=(0.3,), methods=methods, max_new_tokens=4)
+    greedy = SweepConfig(targets=(0.3,), methods=methods, max_new_tokens=4, batch_size=batch_size)
     none = methods[0]
     asr_keys = [row_key(model.fingerprint, data_fingerprint(asr), none, 0.0, c) for c in (config, greedy)]
     assert by["none", "asr"]["key"] == asr_keys[0] != asr_keys[1]  # greedy keys are those of before: no "decoding"

@@ -150,8 +150,9 @@ class EmbeddedModel(_Fingerprinted):
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def beam_search(self, prepared: Prepared, ctc: tuple[torch.Tensor, torch.Tensor] | None, decoding: Any,
-                    max_new_tokens: int) -> str:
-        """One clip's transcript by beam search, the beam chosen with the CTC head when ``decoding`` says so."""
+                    max_new_tokens: int) -> list[str]:
+        """Each row's transcript by beam search (a left-padded batch, ``pad_batch``), the beam chosen with the CTC
+        head when ``decoding`` says so (``ctc``: (B, T_ctc, K + 1) logits and (B,) lengths, ``pad_ctc``)."""
         kwargs = prepared.kwargs
         if decoding.ctc_weight > 0:
             from speechtrim.models.joint_decoding import rescored_generate
@@ -160,11 +161,11 @@ class EmbeddedModel(_Fingerprinted):
                 raise ValueError("a CTC weight needs the model's CTC head; this model has none: use --ctc-weight 0")
             return rescored_generate(self.decoder, self.tokenizer, self.speechlm.projector, kwargs["inputs_embeds"],
                                      kwargs["attention_mask"], *ctc, max_new_tokens, decoding.ctc_weight,
-                                     num_beams=decoding.num_beams)[0]
+                                     num_beams=decoding.num_beams)
         output = self.decoder.generate(inputs_embeds=kwargs["inputs_embeds"], attention_mask=kwargs["attention_mask"],
                                        max_new_tokens=max_new_tokens, num_beams=decoding.num_beams, do_sample=False,
                                        pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(output[0], skip_special_tokens=True).strip()
+        return [text.strip() for text in self.tokenizer.batch_decode(output, skip_special_tokens=True)]
 
 
 class HubModel(_Fingerprinted):
@@ -220,8 +221,9 @@ class HubModel(_Fingerprinted):
         return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     def beam_search(self, prepared: Prepared, ctc: tuple[torch.Tensor, torch.Tensor] | None, decoding: Any,
-                    max_new_tokens: int) -> str:
-        """One clip's answer by the processor's inputs through ``generate`` with beams (no CTC head here)."""
+                    max_new_tokens: int) -> list[str]:
+        """One clip's answer (a list of one) by the processor's inputs through ``generate`` with beams (no CTC head
+        here)."""
         if decoding.ctc_weight > 0:
             raise ValueError(f"{self.name} has no CTC head over its vocabulary to rescore beams with: use "
                              "--ctc-weight 0")
@@ -229,7 +231,7 @@ class HubModel(_Fingerprinted):
         output = self.model.generate(**kwargs, max_new_tokens=max_new_tokens, num_beams=decoding.num_beams,
                                      do_sample=False)
         prompt = int(prepared.kwargs["input_ids"].shape[1])
-        return self.tokenizer.decode(output[0, prompt:], skip_special_tokens=True).strip()
+        return [self.tokenizer.decode(output[0, prompt:], skip_special_tokens=True).strip()]
 
 
 def load_bench_model(model: str = "embedded", speechlm: str | Path | None = None, device: str = "cpu"):
@@ -284,7 +286,8 @@ class ItemRun:
         cache_tokens_per_layer: KV-cache columns each layer kept after prefill.
         flops_reduction: measured prefill-FLOPs reduction (FastAdaSP eq. 10 over ``tokens_per_layer``).
         search_s: with beam decoding (``run_item(..., decoding=)``), the seconds of the beam search whose text
-            ``output`` is; it runs after the timed greedy passes and is not part of ``prefill_s``/``decode_s``.
+            ``output`` is (in a batch, an even share of the batch's one search); it runs after the timed greedy
+            passes and is not part of ``prefill_s``/``decode_s``.
     """
 
     output: str
@@ -489,8 +492,9 @@ def run_batch(model: Any, clips: list[Prepared], reducer: Any = None, candidates
     clip's run carries its own output, token counts and measured FLOPs reduction, and an even share of the batch's
     seconds and KV bytes (padding included). One clip is exactly ``run_item``.
 
-    In a batch, a FLOPs target's ratio is solved for the first clip's prompt and applied to every clip (as the
-    reducers do for any batch); each clip's measured reduction is its own.
+    In a batch, an in-decoder reducer solves a FLOPs target's ratio for every clip's own prompt
+    (``PrefillState.row_ratios``), so each clip removes what it removes alone; each clip's measured reduction is its
+    own.
     """
     if max_new_tokens < 1 or repeats < 1:
         raise ValueError(f"max_new_tokens and repeats must be >= 1, got {max_new_tokens} and {repeats}")
@@ -505,15 +509,30 @@ def run_batch(model: Any, clips: list[Prepared], reducer: Any = None, candidates
         run.decode_s = statistics.median(runs[index].decode_s for runs in passes)
         peaks = [runs[index].peak_mem_mb for runs in passes if runs[index].peak_mem_mb is not None]
         run.peak_mem_mb = max(peaks) if peaks else None
-    if decoding is not None and not decoding.greedy and not candidates:
-        for clip, run in zip(clips, first):
-            started = time.perf_counter()
-            with torch.no_grad():
-                reduced, context, _, _ = _attached(model, [clip], reducer)
-                with context:
-                    run.output = model.beam_search(reduced, clip.ctc, decoding, max_new_tokens)
-            run.search_s = time.perf_counter() - started
+    if decoding is not None and not decoding.greedy and not candidates:  # one search for the batch, untimed
+        started = time.perf_counter()
+        with torch.no_grad():
+            reduced, context, _, _ = _attached(model, clips, reducer)
+            with context:
+                outputs = model.beam_search(reduced, pad_ctc(clips), decoding, max_new_tokens)
+        for run, output in zip(first, outputs):
+            run.output = output
+            run.search_s = (time.perf_counter() - started) / len(clips)
     return first
+
+
+def pad_ctc(clips: list[Prepared]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The clips' CTC logits as one (B, T_max, K + 1) batch (zeros past each clip's length) and their (B,)
+    lengths; None when a clip has none."""
+    if any(clip.ctc is None for clip in clips):
+        return None
+    if len(clips) == 1:
+        return clips[0].ctc
+    logits = [clip.ctc[0][0] for clip in clips]  # (T_i, K + 1)
+    padded = logits[0].new_zeros(len(logits), max(item.shape[0] for item in logits), logits[0].shape[-1])
+    for row, item in enumerate(logits):
+        padded[row, : item.shape[0]] = item
+    return padded, torch.cat([clip.ctc[1].view(1) for clip in clips])
 
 
 def weight_bytes(module: nn.Module) -> int:

@@ -160,6 +160,8 @@ class SweepConfig:
             tasks are read by scoring and ignore it.
         batch_size: clips run together as one left-padded batch (``run_batch``), shortest prompts first; a clip's
             times are an even share of its batch's. 1: each clip alone (per-clip latency, FastAdaSP's protocol).
+        task_targets: targets for the sets of a task, in place of ``targets`` (``{"emotion": (0.1, 0.3)}``: prompts
+            whose audio is a small share of them cannot reach deep prefill reductions).
     """
 
     targets: tuple[float, ...] = TARGETS
@@ -169,11 +171,13 @@ class SweepConfig:
     warmup: int = 1
     decoding: Decoding = field(default_factory=Decoding)
     batch_size: int = 1
+    task_targets: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        bad = [t for t in self.targets if isinstance(t, bool) or not 0.0 < float(t) < 1.0]
-        if bad or not self.targets:
-            raise ValueError(f"targets must be FLOPs reductions in (0, 1), e.g. 0.1,0.3,0.5; got {list(self.targets)}")
+        for targets in (self.targets, *self.task_targets.values()):
+            bad = [t for t in targets if isinstance(t, bool) or not 0.0 < float(t) < 1.0]
+            if bad or not targets:
+                raise ValueError(f"targets must be FLOPs reductions in (0, 1), e.g. 0.1,0.3,0.5; got {list(targets)}")
         if self.max_new_tokens < 1 or self.repeats < 1 or self.warmup < 0:
             raise ValueError("max_new_tokens and repeats must be >= 1 and warmup >= 0, got "
                              f"{self.max_new_tokens}, {self.repeats}, {self.warmup}")
@@ -351,16 +355,17 @@ def run_sweep(model: Any, sets: Sequence[EvalSet], config: SweepConfig, jsonl: P
     repair_jsonl(jsonl)
     done = read_jsonl(jsonl)
     reduced = [m for m in config.methods if m.reducer is not None]
-    plan = [(data, method, target) for data in sets for method in reduced for target in config.targets]
     weights = model.fingerprint
     hashes = {id(data): data_fingerprint(data) for data in sets}
 
     def own_config(data: EvalSet) -> SweepConfig:
+        own = dataclasses.replace(config, targets=tuple(config.task_targets.get(data.task, config.targets)))
         if data.candidates:  # label tasks decode a short answer only, and read the label by scoring
-            return dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, LABEL_NEW_TOKENS),
+            return dataclasses.replace(own, max_new_tokens=min(config.max_new_tokens, LABEL_NEW_TOKENS),
                                        decoding=Decoding())
-        return config
+        return own
 
+    plan = [(data, method, target) for data in sets for method in reduced for target in own_config(data).targets]
     todo = sum(row_key(weights, hashes[id(d)], m, t, own_config(d)) not in done for d, m, t in plan)
     bar = tqdm(total=todo + len(sets), desc="bench", unit="row", disable=not progress)
     rows: list[dict] = []
@@ -390,7 +395,7 @@ def _sweep_set(model: Any, data: EvalSet, own: SweepConfig, config: SweepConfig,
     for _ in range(config.warmup):  # warm-up: unreduced and one reducer, untimed
         run_batch(model, [prepared[i] for i in batches[0]], None, candidates, own.max_new_tokens)
         if reduced:
-            _safe_run(model, [prepared[i] for i in batches[0]], reduced[0].build(config.targets[0]), candidates,
+            _safe_run(model, [prepared[i] for i in batches[0]], reduced[0].build(own.targets[0]), candidates,
                       own.max_new_tokens)
     bar.set_postfix_str(f"{data.name}: none")
     full = _run_clips(model, prepared, None, candidates, own)
@@ -403,7 +408,7 @@ def _sweep_set(model: Any, data: EvalSet, own: SweepConfig, config: SweepConfig,
         append_jsonl(jsonl, row)
     emit({**done[key], "reused": True} if key in done else row)
     for method in reduced:
-        for target in config.targets:
+        for target in own.targets:
             key = row_key(weights, data_hash, method, target, own)
             if key in done:
                 emit({**done[key], "reused": True})
