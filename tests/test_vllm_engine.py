@@ -125,6 +125,19 @@ def test_the_vllm_sweep_runs_pre_llm_methods_and_keeps_rows_when_the_server_dies
     assert len(kept) == 1 and json.loads(kept[0])["method"] == "none"
 
 
+def test_the_vllm_sweep_gives_a_task_its_own_targets(fake_server, tmp_path):
+    torch.set_num_threads(1)
+    model = EmbeddedModel(tiny_speechlm(seed=0, layers=4, max_positions=4096), "tiny", trained=False)
+    methods = vllm_methods(select_methods(["samp"], 0, ctc_head=False), named=True)
+    client = VLLMClient(fake_server)
+    rows = run_vllm_sweep(model, toy_sets(), methods, (0.3,), lambda: contextlib.nullcontext(client),
+                          tmp_path / "rows.jsonl", max_new_tokens=4, concurrency=2, progress=False,
+                          task_targets={"emotion": (0.2, 0.4)})
+    targets = {task: sorted(row["target"] for row in rows if row["task"] == task and row["method"] == "samp")
+               for task in ("asr", "emotion")}
+    assert targets == {"asr": [0.3], "emotion": [0.2, 0.4]}
+
+
 def test_in_decoder_methods_and_bad_options_are_refused_before_anything_loads(tmp_path):
     with pytest.raises(ValueError, match="paged KV cache keeps one length"):
         run_bench(BenchOptions(preset="quick", methods=["fastv"], engine="vllm", vllm_url="http://127.0.0.1:9"))

@@ -360,7 +360,8 @@ def _run_vllm(options: BenchOptions, out: Path, model: Any, sets: list, preset: 
     if options.scaling:
         return _vllm_throughput(options, out, model, methods, connect, url)
     rows = run_vllm_sweep(model, sets, methods, tuple(options.targets or preset.targets), connect, jsonl,
-                          options.max_new_tokens or preset.max_new_tokens, options.concurrency, options.progress)
+                          options.max_new_tokens or preset.max_new_tokens, options.concurrency, options.progress,
+                          task_targets={} if options.targets else dict(preset.task_targets))
     with atomic_file(out / "tables.md") as handle:
         handle.write(f"# {model.name} served by vLLM ({url}), {options.concurrency} requests in flight\n\n"
                      f"{vllm_table(rows)}\n")

@@ -60,7 +60,8 @@ def label_of(text: str, labels: tuple[str, ...]) -> str:
 
 def run_vllm_sweep(model: Any, sets: list[EvalSet], methods: list[Method], targets: tuple[float, ...],
                    connect: Callable[[], Any], jsonl: Path, max_new_tokens: int = 32, concurrency: int = 16,
-                   progress: bool = True) -> list[dict[str, Any]]:
+                   progress: bool = True, task_targets: dict[str, tuple[float, ...]] | None = None
+                   ) -> list[dict[str, Any]]:
     """Every method x target on every set through the vLLM server; rows appended to ``jsonl`` as they finish.
 
     The transformers pass over the unreduced clips (agreement and throughput) runs first, before ``connect``
@@ -76,10 +77,16 @@ def run_vllm_sweep(model: Any, sets: list[EvalSet], methods: list[Method], targe
         max_new_tokens: most tokens generated per clip.
         concurrency: requests in flight at once.
         progress: show a progress bar.
+        task_targets: targets for the sets of a task in place of ``targets`` (``SweepConfig.task_targets``).
     """
     from tqdm.auto import tqdm
 
     from speechtrim.bench.runner import run_item
+
+    task_targets = task_targets or {}
+
+    def own(evalset: EvalSet) -> tuple[float, ...]:
+        return tuple(task_targets.get(evalset.task, targets))
 
     local = []  # per set: the prepared clips, transformers' unreduced answers and their seconds
     for evalset in tqdm(sets, desc="transformers pass", unit="set", disable=not progress):
@@ -89,7 +96,7 @@ def run_vllm_sweep(model: Any, sets: list[EvalSet], methods: list[Method], targe
         local.append((prepared, runs, time.perf_counter() - started))
     rows: list[dict[str, Any]] = []
     jsonl.parent.mkdir(parents=True, exist_ok=True)
-    total = sum(1 + len(targets) * (len(methods) - 1) for _ in sets)
+    total = sum(1 + len(own(evalset)) * (len(methods) - 1) for evalset in sets)
     with connect() as client:
         client.check()
         bar = tqdm(total=total, desc="vllm sweep", unit="row", disable=not progress)
@@ -97,7 +104,7 @@ def run_vllm_sweep(model: Any, sets: list[EvalSet], methods: list[Method], targe
             references = [item.reference for item in evalset.items]
             full = None
             for method in methods:
-                for target in (targets if method.reducer is not None else (0.0,)):
+                for target in (own(evalset) if method.reducer is not None else (0.0,)):
                     try:
                         row = _sweep_row(evalset, method, target, prepared, client, max_new_tokens, concurrency)
                     except TargetUnreachable as error:  # e.g. 30 % of a prompt that is mostly text: a '—' cell
