@@ -285,7 +285,9 @@ def _add_bench(commands: Any) -> None:
         "bench",
         help="accuracy vs cost of every token reducer x prefill-FLOPs reduction (tables, plot, resumable JSONL)",
     )
-    bench.add_argument("--quick", action="store_true", help="the small CPU preset (a few minutes)")
+    bench.add_argument("--quick", action="store_true",
+                       help="the small CPU preset: 4 + 4 ASR and 8 emotion clips, under 3 minutes on 2 cores "
+                            "(default: 10 + 24 ASR and 48 emotion clips, ~15 minutes)")
     bench.add_argument("--data", default=None,
                        help="comma-separated sets: pocketsphinx, synthetic-asr, synthetic-emotion, or manifest paths "
                             "(default: the preset's)")
