@@ -81,7 +81,7 @@ class BenchOptions:
         batch_size: clips run together as one left-padded batch (None: the preset's; 1: each clip alone, the
             per-clip latency protocol of FastAdaSP's Table 4).
         beams: beams of the transcripts scored (1: greedy, the timed pass's own text); more run a beam search per
-            clip and row after the timed greedy pass (``SweepConfig.decoding``).
+            batch and row after the timed greedy pass (``SweepConfig.decoding``).
         ctc_weight: with beams, the weight of the model's CTC head in choosing among them (0: the LLM's best).
     """
 

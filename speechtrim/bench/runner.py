@@ -515,9 +515,9 @@ def run_batch(model: Any, clips: list[Prepared], reducer: Any = None, candidates
             reduced, context, _, _ = _attached(model, clips, reducer)
             with context:
                 outputs = model.beam_search(reduced, pad_ctc(clips), decoding, max_new_tokens)
+        share = (time.perf_counter() - started) / len(clips)
         for run, output in zip(first, outputs):
-            run.output = output
-            run.search_s = (time.perf_counter() - started) / len(clips)
+            run.output, run.search_s = output, share
     return first
 
 

@@ -156,7 +156,7 @@ class SweepConfig:
         repeats: timed runs per clip (median).
         warmup: untimed runs before the first row.
         decoding: how generation tasks' outputs are decoded (greedy by default; beams, and the CTC head choosing
-            among them, run once per clip after its timed greedy passes: ``run_batch(..., decoding=)``). Label
+            among them, run once per batch after its timed greedy passes: ``run_batch(..., decoding=)``). Label
             tasks are read by scoring and ignore it.
         batch_size: clips run together as one left-padded batch (``run_batch``), shortest prompts first; a clip's
             times are an even share of its batch's. 1: each clip alone (per-clip latency, FastAdaSP's protocol).
