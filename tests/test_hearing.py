@@ -333,3 +333,82 @@ def test_ctc_speller_spells_words_in_short_llm_tokens_and_keeps_the_whole_ones()
     assert all(len(piece) <= 3 for piece in tokenizer.convert_ids_to_tokens(kept[len(the):]) if piece != "Ġthe")
     with pytest.raises(ValueError, match="max_piece must be None"):
         ctc_speller(tokenizer, 0)
+
+
+def test_bfloat16_stages_run_under_autocast_and_keep_float32_weights():
+    from speechtrim.train.hearing import _lm_loss
+
+    model = vocab_model()
+    model.add_lora(rank=2, alpha=4)
+    config = StageConfig(steps=4, batch_size=3, lr=1e-2, lora_lr=1e-2, warmup=1, checkpoint_every=2,
+                         ctc_weight=1.0, precision="bfloat16")
+    seen = []
+    inner = _lm_loss(model, config, with_summary=False)
+
+    def loss_fn(batch, step):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return inner(batch, step)
+
+    from speechtrim.train.hearing import _run_stage
+
+    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-2}]
+    history = _run_stage("joint", model, _examples(model), config, loss_fn, params, None, None, False)
+    assert seen == [(True, torch.bfloat16)] * 4 and torch.isfinite(torch.tensor(history[-1]["loss"]))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert not torch.is_autocast_enabled("cpu")  # nothing leaks out of the stage
+    # float32 stages run as before: no autocast
+    seen.clear()
+    _run_stage("joint", model, _examples(model), StageConfig(steps=1, batch_size=3, lr=1e-2, warmup=1),
+               loss_fn, params, None, None, False)
+    assert seen == [(False, torch.get_autocast_dtype("cpu"))]
+
+
+def test_a_bfloat16_ctc_stage_learns_like_a_float32_one():
+    losses = {}
+    for precision in ("float32", "bfloat16"):
+        model = vocab_model()
+        config = StageConfig(steps=8, batch_size=3, lr=1e-2, warmup=2, checkpoint_every=8, precision=precision)
+        history = ctc_stage(model, _examples(model), config, progress=False)
+        losses[precision] = history[-1]["ctc"]
+    first = ctc_stage(vocab_model(), _examples(vocab_model()), StageConfig(steps=1, batch_size=3, lr=1e-9, warmup=1),
+                      progress=False)[-1]["ctc"]
+    assert losses["bfloat16"] < first and losses["bfloat16"] == pytest.approx(losses["float32"], rel=0.1)
+
+
+def test_precision_is_checked_and_a_recipe_sets_it_on_every_stage():
+    from speechtrim.train.embedded import EmbeddedRecipe, _as_current
+    from speechtrim.precision import cache_suffix
+
+    with pytest.raises(ValueError, match="float32, bfloat16"):
+        StageConfig(steps=1, batch_size=1, lr=1e-3, precision="float16")
+    with pytest.raises(ValueError, match="float32, bfloat16"):
+        EmbeddedRecipe(precision="fp16")
+    recipe = EmbeddedRecipe(precision="bfloat16")
+    assert {stage.precision for stage in (recipe.ctc, recipe.joint, recipe.balance, recipe.summary,
+                                          recipe.summary_words)} == {"bfloat16"}
+    assert EmbeddedRecipe().joint.precision == "float32"
+    assert _as_current({"ctc": {"steps": 1}})["precision"] == "float32"  # older training.json: float32 ran
+    assert _as_current({"ctc": {"steps": 1}})["ctc"]["precision"] == "float32"
+    assert cache_suffix("float32") == "" and cache_suffix("bfloat16") == "-bfloat16"
+
+
+def test_bfloat16_frames_are_cached_apart_from_float32_ones(tmp_path):
+    import soundfile
+
+    from speechtrim.train.encoder_cache import EncoderCache
+    from speechtrim.train.packing import encode_packed
+
+    model = vocab_model()
+    path = tmp_path / "a.wav"
+    soundfile.write(path, (np.random.default_rng(0).standard_normal(16000) * 0.1).astype(np.float32), 16000,
+                    subtype="FLOAT")
+    plain = EncoderCache(model, "tiny", folder=tmp_path)
+    low = EncoderCache(model, "tiny", folder=tmp_path, precision="bfloat16")
+    assert plain.folder != low.folder
+    a = encode_packed(model, [path], EncoderCache(model, "tiny-packed", folder=tmp_path), progress=False)[0]
+    b = encode_packed(model, [path], EncoderCache(model, "tiny-packed", folder=tmp_path, precision="bfloat16"),
+                      progress=False)[0]
+    assert a.shape == b.shape and not torch.equal(a, b)  # computed anew in bfloat16, not read from float32's files
+    torch.testing.assert_close(b, a, atol=0.1, rtol=0.1)
+    solo = low.get([path], progress=False)[0]
+    assert solo.dtype == torch.float32 and solo.shape[1] == 32

@@ -24,6 +24,7 @@ from speechtrim.assets.whisper import valid_frames
 from speechtrim.audio import WINDOW_SECONDS
 from speechtrim.hf.layers import CACHE_KWARG, returned_cache
 from speechtrim.inference import candidate_log_probs
+from speechtrim.precision import compute_precision
 from speechtrim.hf.prefix import PrefixCache, as_cache
 from speechtrim.models.config import SpeechLMConfig
 from speechtrim.models import prompting
@@ -166,11 +167,15 @@ class SpeechLM(nn.Module):
 
     # ---- audio -> embeddings -------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode(self, audios: list[np.ndarray], sample_rate: int = 16000) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, audios: list[np.ndarray], sample_rate: int = 16000, precision: str = "float32"
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the frozen encoder and keep the valid frames.
 
         Args:
             audios: float32 mono clips at ``sample_rate`` (at most 30 s each).
+            sample_rate: their sample rate.
+            precision: the encoder's matrix products ("bfloat16": under autocast, ``speechtrim.precision``);
+                the frames come back float32 either way.
         Returns:
             frames (B, T_max, D_enc) and mask (B, T_max) bool, T_max = the longest clip's ceil(seconds * 50).
         """
@@ -186,7 +191,8 @@ class SpeechLM(nn.Module):
         features = self.feature_extractor(
             list(audios), sampling_rate=sample_rate, return_tensors="pt"
         ).input_features.to(self.device, self.encoder.dtype)  # (B, n_mels, 3000)
-        hidden = self.encoder(input_features=features).last_hidden_state  # (B, 1500, D_enc)
+        with compute_precision(precision, self.device):
+            hidden = self.encoder(input_features=features).last_hidden_state  # (B, 1500, D_enc)
         lengths = torch.tensor([audio_frames(len(audio), hidden.shape[1], sample_rate) for audio in audios])
         longest = int(lengths.max())
         mask = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T_max)

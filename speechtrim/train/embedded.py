@@ -21,7 +21,7 @@ import logging
 import platform
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from speechtrim.assets.cache import cache_root, write_json_atomic
 from speechtrim.models.joint_decoding import Decoding, check_decoding
 from speechtrim.models.storage import trained_state
 from speechtrim.models.vocab_projector import VocabProjector
+from speechtrim.precision import check_precision
 from speechtrim.train.hearing import (StageConfig, ctc_speller, ctc_stage, ctc_token_ids, joint_stage, summary_stage,
                                       summary_word_stage)
 from speechtrim.train.trainer import TrainItem, seed_everything
@@ -117,6 +118,11 @@ class EmbeddedRecipe:
             stay greedy.
         eval_ctc_weight: with ``eval_beams`` >= 2, the CTC head's weight in choosing among the LLM's beams
             (``SpeechLM.generate(..., ctc_weight=)``; 0: the LLM's best beam).
+        precision: the frozen encoder's and LLM's matrix products in training ("float32", or "bfloat16" under
+            autocast: ``speechtrim.precision``), set on every stage (``StageConfig.precision``) and used to
+            encode the training clips (cached apart from float32 frames). The model is evaluated and saved in
+            float32 either way. On this project's 2-core AMX machine bfloat16 encodes 2.4x and trains the joint
+            stage 2x faster.
     """
 
     encoder: str = "base"
@@ -160,9 +166,16 @@ class EmbeddedRecipe:
     eval_emotion_clips: int = 48
     eval_beams: int = 4
     eval_ctc_weight: float = 0.5
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         from speechtrim.data.synthetic_emotion import SyntheticEmotionRecipe
+
+        check_precision(self.precision)
+        for name in ("ctc", "joint", "balance", "summary", "summary_words"):
+            stage = getattr(self, name)
+            if stage is not None and stage.precision != self.precision:
+                setattr(self, name, replace(stage, precision=self.precision))
 
         if not self.emotion_seeds or len(set(self.emotion_seeds)) != len(self.emotion_seeds):
             raise ValueError(f"emotion_seeds must be distinct seeds, at least one, got {self.emotion_seeds!r}")
@@ -260,11 +273,12 @@ def training_data(model: Any, recipe: EmbeddedRecipe, progress: bool = True,
     # packed among others and a clip alone in its window (a linear probe of them, trained on packed clips: 0.96 on
     # packed held-out clips, 0.70 on held-out clips encoded alone)
     alone = [seed not in recipe.emotion_seeds for seed in seed_of]
-    cache = EncoderCache(model, whisper_cache_dir(recipe.encoder).name + f"-packed-gap{recipe.gap_seconds:g}")
+    cache = EncoderCache(model, whisper_cache_dir(recipe.encoder).name + f"-packed-gap{recipe.gap_seconds:g}",
+                         precision=recipe.precision)
     packed = asr + [example for example, solo in zip(emotion, alone) if not solo]
     frames = encode_packed(model, [clip.audio_path for clip in packed], cache, gap_seconds=recipe.gap_seconds,
                            progress=progress)
-    solo_frames = iter(EncoderCache(model, whisper_cache_dir(recipe.encoder).name).get(
+    solo_frames = iter(EncoderCache(model, whisper_cache_dir(recipe.encoder).name, precision=recipe.precision).get(
         [example.audio_path for example, solo in zip(emotion, alone) if solo], progress=progress))
     timings["encode_seconds"] = round(time.perf_counter() - started, 1)
     asr_frames, packed_emotion = frames[: len(asr)], iter(frames[len(asr) :])
@@ -511,6 +525,7 @@ def _as_current(recipe: dict[str, Any]) -> dict[str, Any]:
     recipe.setdefault("ctc_whole_count", EmbeddedRecipe.ctc_whole_count)
     recipe.setdefault("eval_beams", 1)  # added since; greedy transcripts were evaluated before
     recipe.setdefault("eval_ctc_weight", 0.0)
+    recipe.setdefault("precision", "float32")  # added since; float32 ran before
     if "emotion_seed" in recipe and "emotion_seeds" not in recipe:
         recipe["emotion_seeds"] = [recipe.pop("emotion_seed")]
     defaults = {f.name: f.default for f in fields(StageConfig) if f.default is not MISSING}

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from speechtrim.assets.cache import atomic_file, cache_root
 from speechtrim.audio import load_audio
+from speechtrim.precision import cache_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -28,11 +29,16 @@ class EncoderCache:
         encoder_id: a string that changes whenever the encoder's weights change.
         folder: where to keep the files (default: the speechtrim cache).
         batch_size: clips encoded per forward pass.
+        precision: the encoder's matrix products ("bfloat16": under autocast, ``compute_precision``); the id
+            gets ``cache_suffix(precision)``, so frames of one precision never stand in for the other's.
     """
 
-    def __init__(self, model: torch.nn.Module, encoder_id: str, folder: Path | None = None, batch_size: int = 8) -> None:
+    def __init__(self, model: torch.nn.Module, encoder_id: str, folder: Path | None = None, batch_size: int = 8,
+                 precision: str = "float32") -> None:
         if not encoder_id:
             raise ValueError("encoder_id must be a non-empty string that identifies the encoder's weights")
+        encoder_id += cache_suffix(precision)
+        self.precision = precision
         self.model = model
         self.folder = (folder or cache_root() / "encoder-frames") / encoder_id
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -45,7 +51,7 @@ class EncoderCache:
         bar = tqdm(total=len(missing), desc="encoding audio (cached)", unit="clip", disable=not progress or not missing)
         for start in range(0, len(missing), self.batch_size):
             chunk = missing[start : start + self.batch_size]
-            frames, mask = self.model.encode([load_audio(path) for _, path in chunk])  # (b, T, D), (b, T)
+            frames, mask = self.model.encode([load_audio(path) for _, path in chunk], precision=self.precision)
             for row, (key, _) in enumerate(chunk):
                 self._write(key, frames[row, mask[row]])
             bar.update(len(chunk))

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from speechtrim.assets.cache import atomic_file
 from speechtrim.models.vocab_projector import ctc_loss, ctc_text, ctc_token_ids
 from speechtrim.train.encoder_cache import pad_frames
+from speechtrim.precision import check_precision, compute_precision
 from speechtrim.train.trainer import TrainItem
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class StageConfig:
             value on its own, after the time masking (CTC stage only; drawn like ``time_mask``): against the CTC
             head learning its training voices (greedy WER 0.04 on them against 0.3-0.4 on held-out voices).
         seed: seed of the batch schedule.
+        precision: "float32", or "bfloat16" for the forward pass under autocast (``compute_precision``): the
+            weights, gradients and optimiser states stay float32.
     """
 
     steps: int
@@ -79,6 +82,7 @@ class StageConfig:
     time_mask: float = 0.0
     feature_dropout: float = 0.0
     seed: int = 0
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every"):
@@ -94,6 +98,7 @@ class StageConfig:
             raise ValueError(f"time_mask must be in [0, 1), got {self.time_mask}")
         if not 0.0 <= self.feature_dropout < 1.0:
             raise ValueError(f"feature_dropout must be in [0, 1), got {self.feature_dropout}")
+        check_precision(self.precision)
 
 
 def ctc_speller(tokenizer: Any, max_piece: int | None = None, whole: Collection[int] = ()
@@ -173,6 +178,7 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[TrainItem], con
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     history, start, spent = _resume_stage(name, model, optimizer, config, len(examples), checkpoint)
     trainable = [p for group in parameters for p in group["params"]]
+    device = trainable[0].device if trainable else torch.device("cpu")
 
     def save(step: int, seconds: float) -> None:
         if checkpoint is None:
@@ -196,7 +202,8 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[TrainItem], con
     model.train()
     try:
         for step in range(start, config.steps):
-            losses = loss_fn([examples[i] for i in schedule[step]], step)
+            with compute_precision(config.precision, device):
+                losses = loss_fn([examples[i] for i in schedule[step]], step)
             total = losses["loss"]
             if not torch.isfinite(total):
                 raise FloatingPointError(f"{name} stage: loss became {total.item()} at step {step + 1}; the last "

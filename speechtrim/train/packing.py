@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from speechtrim.audio import SAMPLE_RATE, WINDOW_SECONDS, load_audio
 from speechtrim.train.encoder_cache import EncoderCache, content_key
+from speechtrim.precision import compute_precision
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ def encode_packed(model: torch.nn.Module, paths: list[Path], cache: EncoderCache
     Args:
         model: a SpeechLM (its feature extractor and encoder are used).
         paths: audio files (16 kHz mono after ``load_audio``), each at most 30 s.
-        cache: where the frames are kept (give it an id of its own, e.g. "<encoder>-packed").
+        cache: where the frames are kept (give it an id of its own, e.g. "<encoder>-packed"); its ``precision`` is
+            the encoder's here too.
         gap_seconds: silence between packed clips.
         batch_size: windows per encoder pass.
         progress: show a progress bar.
@@ -79,7 +81,7 @@ def encode_packed(model: torch.nn.Module, paths: list[Path], cache: EncoderCache
                     signal[start : start + len(audios[index])] = audios[index]
                 signals.append(signal)
             features = model.feature_extractor(signals, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-            with torch.no_grad():
+            with torch.no_grad(), compute_precision(cache.precision, model.device):
                 hidden = model.encoder(input_features=features.input_features.to(model.device, model.encoder.dtype))
             hidden = hidden.last_hidden_state.float()  # (b, 1500, D)
             for row, members in enumerate(chunk):
