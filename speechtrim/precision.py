@@ -24,12 +24,14 @@ def check_precision(precision: str) -> None:
 
 
 @contextlib.contextmanager
-def compute_precision(precision: str, device: torch.device | str = "cpu") -> Iterator[None]:
+def compute_precision(precision: str, device: torch.device | str = "cpu", backward: bool = False) -> Iterator[None]:
     """Run the block's matrix products in ``precision`` on ``device`` ("float32": unchanged).
 
-    With "bfloat16" the block runs under ``torch.autocast(device, torch.bfloat16)``; on a CPU it also picks the math
-    kernel of ``scaled_dot_product_attention``, whose backward pass in bfloat16 is 1.2x faster there than the fused
-    kernel's at the joint stage's short sequences.
+    With "bfloat16" the block runs under ``torch.autocast(device, torch.bfloat16)``. ``backward``: the block's
+    graph will be differentiated (a training step); on a CPU it then also picks the math kernel of
+    ``scaled_dot_product_attention``, whose backward pass in bfloat16 is 1.2x faster there than the fused kernel's at
+    the joint stage's ~100-token sequences (at the encoder's 1,500 frames, without a backward pass, the math kernel is
+    3x slower: inference keeps the fused one).
     """
     check_precision(precision)
     if precision == "float32":
@@ -38,7 +40,7 @@ def compute_precision(precision: str, device: torch.device | str = "cpu") -> Ite
     device_type = torch.device(device).type
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.autocast(device_type, dtype=torch.bfloat16))
-        if device_type == "cpu":
+        if backward and device_type == "cpu":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             stack.enter_context(sdpa_kernel(SDPBackend.MATH))

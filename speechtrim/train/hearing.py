@@ -202,7 +202,7 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[TrainItem], con
     model.train()
     try:
         for step in range(start, config.steps):
-            with compute_precision(config.precision, device):
+            with compute_precision(config.precision, device, backward=True):
                 losses = loss_fn([examples[i] for i in schedule[step]], step)
             total = losses["loss"]
             if not torch.isfinite(total):
