@@ -6,7 +6,6 @@ import torch
 
 from speechtrim.models.vocab_projector import VocabProjector, ctc_greedy, ctc_loss
 from speechtrim.train.hearing import StageConfig, ctc_stage, ctc_text, joint_stage
-from speechtrim.train.encoder_cache import pad_frames
 from speechtrim.train.packing import FRAME_SAMPLES, pack_windows
 from speechtrim.train.trainer import TrainItem
 from tests.tiny_speechlm import WORDS, tiny_speechlm
@@ -423,42 +422,3 @@ def test_the_math_attention_kernel_is_picked_for_training_steps_only():
     with compute_precision("bfloat16", "cpu"):  # encoding: the fused kernel, 3x faster at 1,500 frames
         assert torch.backends.cuda.flash_sdp_enabled() and torch.is_autocast_enabled("cpu")
     assert torch.backends.cuda.flash_sdp_enabled() and not torch.is_autocast_enabled("cpu")
-
-
-def test_length_groups_cut_only_where_padding_outweighs_a_pass():
-    from speechtrim.train.hearing import _length_groups
-
-    assert _length_groups([100] * 16) == [list(range(16))]
-    assert _length_groups([70] * 14 + [130, 135]) == [list(range(14)), [14, 15]]
-    groups = _length_groups([135, 60, 70, 130, 65], most=2)
-    assert groups == [[1, 4, 2], [3, 0]]
-    assert sorted(row for group in _length_groups(list(range(60, 140, 5))) for row in group) == list(range(16))
-    with pytest.raises(ValueError, match="at least one row"):
-        _length_groups([])
-
-
-@pytest.mark.parametrize("reduction", ["tokens", "rows"])
-def test_the_grouped_lm_loss_equals_one_padded_pass(reduction):
-    from speechtrim.train.hearing import _grouped_lm_loss, _length_groups
-
-    model = vocab_model()
-    model.add_lora(rank=2, alpha=4)
-    torch.manual_seed(3)
-    batch = [TrainItem(torch.randn(length, 32), "transcribe this <audio>", target, "")
-             for length, target in ((6, "the happy"), (120, "the sad audio is happy"), (8, "sad"),
-                                    (110, "the audio"), (7, "the happy audio"))]
-    frames, mask = pad_frames([example.frames for example in batch])
-    embeds, embeds_mask, _ = model.project(frames, mask)
-    whole = model.build_inputs([e.prompt for e in batch], embeds, embeds_mask, targets=[e.target for e in batch],
-                               assistant_prefix=[""] * len(batch))
-    assert len(_length_groups(whole.attention_mask.sum(dim=1).tolist())) >= 2  # the test splits the batch
-    params = [p for p in model.parameters() if p.requires_grad]
-    one = model.loss(whole, reduction=reduction)
-    one_grads = torch.autograd.grad(one, params, allow_unused=True, retain_graph=True)
-    grouped = _grouped_lm_loss(model, batch, embeds, embeds_mask, None, reduction)
-    grouped_grads = torch.autograd.grad(grouped, params, allow_unused=True)
-    torch.testing.assert_close(grouped, one, atol=1e-5, rtol=1e-5)
-    for a, b in zip(one_grads, grouped_grads):
-        if a is not None:
-            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
-

@@ -395,66 +395,6 @@ def summary_word_stage(model: torch.nn.Module, examples: list[TrainItem], config
     return _run_stage("summary words", model, examples, config, loss_fn, groups, checkpoint, None, progress)
 
 
-PASS_OVERHEAD = 32
-"""What one more LLM pass over a group of rows costs, in padded positions, when ``_length_groups`` decides whether
-to split a batch (a pass's fixed cost on 2 CPU cores is ~50 ms, a position's ~2.5 ms forward and backward)."""
-
-
-def _length_groups(lengths: list[int], most: int = 3, overhead: int = PASS_OVERHEAD) -> list[list[int]]:
-    """Rows of a batch (their indices) in at most ``most`` groups of similar length, each to be padded only to its own
-    longest row: the rows sorted by length and cut where the padded positions saved outweigh ``overhead`` per extra
-    pass (an exact search over the cuts). One group when splitting saves nothing."""
-    if not lengths:
-        raise ValueError("_length_groups needs at least one row")
-    order = sorted(range(len(lengths)), key=lambda row: lengths[row])
-    ordered = [lengths[row] for row in order]
-    count = len(order)
-    # best[k][j]: least cost of the first j sorted rows in k groups; a group i..j-1 costs (j - i) * ordered[j - 1]
-    best = [[math.inf] * (count + 1) for _ in range(most + 1)]
-    cut = [[0] * (count + 1) for _ in range(most + 1)]
-    best[0][0] = 0.0
-    for k in range(1, most + 1):
-        for j in range(1, count + 1):
-            for i in range(k - 1, j):
-                cost = best[k - 1][i] + (j - i) * ordered[j - 1] + overhead
-                if cost < best[k][j]:
-                    best[k][j], cut[k][j] = cost, i
-    groups_used = min(range(1, most + 1), key=lambda k: (best[k][count], k))
-    groups, end = [], count
-    for k in range(groups_used, 0, -1):
-        start = cut[k][end]
-        groups.append(order[start:end])
-        end = start
-    return groups[::-1]
-
-
-def _grouped_lm_loss(model: torch.nn.Module, batch: list[TrainItem], embeds: torch.Tensor, embeds_mask: torch.Tensor,
-                     summary: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    """``SpeechLM.loss`` of the whole batch, computed in LLM passes over groups of rows of similar length
-    (``_length_groups``) so that short rows are not padded to the longest: the same loss and gradients as one pass
-    (the rows are independent and the groups' losses are weighted back to the batch's mean), on fewer positions (a
-    joint-stage batch of 16 mixed rows is padded to 1.5x its real positions; split in up to three groups, 1.14x)."""
-    prompts = [example.prompt for example in batch]
-    targets = [example.target for example in batch]
-    prefixes = [example.assistant_prefix or "" for example in batch]
-    whole = model.build_inputs(prompts, embeds, embeds_mask, targets=targets, assistant_prefix=prefixes,
-                               summary=summary)
-    groups = _length_groups(whole.attention_mask.sum(dim=1).tolist())
-    if len(groups) == 1:
-        return model.loss(whole, reduction=reduction)
-    total_tokens = sum(len(ids) for ids in whole.extra["target_ids"])
-    parts = []
-    for rows in groups:
-        inputs = model.build_inputs([prompts[row] for row in rows], embeds[rows], embeds_mask[rows],
-                                    targets=[targets[row] for row in rows],
-                                    assistant_prefix=[prefixes[row] for row in rows],
-                                    summary=None if summary is None else summary[rows])
-        share = (sum(len(ids) for ids in inputs.extra["target_ids"]) / total_tokens if reduction == "tokens"
-                 else len(rows) / len(batch))
-        parts.append(model.loss(inputs, reduction=reduction) * share)
-    return torch.stack(parts).sum()
-
-
 def _lm_loss(model: torch.nn.Module, config: StageConfig,
              with_summary: bool) -> Callable[[list[TrainItem], int], dict[str, torch.Tensor]]:
     """The LM loss of a batch (+ ``ctc_weight`` x CTC on its transcription rows), the utterance summary fed or not."""
@@ -465,7 +405,11 @@ def _lm_loss(model: torch.nn.Module, config: StageConfig,
         embeds, embeds_mask, logits = model.project(frames, mask)
         embeds, embeds_mask = model.adapter(embeds, embeds_mask)
         summary, summary_logits = model.summary_and_logits(frames, mask) if with_summary else (None, None)
-        lm = _grouped_lm_loss(model, batch, embeds, embeds_mask, summary, config.lm_reduction)
+        inputs = model.build_inputs([example.prompt for example in batch], embeds, embeds_mask,
+                                    targets=[example.target for example in batch],
+                                    assistant_prefix=[example.assistant_prefix or "" for example in batch],
+                                    summary=summary)
+        lm = model.loss(inputs, reduction=config.lm_reduction)
         rows = [row for row, example in enumerate(batch) if example.ctc_target is not None]
         result = {"lm": lm.detach()}
         total = lm
