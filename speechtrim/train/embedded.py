@@ -121,8 +121,9 @@ class EmbeddedRecipe:
         precision: the frozen encoder's and LLM's matrix products in training ("float32", or "bfloat16" under
             autocast: ``speechtrim.precision``), set on every stage (``StageConfig.precision``) and used to
             encode the training clips (cached apart from float32 frames). The model is evaluated and saved in
-            float32 either way. On this project's 2-core AMX machine bfloat16 encodes 2.4x and trains the joint
-            stage 2x faster.
+            float32 either way. On this project's 2-core AMX machine bfloat16 took the recipe from 128 to 103 min
+            (encoding 1.9x, CTC stage 2.1x, joint stage 1.2x faster), with other held-out scores (real WER 0.352
+            against 0.286, emotion 0.861 against 0.938): the packaged model is float32's.
     """
 
     encoder: str = "base"
