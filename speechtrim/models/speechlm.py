@@ -24,10 +24,10 @@ from speechtrim.assets.whisper import valid_frames
 from speechtrim.audio import WINDOW_SECONDS
 from speechtrim.hf.layers import CACHE_KWARG, returned_cache
 from speechtrim.inference import candidate_log_probs
-from speechtrim.precision import compute_precision
 from speechtrim.hf.prefix import PrefixCache, as_cache
 from speechtrim.models.config import SpeechLMConfig
 from speechtrim.models import prompting
+from speechtrim.precision import compute_precision
 from speechtrim.models.prompting import AUDIO_MARKER, SUMMARY_MARKER, PromptBatch
 from speechtrim.models.vocab_projector import VocabProjector, ctc_greedy
 
@@ -190,13 +190,20 @@ class SpeechLM(nn.Module):
             )
         features = self.feature_extractor(
             list(audios), sampling_rate=sample_rate, return_tensors="pt"
-        ).input_features.to(self.device, self.encoder.dtype)  # (B, n_mels, 3000)
-        with compute_precision(precision, self.device):
-            hidden = self.encoder(input_features=features).last_hidden_state  # (B, 1500, D_enc)
+        ).input_features  # (B, n_mels, 3000)
+        hidden = self.encoder_frames(features, precision)  # (B, 1500, D_enc)
         lengths = torch.tensor([audio_frames(len(audio), hidden.shape[1], sample_rate) for audio in audios])
         longest = int(lengths.max())
         mask = torch.arange(longest).unsqueeze(0) < lengths.unsqueeze(1)  # (B, T_max)
-        return hidden[:, :longest].float(), mask.to(self.device)
+        return hidden[:, :longest], mask.to(self.device)
+
+    @torch.no_grad()
+    def encoder_frames(self, input_features: torch.Tensor, precision: str = "float32") -> torch.Tensor:
+        """The frozen encoder's output (B, 1500, D_enc), float32, for log-mel features (B, n_mels, 3000); its
+        matrix products in ``precision`` ("bfloat16": under autocast, ``speechtrim.precision``)."""
+        features = input_features.to(self.device, self.encoder.dtype)
+        with compute_precision(precision, self.device):
+            return self.encoder(input_features=features).last_hidden_state.float()
 
     def pool_frames(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stack ``pool`` adjacent frames: (B, T, D_enc) -> (B, ceil(T/pool), pool * D_enc), with the new mask."""

@@ -31,8 +31,8 @@ from tqdm.auto import tqdm
 
 from speechtrim.assets.cache import atomic_file
 from speechtrim.models.vocab_projector import ctc_loss, ctc_text, ctc_token_ids
-from speechtrim.train.encoder_cache import pad_frames
 from speechtrim.precision import check_precision, compute_precision
+from speechtrim.train.encoder_cache import pad_frames
 from speechtrim.train.trainer import TrainItem
 
 logger = logging.getLogger(__name__)

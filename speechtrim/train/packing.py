@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from speechtrim.audio import SAMPLE_RATE, WINDOW_SECONDS, load_audio
 from speechtrim.train.encoder_cache import EncoderCache, content_key
-from speechtrim.precision import compute_precision
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +80,7 @@ def encode_packed(model: torch.nn.Module, paths: list[Path], cache: EncoderCache
                     signal[start : start + len(audios[index])] = audios[index]
                 signals.append(signal)
             features = model.feature_extractor(signals, sampling_rate=SAMPLE_RATE, return_tensors="pt")
-            with torch.no_grad(), compute_precision(cache.precision, model.device):
-                hidden = model.encoder(input_features=features.input_features.to(model.device, model.encoder.dtype))
-            hidden = hidden.last_hidden_state.float()  # (b, 1500, D)
+            hidden = model.encoder_frames(features.input_features, cache.precision)  # (b, 1500, D)
             for row, members in enumerate(chunk):
                 for index, start in members:
                     offset = start // FRAME_SAMPLES
