@@ -49,6 +49,41 @@ def compute_precision(precision: str, device: torch.device | str = "cpu", backwa
         yield
 
 
+class FrozenWeights:
+    """The frozen matrices of ``module`` held in ``precision`` while a training loop runs, restored for the rest.
+
+    Under autocast every step casts each frozen float32 weight to bfloat16 again (and frees the copy at the end of
+    the step); casting them once for the whole stage gives the same products without that work (4.23 s against
+    4.59 s a joint step of the embedded recipe on this project's 2-core CPU). Only 2-D weights that do not require a
+    gradient are cast, never ``skip`` (e.g. the input embeddings, which the projector scores against); ``lower()``
+    swaps the low-precision copies in, ``restore()`` the float32 tensors back (cheap: no copy either way), so that an
+    evaluation or a save in between sees the model as it was. With "float32" both do nothing.
+    """
+
+    def __init__(self, module: torch.nn.Module, precision: str, skip: tuple[torch.Tensor, ...] = ()) -> None:
+        check_precision(precision)
+        skipped = {id(tensor) for tensor in skip}
+        self._weights: list[tuple[torch.nn.Parameter, torch.Tensor, torch.Tensor]] = []
+        if precision == "float32":
+            return
+        dtype = getattr(torch, precision)
+        for parameter in module.parameters():
+            if (parameter.dim() == 2 and not parameter.requires_grad and parameter.dtype == torch.float32
+                    and id(parameter) not in skipped):
+                self._weights.append((parameter, parameter.data, parameter.data.to(dtype)))
+
+    def lower(self) -> None:
+        for parameter, _, low in self._weights:
+            parameter.data = low
+
+    def restore(self) -> None:
+        for parameter, full, _ in self._weights:
+            parameter.data = full
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+
 def cache_suffix(precision: str) -> str:
     """What an encoder-frame cache's id carries so that frames computed in one precision never stand in for the
     other's ("" for float32, the cache ids of before)."""
@@ -56,4 +91,4 @@ def cache_suffix(precision: str) -> str:
     return "" if precision == "float32" else f"-{precision}"
 
 
-__all__ = ["PRECISIONS", "cache_suffix", "check_precision", "compute_precision"]
+__all__ = ["PRECISIONS", "FrozenWeights", "cache_suffix", "check_precision", "compute_precision"]

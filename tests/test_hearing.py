@@ -363,6 +363,47 @@ def test_bfloat16_stages_run_under_autocast_and_keep_float32_weights():
     assert seen == [(False, torch.get_autocast_dtype("cpu"))]
 
 
+def test_frozen_llm_matrices_are_cast_once_for_a_bfloat16_stage_and_float32_for_evaluation():
+    from speechtrim.precision import FrozenWeights, compute_precision
+    from speechtrim.train.hearing import _lm_loss, _run_stage
+
+    model = vocab_model()
+    model.add_lora(rank=2, alpha=4)
+    config = StageConfig(steps=4, batch_size=3, lr=1e-2, lora_lr=1e-2, warmup=1, checkpoint_every=2,
+                         evaluate_every=2, ctc_weight=1.0, precision="bfloat16")
+    embeddings = model.llm.get_input_embeddings().weight
+    frozen = [p for p in model.llm.parameters() if p.dim() == 2 and not p.requires_grad and p is not embeddings]
+    assert frozen
+    inner = _lm_loss(model, config, with_summary=False)
+    in_steps, in_evaluation = set(), set()
+
+    def loss_fn(batch, step):
+        in_steps.update(p.dtype for p in frozen)
+        assert embeddings.dtype == torch.float32  # the projector scores against the float32 embeddings
+        assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+        return inner(batch, step)
+
+    def evaluate():
+        in_evaluation.update(p.dtype for p in frozen)
+        return {}
+
+    params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-2}]
+    _run_stage("joint", model, _examples(model), config, loss_fn, params, None, evaluate, False)
+    assert in_steps == {torch.bfloat16} and in_evaluation == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # restored after the stage
+
+    # the same products as autocast's own casts, so the same loss
+    batch = _examples(model)[:3]
+    with torch.no_grad(), compute_precision("bfloat16"):
+        plain = inner(batch, 0)["loss"]
+        cast = FrozenWeights(model.llm, "bfloat16", skip=(embeddings,))
+        cast.lower()
+        lowered = inner(batch, 0)["loss"]
+        cast.restore()
+    assert len(cast) == len(frozen) and torch.equal(plain, lowered)
+    assert len(FrozenWeights(model.llm, "float32")) == 0
+
+
 def test_a_bfloat16_ctc_stage_learns_like_a_float32_one():
     losses = {}
     for precision in ("float32", "bfloat16"):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from speechtrim.assets.cache import atomic_file
 from speechtrim.models.vocab_projector import ctc_loss, ctc_text, ctc_token_ids
-from speechtrim.precision import check_precision, compute_precision
+from speechtrim.precision import FrozenWeights, check_precision, compute_precision
 from speechtrim.train.encoder_cache import pad_frames
 from speechtrim.train.trainer import TrainItem
 
@@ -199,6 +199,10 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[TrainItem], con
     running: dict[str, float] = {}
     completed = start  # steps whose optimiser update is done
     bar = tqdm(total=config.steps, initial=start, desc=f"{name} stage", unit="step", disable=not progress)
+    llm = getattr(model, "llm", model)
+    embeddings = llm.get_input_embeddings() if hasattr(llm, "get_input_embeddings") else None
+    frozen = FrozenWeights(llm, config.precision, skip=(embeddings.weight,) if embeddings is not None else ())
+    frozen.lower()  # the frozen LLM's matrices cast once for the stage, not by autocast at every step
     model.train()
     try:
         for step in range(start, config.steps):
@@ -223,15 +227,18 @@ def _run_stage(name: str, model: torch.nn.Module, examples: list[TrainItem], con
             done = step + 1
             if done % config.checkpoint_every == 0 or done == config.steps or (
                     config.evaluate_every and done % config.evaluate_every == 0):
+                frozen.restore()  # evaluation and checkpoints see the float32 model
                 history.append(_record(name, model, config, done, began, running, evaluate))
                 running = {}
                 save(done, time.perf_counter() - began)
+                frozen.lower()
     except (KeyboardInterrupt, _Interrupted):
         bar.close()
         save(completed, time.perf_counter() - began)
         logger.warning("%s stage interrupted after step %d; the checkpoint %s resumes it", name, completed, checkpoint)
         raise KeyboardInterrupt from None
     finally:
+        frozen.restore()
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     bar.close()
