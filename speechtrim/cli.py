@@ -248,7 +248,8 @@ def _add_train_embedded(commands: Any) -> None:
                                "(default 0: the frame-wise MLP alone)")
     embedded.add_argument("--precision", choices=("float32", "bfloat16"), default=None,
                           help="the frozen encoder's and LLM's matrix products in training: bfloat16 (autocast) took "
-                               "the recipe from 128 to 103 min on a 2-core AMX CPU, with other held-out scores; "
+                               "the recipe from 128 to 78-103 min on a 2-core AMX CPU (the packaged model: 78 min, with "
+                               "--seed 1; slow without bfloat16 units); "
                                "weights, gradients and losses stay float32 (default: the recipe's, float32)")
     embedded.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     embedded.add_argument("--eval-limit", type=int, default=None, help="clips per held-out set (default: all)")

@@ -3,7 +3,8 @@
 On a CPU with AMX or AVX512-BF16 units a bfloat16 matrix product runs an order of magnitude faster than a float32
 one (1,600 x 576 x 1,536 on 2 cores here: 1.4 ms against 58 ms), but a training step is more than its products:
 the embedded model's recipe (``train-embedded --precision bfloat16``) took 103 min against float32's 128 min on this
-project's 2-core machine, packed encoding 1.9x, the CTC stage 2.1x, the joint stage only 1.2x faster (BENCHMARKS.md).
+project's 2-core machine, packed encoding 1.9x, the CTC stage 2.1x, the joint stage only 1.2x faster; with the frozen
+matrices cast once per stage (``FrozenWeights``) and on a faster day, 78 min (the packaged model; BENCHMARKS.md).
 The trainable weights, their gradients, the optimiser's states and the losses stay float32 (autocast keeps
 ``ctc_loss``, ``log_softmax`` and the reductions in float32); the frozen encoder's and LLM's products run in
 bfloat16.

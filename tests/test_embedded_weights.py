@@ -21,10 +21,11 @@ def test_the_packaged_model_records_how_it_was_made():
     assert joint[-1]["step"] == record["recipe"]["joint"]["steps"] and joint[-1]["lm"] < joint[0]["lm"]
     assert set(record["held_out"]) == {"synthetic-asr", "pocketsphinx", "synthetic-emotion"}
     assert (EMBEDDED_WEIGHTS / TRAINED_FILE).stat().st_size <= 20 * 2**20
-    # The budget is 90 min wall; the packaged run (one command, 2 shared cores) took 128 min, 97 of them in
-    # the training stages: a documented miss (README). What is checked: the record carries every stage's clock.
+    # The budget is 90 min wall, rendering and encoding included: the packaged run (one command, bfloat16,
+    # 2 cores, fresh caches) took 78 min; the record carries every stage's clock.
     assert set(record["stage_seconds"]) >= {"render", "encode", "ctc", "joint", "balance", "summary", "evaluate"}
-    assert 0 < record["train_seconds"] <= record["total_seconds"]
+    assert 0 < record["train_seconds"] <= record["total_seconds"] <= 90 * 60
+    assert sum(record["stage_seconds"].values()) <= record["total_seconds"]
 
 
 @pytest.mark.slow
