@@ -121,9 +121,10 @@ class EmbeddedRecipe:
         precision: the frozen encoder's and LLM's matrix products in training ("float32", or "bfloat16" under
             autocast: ``speechtrim.precision``), set on every stage (``StageConfig.precision``) and used to
             encode the training clips (cached apart from float32 frames). The model is evaluated and saved in
-            float32 either way. On this project's 2-core AMX machine bfloat16 took the recipe from 128 to 103 min
-            (encoding 1.9x, CTC stage 2.1x, joint stage 1.2x faster), with other held-out scores (real WER 0.352
-            against 0.286, emotion 0.861 against 0.938): the packaged model is float32's.
+            float32 either way. On this project's 2-core AMX machine bfloat16 took the recipe from 128 to 78-103 min
+            (two seeds, two days); the packaged model is the 78-minute run's (``--precision bfloat16 --seed 1``:
+            held-out real WER 0.297, emotion 0.941, against float32 seed 0's 0.286 and 0.938). Without bfloat16
+            units in the CPU it is slower than float32: the default stays float32.
     """
 
     encoder: str = "base"
